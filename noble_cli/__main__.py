@@ -1,0 +1,3 @@
+from noble_cli.cli import main
+
+main()

@@ -1,0 +1,145 @@
+"""The `noble` command line. Each command's docstring is its --help."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from noble_cli import config as C
+from noble_cli.errors import NobleError
+
+app = typer.Typer(
+    name="noble",
+    help="Train, ablate and report NOBLE (nonlinear low-rank branches) against its baseline.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+# Options of `noble train` that map onto config fields (None = keep the recipe's value).
+TRAIN_OVERRIDES = {
+    "branch": "noble.branch", "rank": "noble.rank", "targets": "noble.targets", "kernel": "noble.kernel",
+    "max_steps": "trainer.max_steps", "seed": "seed", "batch_size": "trainer.batch_size", "lr": "optim.lr",
+    "devices": "trainer.devices", "num_nodes": "trainer.num_nodes", "strategy": "trainer.strategy",
+    "precision": "trainer.precision", "compile": "trainer.compile", "name": "name",
+    "mixup": "data.mixup", "cutmix": "data.cutmix", "mixup_alpha": "data.mixup_alpha",
+    "cutmix_alpha": "data.cutmix_alpha", "randaugment": "data.randaugment", "random_erasing": "data.random_erasing",
+    "label_smoothing": "data.label_smoothing",
+}
+
+
+def _devices(value: Optional[str]):
+    if value is None:
+        return None
+    return int(value) if value.isdigit() else value
+
+
+@app.command()
+def train(
+    recipe: str = typer.Argument(..., help="Recipe name (see `noble recipes`) or a path to your own YAML file."),
+    branch: Optional[str] = typer.Option(None, help="Branch activation (cosnet, cos, gelu_net, ...) or none."),
+    rank: Optional[int] = typer.Option(None, help="Branch rank r (absolute)."),
+    targets: Optional[str] = typer.Option(None, help="all | attn | mlp | alternate | glob patterns over layer names."),
+    max_steps: Optional[int] = typer.Option(None, help="Optimizer steps."),
+    seed: Optional[int] = typer.Option(None, help="Random seed."),
+    batch_size: Optional[int] = typer.Option(None, help="Batch size per device."),
+    lr: Optional[float] = typer.Option(None, help="Base learning rate (branch multipliers apply on top)."),
+    devices: Optional[str] = typer.Option(None, help="Devices per node: a number, 'auto' or a list like '0,1'."),
+    num_nodes: Optional[int] = typer.Option(None, help="Nodes (Lightning launches one process per device)."),
+    strategy: Optional[str] = typer.Option(None, help="auto | ddp | fsdp | any Lightning strategy."),
+    precision: Optional[str] = typer.Option(None, help="auto | 32 | bf16-mixed | 16-mixed."),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
+    kernel: Optional[str] = typer.Option(None, help="Branch implementation: auto | torch | triton."),
+    mixup: Optional[bool] = typer.Option(None, "--mixup/--no-mixup", help="Vision: Mixup on or off."),
+    cutmix: Optional[bool] = typer.Option(None, "--cutmix/--no-cutmix", help="Vision: CutMix on or off."),
+    mixup_alpha: Optional[float] = typer.Option(None, help="Vision: Mixup alpha."),
+    cutmix_alpha: Optional[float] = typer.Option(None, help="Vision: CutMix alpha."),
+    randaugment: Optional[bool] = typer.Option(None, "--randaugment/--no-randaugment", help="Vision: RandAugment."),
+    random_erasing: Optional[float] = typer.Option(None, help="Vision: random-erasing probability."),
+    label_smoothing: Optional[float] = typer.Option(None, help="Vision: label smoothing."),
+    name: Optional[str] = typer.Option(None, help="Variant label shown in reports (default: from the branch)."),
+    set_: list[str] = typer.Option([], "--set", help="Any config field: --set section.key=value (repeatable)."),
+    out: Path = typer.Option(Path("results"), help="Results folder; the run goes to OUT/runs/<run-id>/."),
+    resume: bool = typer.Option(False, "--resume", help="Continue this run from its last checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete an existing run folder of this config first."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config, run id and parameters; train nothing."),
+):
+    """Train one run of RECIPE and write its run folder (config, meta, metrics, summary, checkpoints)."""
+    values = dict(locals())
+    overrides = {TRAIN_OVERRIDES[k]: values[k] for k in TRAIN_OVERRIDES}
+    overrides["trainer.devices"] = _devices(devices)
+    cfg = C.resolve(recipe, overrides, set_)
+    rid = C.run_id(cfg)
+    if dry_run:
+        from noble_cli.recipes import count_recipe_params
+
+        console.print(C.to_yaml(cfg))
+        total, branch_params = count_recipe_params(cfg)
+        console.print(f"run id: [bold]{rid}[/]  params: {total:,} (branch {branch_params:,})")
+        return
+    from noble_cli.train.run import train as run_training
+
+    result = run_training(cfg, out=out, resume=resume, overwrite=overwrite)
+    s = result.summary
+    console.print(
+        f"[bold green]done[/] {result.run_dir}  best eval loss {s.get('best_eval_loss')} at step "
+        f"{s.get('best_step')}, median step {1000 * (s.get('median_step_time_s') or 0):.1f} ms"
+    )
+
+
+@app.command()
+def recipes():
+    """List the recipes with their task, parameter count (baseline and with a CosNet branch) and data."""
+    from noble_cli.recipes import recipe_rows
+
+    table = Table(title="recipes")
+    for col in ("recipe", "task", "params", "+cosnet", "data", "steps"):
+        table.add_column(col)
+    for row in recipe_rows():
+        table.add_row(*row)
+    console.print(table)
+
+
+def _register_subcommands() -> None:
+    """Commands that live beside their concern (data, sweeps, report, bench)."""
+    from noble_cli.bench import bench_app
+    from noble_cli.data.cli import data_app
+    from noble_cli.report.cli import report
+    from noble_cli.sweep.cli import ablate_app
+
+    app.add_typer(data_app, name="data")
+    app.add_typer(ablate_app, name="ablate")
+    app.add_typer(bench_app, name="bench")
+    app.command()(report)
+
+
+_register_subcommands()
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and a non-zero exit, never a traceback."""
+    try:
+        app(standalone_mode=False)
+    except NobleError as e:
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except click.exceptions.NoArgsIsHelpError as e:
+        e.show()
+        sys.exit(0)
+    except click.UsageError as e:
+        hint = f" (see '{e.ctx.command_path} --help')" if e.ctx else ""
+        err_console.print(f"[bold red]error:[/] {e.format_message()}{hint}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        err_console.print("[bold red]aborted[/]")
+        sys.exit(130)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)

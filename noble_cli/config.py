@@ -1,0 +1,282 @@
+"""Typed run configuration: dataclasses, recipes (YAML files mirroring them), `--set` overrides and hashing.
+
+A run is fully described by one `RunConfig`. Recipes in `recipes/*.yaml` have the same sections; the task decides
+the fields of `model` and `data` (each task has its own dataclasses for them, see `noble_cli.tasks`), the other
+sections are common to every task. The resolved config saved in a run folder is enough to rerun that run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from noble_cli.errors import NobleError, choices_error
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def recipes_dir() -> Path:
+    return Path(os.environ.get("NOBLE_RECIPES", REPO_ROOT / "recipes"))
+
+
+@dataclass
+class NobleConfig:
+    """The branch. `branch: none` is the baseline."""
+
+    branch: str = "none"  # an activation from the registry (cosnet, cos, gelu_net, ...) or none
+    rank: int = 32
+    targets: str = "all"  # all | attn | mlp | alternate | glob patterns over module names
+    up_init_scale: float = 0.01
+    main_init_scale: float | None = 0.5  # re-init augmented layers' main W with N(0, (s/sqrt(in))^2); null keeps it
+    up_lr_power: float = 0.4
+    mix_lr_power: float = 0.5  # CosNet mix: (min(in,out)/r)^power; 0 = the reference code's effective 1
+    freq_lr_mult: float = 2.0
+    phase_lr_mult: float = 4.0
+    kernel: str = "auto"  # auto (triton on CUDA, torch elsewhere) | torch | triton
+    dense_match: bool = False  # baseline only: widen the MLP until it has the params of `match_branch` at `rank`
+    match_branch: str = "cosnet"
+
+    @property
+    def enabled(self) -> bool:
+        return self.branch != "none"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 6e-4
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+
+
+@dataclass
+class ScheduleConfig:
+    warmup_steps: int = 100
+    decay: str = "cosine"  # cosine | linear | constant
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000
+    batch_size: int = 16
+    accumulate: int = 1
+    eval_every: int = 100
+    eval_batches: int = 20
+    log_every: int = 1
+    precision: str = "auto"  # auto (bf16-mixed on GPU, 32 on CPU) | 32 | bf16-mixed | 16-mixed
+    compile: bool = False
+    activation_checkpointing: bool = False
+    accelerator: str = "auto"
+    devices: Any = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto | ddp | fsdp | any Lightning strategy name
+    kernel_warmup_steps: int = 5  # steps left out of the median step time
+    num_workers: int = 0
+
+
+@dataclass
+class RunConfig:
+    recipe: str = ""
+    task: str = "causal_lm"
+    seed: int = 0
+    name: str = ""  # a variant label; derived from `noble` when empty
+    model: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    noble: NobleConfig = field(default_factory=NobleConfig)
+
+    @property
+    def variant(self) -> str:
+        return self.name or variant_label(self.noble)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+SECTIONS = {"optim": OptimConfig, "schedule": ScheduleConfig, "trainer": TrainerConfig, "noble": NobleConfig}
+FREE_SECTIONS = ("model", "data")  # checked by the task's own dataclasses
+TOP_LEVEL = ("recipe", "task", "seed", "name")
+
+
+def variant_label(n: NobleConfig) -> str:
+    if not n.enabled:
+        return f"dense-matched({n.match_branch} r{n.rank})" if n.dense_match else "baseline"
+    label = f"{n.branch} r{n.rank}"
+    return label if n.targets == "all" else f"{label} {n.targets}"
+
+
+def _build(cls, values: dict, where: str):
+    names = {f.name for f in fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise NobleError(f"unknown key {where}.{sorted(unknown)[0]}; valid: {', '.join(sorted(names))}")
+    out = cls(**values)
+    for f in fields(cls):  # YAML gives lists where the dataclass has tuples
+        if isinstance(getattr(out, f.name), list) and "tuple" in str(f.type):
+            setattr(out, f.name, tuple(getattr(out, f.name)))
+    return out
+
+
+def from_dict(d: dict) -> RunConfig:
+    unknown = set(d) - set(SECTIONS) - set(FREE_SECTIONS) - set(TOP_LEVEL)
+    if unknown:
+        valid = list(SECTIONS) + list(FREE_SECTIONS) + list(TOP_LEVEL)
+        raise NobleError(f"unknown config section {sorted(unknown)[0]!r}; valid: {', '.join(valid)}")
+    kwargs: dict[str, Any] = {k: d[k] for k in TOP_LEVEL if k in d}
+    for name in FREE_SECTIONS:
+        kwargs[name] = dict(d.get(name) or {})
+    for name, cls in SECTIONS.items():
+        kwargs[name] = _build(cls, dict(d.get(name) or {}), name)
+    return RunConfig(**kwargs)
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in recipes_dir().glob("*.yaml"))
+
+
+def load_recipe(name_or_path: str) -> dict:
+    """A recipe by name (recipes/NAME.yaml) or a path to the user's own YAML file, as a plain dict."""
+    path = Path(name_or_path)
+    if not (path.suffix in (".yaml", ".yml") and path.exists()):
+        path = recipes_dir() / f"{name_or_path}.yaml"
+        if not path.exists():
+            raise choices_error("recipe", name_or_path, list_recipes() + ["<path/to/recipe.yaml>"])
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise NobleError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise NobleError(f"recipe {path} must be a mapping of sections, got {type(data).__name__}")
+    data.setdefault("recipe", path.stem)
+    return data
+
+
+def parse_set(assignment: str) -> tuple[list[str], Any]:
+    """`section.key=value` -> (['section', 'key'], parsed value). Values are read as YAML (3, 1e-3, true, [1,2])."""
+    if "=" not in assignment:
+        raise NobleError(f"malformed --set {assignment!r}; expected section.key=value, e.g. optim.lr=3e-4")
+    key, raw = assignment.split("=", 1)
+    path = key.strip().split(".")
+    if not all(path) or (len(path) < 2 and path[0] not in TOP_LEVEL):
+        raise NobleError(f"malformed --set {assignment!r}; expected section.key=value, e.g. optim.lr=3e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def set_path(d: dict, path: list[str], value: Any) -> None:
+    node = d
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise NobleError(f"cannot set {'.'.join(path)}: {part} is not a section")
+    node[path[-1]] = value
+
+
+def resolve(recipe: str, overrides: dict[str, Any] | None = None, sets: list[str] | None = None) -> RunConfig:
+    """Recipe + explicit overrides ({'noble.branch': 'cosnet'}) + `--set` strings -> a validated RunConfig."""
+    d = load_recipe(recipe)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            set_path(d, key.split("."), value)
+    for s in sets or []:
+        path, value = parse_set(s)
+        set_path(d, path, value)
+    cfg = from_dict(d)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    """Checks that need no model: names from registries and value ranges. The task checks model/data."""
+    from noble_cli.layers import KERNELS, resolve_activation
+    from noble_cli.layers.apply import target_matcher
+    from noble_cli.tasks import TASKS
+
+    if cfg.task not in TASKS:
+        raise choices_error("task", cfg.task, list(TASKS))
+    n = cfg.noble
+    if n.enabled:
+        n.branch = resolve_activation(n.branch)
+    if n.dense_match:
+        if n.enabled:
+            raise NobleError("noble.dense_match is for the baseline only: set noble.branch=none with it")
+        n.match_branch = resolve_activation(n.match_branch)
+    target_matcher(n.targets)
+    if n.rank < 1:
+        raise NobleError(f"rank {n.rank} is invalid; it must be >= 1 and < min(in, out) of every augmented layer")
+    if n.kernel not in ("auto",) + KERNELS:
+        raise choices_error("kernel", n.kernel, ("auto",) + KERNELS)
+    if cfg.schedule.decay not in ("cosine", "linear", "constant"):
+        raise choices_error("schedule.decay", cfg.schedule.decay, ("cosine", "linear", "constant"))
+    t = cfg.trainer
+    for name in ("max_steps", "batch_size", "eval_every", "eval_batches", "accumulate"):
+        if getattr(t, name) < 1:
+            raise NobleError(f"trainer.{name} must be >= 1, got {getattr(t, name)}")
+    if cfg.optim.lr <= 0:
+        raise NobleError(f"optim.lr must be > 0, got {cfg.optim.lr}")
+    TASKS[cfg.task].check(cfg)
+
+
+# Fields that change where or how fast a run goes, not what it computes: left out of the config hash.
+_NOT_HASHED = {"trainer": ("devices", "num_nodes", "strategy", "accelerator", "num_workers", "log_every")}
+
+
+def hashable_dict(cfg: RunConfig) -> dict:
+    d = json.loads(json.dumps(cfg.to_dict(), default=str))
+    for section, keys in _NOT_HASHED.items():
+        for k in keys:
+            d[section].pop(k, None)
+    return d
+
+
+def digest(obj: Any, n: int = 10) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
+
+
+def config_hash(cfg: RunConfig) -> str:
+    """Identity of a run's computation, seed included."""
+    return digest(hashable_dict(cfg))
+
+
+def pair_key(cfg: RunConfig) -> str:
+    """What a variant and its baseline share: everything but the branch, the seed and the label."""
+    d = hashable_dict(cfg)
+    for k in ("noble", "seed", "name"):
+        d.pop(k, None)
+    return digest(d)
+
+
+def variant_key(cfg: RunConfig) -> str:
+    return digest([cfg.noble.__dict__, cfg.name])
+
+
+def run_id(cfg: RunConfig) -> str:
+    """A stable id: recipe, variant, seed and the config hash. The same config always maps to the same folder."""
+    label = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in cfg.variant).strip("-")
+    while "--" in label:
+        label = label.replace("--", "-")
+    return f"{cfg.recipe}-{label}-s{cfg.seed}-{config_hash(cfg)}"
+
+
+def to_yaml(obj: Any) -> str:
+    if is_dataclass(obj):
+        obj = asdict(obj)
+    return yaml.safe_dump(json.loads(json.dumps(obj, default=str)), sort_keys=False)
+
+
+def replace(cfg: RunConfig, **changes) -> RunConfig:
+    return dataclasses.replace(cfg, **changes)

@@ -1,0 +1,119 @@
+"""PNG plots: eval loss vs step and vs wall-clock per recipe, and speedup bars with error bars.
+
+Uses matplotlib's object API with the Agg canvas (no pyplot, no global backend state, no display needed).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from noble_cli.report.build import Report
+from noble_cli.report.runs import Run
+
+_COLORS = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink",
+           "tab:olive", "tab:cyan", "tab:gray"]
+
+
+def _stem(recipe: str, pair_key: str, several: bool) -> str:
+    s = re.sub(r"[^A-Za-z0-9._-]+", "_", recipe).strip("_") or "recipe"
+    return f"{s}-{re.sub(r'[^A-Za-z0-9]+', '', pair_key)[:8]}" if several else s
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    return path
+
+
+def _curves(ax, runs: list[Run], colors: dict[str, str], x: str, target: float, target_label: str) -> None:
+    seen: set[str] = set()
+    for r in runs:
+        ev = r.evals
+        if x == "wallclock_s":
+            ev = ev[ev["wallclock_s"].notna()]
+            if ev.empty:
+                continue
+        label = None if r.variant_key in seen else r.variant
+        seen.add(r.variant_key)
+        ax.plot(ev[x], ev["eval_loss"], color=colors[r.variant_key], linestyle="--" if r.is_baseline else "-",
+                linewidth=1.8 if r.is_baseline else 1.3, alpha=0.85, marker=".", markersize=4, label=label)
+    if not math.isnan(target):
+        ax.axhline(target, color="black", linestyle=":", linewidth=1, label=target_label)
+    ax.set_ylabel("eval loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def _speedup_bars(ax, summary: pd.DataFrame) -> None:
+    variants = summary[~summary["is_baseline"]]
+    xs = np.arange(len(variants))
+    w = 0.38
+    for off, col, label, color in ((-w / 2, "step_speedup", "step speedup", "tab:blue"),
+                                   (w / 2, "wallclock_speedup", "wall-clock speedup", "tab:orange")):
+        means = variants[col].to_numpy(float)
+        stds = np.nan_to_num(variants[f"{col}_std"].to_numpy(float), nan=0.0)
+        ok = ~np.isnan(means)
+        ax.bar(xs[ok] + off, means[ok], w, yerr=stds[ok], capsize=4, color=color, alpha=0.85, label=label)
+    for i, (_, r) in enumerate(variants.iterrows()):
+        if r["reached_k"] == 0:
+            ax.text(i, 1.0, "not reached", ha="center", va="bottom", fontsize=8, rotation=90, color="tab:red")
+        elif r["reached_k"] < r["n"]:
+            top = np.nanmax([r["step_speedup"], r["wallclock_speedup"]])
+            ax.text(i, top, f"{r['reached']} reached", ha="center", va="bottom", fontsize=8)
+    ax.axhline(1.0, color="black", linestyle="--", linewidth=1, label="baseline (1.00x)")
+    ax.set_xticks(xs)
+    ax.set_xticklabels(variants["variant"], rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("speedup to the baseline's best eval loss (x)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def make_plots(rep: Report, out_dir: Path) -> list[Path]:
+    """Write the PNGs for every (recipe, pair_key) into `out_dir`; returns their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    if rep.summary.empty:
+        return written
+    pairs_per_recipe = rep.summary.groupby("recipe")["pair_key"].nunique().to_dict()
+    for (recipe, pair_key), summ in rep.summary.groupby(["recipe", "pair_key"], sort=False):
+        stem = _stem(recipe, pair_key, pairs_per_recipe[recipe] > 1)
+        runs = [r for r in rep.runs if r.recipe == recipe and r.pair_key == pair_key]
+        runs.sort(key=lambda r: (not r.is_baseline, r.variant, str(r.seed)))
+        colors, i = {}, 0
+        for _, s in summ.iterrows():
+            if s["is_baseline"]:
+                colors[s["variant_key"]] = "black"
+            else:
+                colors[s["variant_key"]] = _COLORS[i % len(_COLORS)]
+                i += 1
+        base = summ[summ["is_baseline"]]
+        target = float(base["target"].iloc[0]) if not base.empty else math.nan
+        n_seeds = int(base["n"].iloc[0]) if not base.empty else 1
+        tlabel = f"target {target:.4f} (baseline best" + (", mean over seeds)" if n_seeds > 1 else ")")
+
+        for x, xlabel, suffix in (("step", "step", "eval_loss_vs_step"),
+                                  ("wallclock_s", "training time (s, evaluation excluded)",
+                                   "eval_loss_vs_wallclock")):
+            if x == "wallclock_s" and not any(r.evals["wallclock_s"].notna().any() for r in runs):
+                continue
+            fig = Figure(figsize=(7, 4.5))
+            ax = fig.add_subplot()
+            _curves(ax, runs, colors, x, target, tlabel)
+            ax.set_xlabel(xlabel)
+            ax.set_title(f"{recipe}: eval loss vs {xlabel.split(' (')[0]}")
+            written.append(_save(fig, out_dir / f"{stem}_{suffix}.png"))
+
+        if (~summ["is_baseline"]).any():
+            fig = Figure(figsize=(max(5.0, 1.1 * (~summ["is_baseline"]).sum() + 3), 4.5))
+            ax = fig.add_subplot()
+            _speedup_bars(ax, summ)
+            ax.set_title(f"{recipe}: speedup (mean ± std over seeds that reached)")
+            written.append(_save(fig, out_dir / f"{stem}_speedup.png"))
+    return written

@@ -1,0 +1,258 @@
+"""Loading run folders robustly (the contract is in docs/run-folder.md).
+
+`load_runs(root)` finds every run folder under `root` (any depth), loads the usable ones into `Run` objects and
+returns the others as `(path, reason)` pairs. Nothing in here raises for a bad run folder: a report over a results
+tree that holds a crashed, running or half-copied run must still be produced.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+# Statuses whose curves are final. A diverged run is a legitimate outcome (it usually "does not reach"), so it is
+# kept and flagged; running, interrupted and failed runs are partial and skipped.
+USABLE_STATUSES = ("completed", "diverged")
+KNOWN_STATUSES = ("completed", "running", "interrupted", "failed", "diverged")
+
+REQUIRED_META = ("recipe", "variant_key", "pair_key", "seed", "is_baseline")
+RUN_FILES = ("meta.json", "metrics.csv", "summary.json", "config.yaml")
+
+# Fraction of the logged step times treated as warm-up when summary.json lacks median_step_time_s.
+WARMUP_FRACTION = 0.1
+
+
+class SkipRun(Exception):
+    """A run folder that cannot be used; the message is the reason shown in the report."""
+
+
+@dataclass
+class Run:
+    path: Path
+    run_id: str
+    recipe: str
+    task: str
+    variant: str
+    variant_key: str
+    pair_key: str
+    seed: Any
+    is_baseline: bool
+    status: str
+    max_steps: float
+    params_total: float
+    params_branch: float
+    created_at: str
+    median_step_time_s: float
+    evals: pd.DataFrame  # step, eval_loss, wallclock_s (interpolated where missing), eval_top1 (if any); sorted
+    wallclock: pd.DataFrame  # step, wallclock_s over every row that has both; sorted, for interpolation
+    meta: dict = field(default_factory=dict)
+    summary: dict = field(default_factory=dict)
+    config: dict | None = None
+
+    @property
+    def has_top1(self) -> bool:
+        return "eval_top1" in self.evals.columns and self.evals["eval_top1"].notna().any()
+
+    def wallclock_at(self, step: float) -> float:
+        """Cumulative training time at a (possibly fractional) step, linearly interpolated; NaN if unknown."""
+        wc = self.wallclock
+        if wc.empty or step is None or math.isnan(step):
+            return math.nan
+        steps, secs = wc["step"].to_numpy(float), wc["wallclock_s"].to_numpy(float)
+        if step < steps[0]:
+            # Before the first logged step: interpolate from (0, 0), the start of training.
+            return float(np.interp(step, [0.0, steps[0]], [0.0, secs[0]])) if steps[0] > 0 else float(secs[0])
+        if step > steps[-1]:
+            return math.nan
+        return float(np.interp(step, steps, secs))
+
+
+def find_run_dirs(root: Path, exclude: Path | None = None) -> list[Path]:
+    """Every folder under `root` (itself included) that looks like a run folder.
+
+    A run folder is one holding meta.json; a folder holding metrics.csv or summary.json but no meta.json is also
+    returned (it is then skipped as "missing meta.json" rather than silently ignored). `exclude` (the report's own
+    output folder) is not searched.
+    """
+    root = Path(root)
+    exclude_resolved = Path(exclude).resolve() if exclude is not None else None
+    found: set[Path] = set()
+    for name in ("meta.json", "metrics.csv", "summary.json"):
+        for f in root.rglob(name):
+            if not f.is_file():
+                continue
+            d = f.parent
+            if exclude_resolved is not None:
+                try:
+                    d.resolve().relative_to(exclude_resolved)
+                    continue
+                except ValueError:
+                    pass
+            found.add(d)
+    return sorted(found)
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SkipRun(f"missing {what}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SkipRun(f"corrupt {what}: {str(e).splitlines()[0]}") from None
+    except OSError as e:
+        raise SkipRun(f"unreadable {what}: {e.strerror or e}") from None
+    if not isinstance(data, dict):
+        raise SkipRun(f"corrupt {what}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _as_bool(v: Any) -> bool:
+    if isinstance(v, str):
+        return v.strip().lower() in ("true", "1", "yes")
+    return bool(v)
+
+
+def _as_float(v: Any) -> float:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return math.nan
+    return f
+
+
+def read_metrics(path: Path) -> pd.DataFrame:
+    """metrics.csv merged by step: one row per step, each column's first non-empty value; sorted by step.
+
+    Every column is coerced to numbers (unparsable cells become NaN); non-finite values (inf) become NaN too.
+    """
+    try:
+        df = pd.read_csv(path)
+    except FileNotFoundError:
+        raise SkipRun("missing metrics.csv") from None
+    except pd.errors.EmptyDataError:
+        raise SkipRun("metrics.csv is empty") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
+        raise SkipRun(f"unparsable metrics.csv: {str(e).splitlines()[0]}") from None
+    df.columns = [str(c).strip() for c in df.columns]
+    if "step" not in df.columns:
+        raise SkipRun(f"metrics.csv has no 'step' column (columns: {', '.join(df.columns) or 'none'})")
+    df = df.apply(pd.to_numeric, errors="coerce").replace([np.inf, -np.inf], np.nan)
+    df = df[df["step"].notna()]
+    if df.empty:
+        raise SkipRun("metrics.csv has no rows with a step")
+    return df.groupby("step", sort=True, as_index=False).first()
+
+
+def _median_step_time(summary: dict, metrics: pd.DataFrame) -> float:
+    v = _as_float(summary.get("median_step_time_s"))
+    if not math.isnan(v) and v > 0:
+        return v
+    if "step_time_s" not in metrics.columns:
+        return math.nan
+    st = metrics["step_time_s"].dropna()
+    st = st[st > 0]
+    if st.empty:
+        return math.nan
+    warm = int(math.ceil(WARMUP_FRACTION * len(st))) if len(st) >= 2 else 0
+    return float(st.iloc[warm:].median())
+
+
+def load_run(path: Path) -> Run:
+    """Load one run folder, or raise `SkipRun(reason)`."""
+    path = Path(path)
+    meta = _read_json(path / "meta.json", "meta.json")
+    missing = [k for k in REQUIRED_META if meta.get(k) is None or meta.get(k) == ""]
+    if missing:
+        raise SkipRun(f"meta.json lacks {', '.join(missing)}")
+
+    if not (path / "summary.json").exists():
+        raise SkipRun("no summary.json yet (running, or stopped before writing it)")
+    summary = _read_json(path / "summary.json", "summary.json")
+    status = str(summary.get("status", "")).strip().lower() or "unknown"
+    if status not in USABLE_STATUSES:
+        raise SkipRun(f"status {status}" + ("" if status in KNOWN_STATUSES else " (unknown status)"))
+
+    metrics = read_metrics(path / "metrics.csv")
+    if "eval_loss" not in metrics.columns:
+        raise SkipRun("metrics.csv has no eval_loss column")
+    evals = metrics[metrics["eval_loss"].notna()]
+    if evals.empty:
+        raise SkipRun("no eval points in metrics.csv")
+
+    if "wallclock_s" in metrics.columns:
+        wallclock = metrics.loc[metrics["wallclock_s"].notna(), ["step", "wallclock_s"]].reset_index(drop=True)
+    else:
+        wallclock = pd.DataFrame({"step": pd.Series(dtype=float), "wallclock_s": pd.Series(dtype=float)})
+    cols = ["step", "eval_loss"] + [c for c in ("eval_top1", "eval_top5") if c in metrics.columns]
+    evals = evals[cols].reset_index(drop=True).astype(float)
+
+    config = None
+    cfg_path = path / "config.yaml"
+    if cfg_path.exists():
+        try:
+            loaded = yaml.safe_load(cfg_path.read_text())
+            config = loaded if isinstance(loaded, dict) else None
+        except (yaml.YAMLError, OSError, UnicodeDecodeError):
+            config = None  # the config is informative only; the figures come from meta/metrics/summary
+
+    run = Run(
+        path=path,
+        run_id=str(meta.get("run_id") or path.name),
+        recipe=str(meta["recipe"]),
+        task=str(meta.get("task") or (config or {}).get("task") or ""),
+        variant=str(meta.get("variant") or meta["variant_key"]),
+        variant_key=str(meta["variant_key"]),
+        pair_key=str(meta["pair_key"]),
+        seed=meta["seed"],
+        is_baseline=_as_bool(meta["is_baseline"]),
+        status=status,
+        max_steps=_as_float(meta.get("max_steps")),
+        params_total=_as_float(meta.get("params_total")),
+        params_branch=_as_float(meta.get("params_branch")),
+        created_at=str(meta.get("created_at") or ""),
+        median_step_time_s=_median_step_time(summary, metrics),
+        evals=evals,
+        wallclock=wallclock,
+        meta=meta,
+        summary=summary,
+        config=config,
+    )
+    run.evals["wallclock_s"] = [run.wallclock_at(s) for s in run.evals["step"]]
+    return run
+
+
+def load_runs(root: Path, exclude: Path | None = None) -> tuple[list[Run], list[tuple[Path, str]]]:
+    """All usable runs under `root`, and the skipped folders with their reasons.
+
+    Duplicates (same recipe, pair_key, variant_key and seed, e.g. a rerun) keep the newest by created_at (then
+    by folder name); the others are skipped as duplicates.
+    """
+    runs: list[Run] = []
+    skipped: list[tuple[Path, str]] = []
+    for d in find_run_dirs(root, exclude=exclude):
+        try:
+            runs.append(load_run(d))
+        except SkipRun as e:
+            skipped.append((d, str(e)))
+        except Exception as e:  # noqa: BLE001 - a report must never break on one odd folder
+            skipped.append((d, f"could not be read: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
+
+    by_key: dict[tuple, list[Run]] = {}
+    for r in runs:
+        by_key.setdefault((r.recipe, r.pair_key, r.variant_key, str(r.seed)), []).append(r)
+    kept: list[Run] = []
+    for group in by_key.values():
+        group.sort(key=lambda r: (r.created_at, str(r.path)))
+        newest = group[-1]
+        kept.append(newest)
+        for r in group[:-1]:
+            skipped.append((r.path, f"duplicate of {newest.run_id} (same variant and seed); the newest is kept"))
+    kept.sort(key=lambda r: (r.recipe, r.pair_key, not r.is_baseline, r.variant, str(r.seed)))
+    return kept, skipped

@@ -1,0 +1,133 @@
+"""What every task shares: building the model with (or without) NOBLE, the optimizer, the schedule and logging.
+
+A task subclasses `NobleTask` and writes three things: `make_model(model_cfg)` (a plain PyTorch model with
+nn.Linear layers), `loss(batch)` (training loss and extra logs) and `evaluate(batch)` (a dict of eval metrics, with
+`loss`). The branch is never special-cased in a task: it is put in by `build_model`, from the `noble:` section.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import lightning as L
+import torch
+from torch import nn
+
+from noble_cli.config import NobleConfig, RunConfig
+from noble_cli.layers import LRMultipliers, apply_noble, count_parameters, param_groups
+
+
+def resolved_kernel(noble: NobleConfig, on_cuda: bool) -> str:
+    if noble.kernel != "auto":
+        return noble.kernel
+    return "triton" if on_cuda else "torch"
+
+
+def _with_branches(make: Callable, model_cfg, noble: NobleConfig, branch: str, kernel: str = "torch") -> nn.Module:
+    model = make(model_cfg)
+    apply_noble(
+        model, rank=noble.rank, activation=branch, targets=noble.targets, up_init_scale=noble.up_init_scale,
+        kernel=kernel, reinit_main=noble.main_init_scale,
+    )
+    return model
+
+
+def dense_matched_config(make: Callable, model_cfg, noble: NobleConfig):
+    """The model config widened (MLP hidden size) until it has as many parameters as the NOBLE model.
+
+    Parameter counts are affine in the MLP hidden size, so two counts on the meta device give the exact width.
+    """
+    import dataclasses
+
+    if not hasattr(model_cfg, "mlp_ratio") or not hasattr(model_cfg, "d_model"):
+        raise TypeError(f"{type(model_cfg).__name__} has no mlp_ratio/d_model to widen")
+    with torch.device("meta"):
+        target = count_parameters(_with_branches(make, model_cfg, noble, noble.match_branch)).total
+        d = model_cfg.d_model
+        h0 = int(round(model_cfg.mlp_ratio * d))
+        p0 = count_parameters(make(model_cfg)).total
+        p1 = count_parameters(make(dataclasses.replace(model_cfg, mlp_ratio=(h0 + 64) / d))).total
+    per_unit = (p1 - p0) / 64
+    hidden = h0 + max(0, round((target - p0) / per_unit))
+    return dataclasses.replace(model_cfg, mlp_ratio=hidden / d)
+
+
+def build_model(make: Callable, model_cfg, noble: NobleConfig, kernel: str = "torch") -> nn.Module:
+    """The task's model, with NOBLE branches or, for the dense-matched baseline, widened instead."""
+    if noble.enabled:
+        return _with_branches(make, model_cfg, noble, noble.branch, kernel)
+    if noble.dense_match:
+        model_cfg = dense_matched_config(make, model_cfg, noble)
+    return make(model_cfg)
+
+
+def lr_factor(step: int, max_steps: int, warmup: int, decay: str, min_ratio: float) -> float:
+    """Linear warm-up to 1, then cosine / linear decay to `min_ratio` at max_steps (or constant)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if decay == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    if decay == "linear":
+        return 1.0 - (1.0 - min_ratio) * progress
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class NobleTask(L.LightningModule):
+    """Base LightningModule: model with branches, AdamW with NOBLE's groups, warm-up + cosine, logging."""
+
+    items_name = "tokens"  # what a batch is counted in for throughput (tokens, images)
+
+    def __init__(self, cfg: RunConfig, model_cfg, data_cfg):
+        super().__init__()
+        # The resolved config goes into every checkpoint (hyper_parameters), so a checkpoint alone can be rebuilt.
+        self.save_hyperparameters({"config": cfg.to_dict()})
+        self.cfg, self.model_cfg, self.data_cfg = cfg, model_cfg, data_cfg
+        kernel = resolved_kernel(cfg.noble, on_cuda=torch.cuda.is_available() and cfg.trainer.accelerator != "cpu")
+        self.model = build_model(self.make_model, model_cfg, cfg.noble, kernel)
+        self.params = count_parameters(self.model)
+
+    # --- what a task writes -------------------------------------------------------------------------------------
+    def make_model(self, model_cfg) -> nn.Module:
+        raise NotImplementedError
+
+    def loss(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def evaluate(self, batch) -> dict[str, torch.Tensor]:
+        """Eval metrics of one batch; must contain `loss`. Averaged over the fixed eval batches."""
+        loss, _ = self.loss(batch)
+        return {"loss": loss}
+
+    def items_in(self, batch) -> int:
+        return 0
+
+    def flops_per_item(self) -> float | None:
+        """Training FLOPs per counted item, for MFU; None where not worked out."""
+        return None
+
+    # --- shared Lightning plumbing ------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        loss, logs = self.loss(batch)
+        self.log("train_loss", loss.detach(), prog_bar=True)
+        for k, v in logs.items():
+            self.log(f"train_{k}", v)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        metrics = self.evaluate(batch)
+        self.log_dict({f"eval_{k}": v for k, v in metrics.items()}, on_epoch=True, sync_dist=True,
+                      prog_bar=False)
+
+    def configure_optimizers(self):
+        o, s, t = self.cfg.optim, self.cfg.schedule, self.cfg.trainer
+        n = self.cfg.noble
+        mults = LRMultipliers(n.up_lr_power, n.mix_lr_power, n.freq_lr_mult, n.phase_lr_mult)
+        groups = param_groups(self.model, o.lr, o.weight_decay, mults)
+        fused = self.device.type == "cuda"
+        opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: lr_factor(step, t.max_steps, s.warmup_steps, s.decay, s.min_lr_ratio)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

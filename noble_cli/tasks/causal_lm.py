@@ -1,0 +1,73 @@
+"""Causal language modelling with a GPT (recipes llm-tiny, llm-small, llm-250m, llm-1.5b)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from noble_cli.config import RunConfig
+from noble_cli.errors import NobleError
+from noble_cli.models.gpt import GPT, GPTConfig
+from noble_cli.tasks.base import NobleTask
+
+ModelConfig = GPTConfig
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "embedded"  # embedded | openwebtext | fineweb-edu | hf:NAME[:CONFIG] | path to txt/jsonl/parquet
+    seq_len: int = 256
+    cache_dir: str | None = None  # default: $NOBLE_DATA_DIR or ~/.cache/noble/data
+
+
+def check(cfg: RunConfig) -> None:
+    m, d = ModelConfig(**cfg.model), DataConfig(**cfg.data)
+    if d.seq_len > m.block_size:
+        raise NobleError(f"data.seq_len {d.seq_len} exceeds model.block_size {m.block_size}")
+    if m.d_model % m.n_head:
+        raise NobleError(f"model.d_model {m.d_model} must be divisible by model.n_head {m.n_head}")
+
+
+class CausalLM(NobleTask):
+    items_name = "tokens"
+
+    def make_model(self, model_cfg: GPTConfig) -> GPT:
+        return GPT(model_cfg)
+
+    def configure_model(self) -> None:
+        self.model.activation_checkpointing = self.cfg.trainer.activation_checkpointing
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.model(idx)
+
+    def loss(self, batch):
+        x, y = batch
+        logits = self.model(x)
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1)), {}
+
+    def items_in(self, batch) -> int:
+        return batch[0].numel()
+
+    def flops_per_item(self) -> float:
+        return self.model.flops_per_token(self.data_cfg.seq_len)
+
+
+def build_module(cfg: RunConfig) -> CausalLM:
+    return CausalLM(cfg, ModelConfig(**cfg.model), DataConfig(**cfg.data))
+
+
+def build_datamodule(cfg: RunConfig):
+    from noble_cli.data.lm_datamodule import LMDataModule
+
+    d = DataConfig(**cfg.data)
+    return LMDataModule(
+        dataset=d.dataset, seq_len=d.seq_len, batch_size=cfg.trainer.batch_size, seed=cfg.seed,
+        eval_batches=cfg.trainer.eval_batches, num_workers=cfg.trainer.num_workers, cache_dir=d.cache_dir,
+    )
+
+
+def data_summary(cfg: RunConfig) -> str:
+    d = DataConfig(**cfg.data)
+    return f"{d.dataset} (GPT-2 BPE, seq {d.seq_len})"

@@ -1,0 +1,195 @@
+"""Lightning pieces that keep the run folder: per-step metrics, the summary, divergence and atomic checkpoints.
+
+Why not Lightning's CSVLogger: it deletes metrics.csv when a run resumes into the same folder, writes train and
+eval rows separately, and rewrites the file in place. The run folder needs one row per step, kept across resumes,
+written atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import pandas as pd
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from noble_cli.errors import NobleError
+from noble_cli.train.run_folder import RunFolder
+
+FLUSH_EVERY = 50  # steps between metrics.csv rewrites (and at every evaluation)
+
+# Peak dense bf16 tensor-core throughput, for MFU. Cards not listed report no MFU.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
+
+
+def peak_flops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(0)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+class DivergedError(NobleError):
+    """The loss became NaN or infinite."""
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """torch.save to a temporary file, then rename: a kill mid-save leaves the previous checkpoint intact."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def summarize(metrics: pd.DataFrame, warmup_steps: int, status: str) -> dict:
+    """summary.json from the metrics table (definitions in shared NOBLE.md)."""
+    out: dict = {"status": status, "steps": 0, "best_eval_loss": None, "best_step": None, "final_eval_loss": None,
+                 "median_step_time_s": None, "train_time_s": 0.0}
+    if metrics.empty:
+        return out
+    out["steps"] = int(metrics["step"].max())
+    out["train_time_s"] = float(metrics["wallclock_s"].max())
+    times = metrics.loc[metrics["step"] > warmup_steps, "step_time_s"].dropna()
+    if times.empty:
+        times = metrics["step_time_s"].dropna()
+    out["median_step_time_s"] = float(times.median()) if not times.empty else None
+    if "eval_loss" in metrics:
+        evals = metrics.dropna(subset=["eval_loss"])
+        if not evals.empty:
+            best = evals.loc[evals["eval_loss"].idxmin()]
+            out.update(best_eval_loss=float(best["eval_loss"]), best_step=int(best["step"]),
+                       final_eval_loss=float(evals.iloc[-1]["eval_loss"]))
+            if "eval_top1" in evals:
+                out["best_eval_top1"] = float(evals["eval_top1"].max())
+    return out
+
+
+class RunRecorder(L.Callback):
+    """Times every optimizer step (evaluation excluded), logs throughput, writes metrics.csv and summary.json."""
+
+    def __init__(self, folder: RunFolder, warmup_steps: int = 5):
+        self.folder = folder
+        self.warmup_steps = warmup_steps
+        self.rows: dict[int, dict] = {}
+        self.wallclock = 0.0
+        self.items = 0
+        self._loss_sum = 0.0
+        self._t0: float | None = None
+        self._last_flush = 0
+        self.status = "running"
+
+    # --- state across resumes ---------------------------------------------------------------------------------
+    def on_fit_start(self, trainer, pl_module):
+        step = trainer.global_step  # > 0 when resumed from a checkpoint
+        old = self.folder.read_metrics()
+        if not old.empty and step > 0:
+            old = old[old["step"] <= step]
+            self.rows = {int(r["step"]): {k: v for k, v in r.items() if pd.notna(v)} for r in old.to_dict("records")}
+            self.wallclock = float(old["wallclock_s"].max()) if "wallclock_s" in old and len(old) else 0.0
+        self._flush(trainer, force=True)
+
+    # --- timing -------------------------------------------------------------------------------------------------
+    def _sync(self, pl_module):
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self._t0 is None:
+            self._sync(pl_module)
+            self._t0 = time.perf_counter()
+        self.items += pl_module.items_in(batch)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if not torch.isfinite(loss.detach()).all():
+            self.status = "diverged"
+            raise DivergedError(
+                f"loss became {loss.item()} at step {trainer.global_step}; stopped. The metrics so far and the last "
+                f"good checkpoint are in {self.folder.path}"
+            )
+        self._loss_sum += float(loss.detach())  # each micro-batch's loss comes divided by the accumulation count
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return  # not an optimizer step yet
+        self._sync(pl_module)
+        now = time.perf_counter()
+        dt = now - self._t0
+        self._t0 = now
+        self.wallclock += dt
+        step = trainer.global_step
+        items, self.items = self.items, 0
+        row = self.rows.setdefault(step, {"step": step})
+        world = trainer.world_size
+        train_loss, self._loss_sum = self._loss_sum, 0.0
+        row.update(train_loss=train_loss,
+                   lr=trainer.optimizers[0].param_groups[0]["lr"] / trainer.optimizers[0].param_groups[0].get("lr_mult", 1.0),
+                   step_time_s=dt, wallclock_s=self.wallclock)
+        if items:
+            row[f"{pl_module.items_name}_per_s"] = items * world / dt
+            flops, peak = pl_module.flops_per_item(), peak_flops()
+            if flops and peak:
+                row["mfu"] = flops * items / dt / peak
+            pl_module.log(f"{pl_module.items_name[:3]}/s", items * world / dt, prog_bar=True)
+        if step - self._last_flush >= FLUSH_EVERY:
+            self._flush(trainer)
+
+    # --- evaluation ------------------------------------------------------------------------------------------------
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if trainer.sanity_checking:
+            return
+        step = trainer.global_step
+        row = self.rows.setdefault(step, {"step": step, "wallclock_s": self.wallclock})
+        for k, v in trainer.callback_metrics.items():
+            if k.startswith("eval_"):
+                row[k] = float(v)
+        self._flush(trainer, force=True)
+
+    def on_validation_end(self, trainer, pl_module):
+        self._sync(pl_module)
+        self._t0 = time.perf_counter()  # the next step's time starts after evaluation
+
+    # --- the end, however it comes ---------------------------------------------------------------------------------
+    def on_train_end(self, trainer, pl_module):
+        self.status = "completed"
+
+    def on_exception(self, trainer, pl_module, exception):
+        if self.status == "running":
+            self.status = "interrupted" if isinstance(exception, KeyboardInterrupt) else "failed"
+        self.finish(trainer)
+
+    def finish(self, trainer) -> dict:
+        self._flush(trainer, force=True)
+        if trainer.is_global_zero:
+            summary = summarize(self.frame(), self.warmup_steps, self.status)
+            self.folder.write_summary(summary)
+            return summary
+        return {}
+
+    def frame(self) -> pd.DataFrame:
+        frame = pd.DataFrame([self.rows[k] for k in sorted(self.rows)])
+        if frame.empty:
+            return frame
+        front = [c for c in ("step", "train_loss", "eval_loss", "lr", "step_time_s", "wallclock_s") if c in frame]
+        return frame[front + [c for c in frame.columns if c not in front]]
+
+    def _flush(self, trainer, force: bool = False) -> None:
+        if not trainer.is_global_zero or not (force or self.rows):
+            return
+        self._last_flush = trainer.global_step
+        frame = self.frame()
+        if not frame.empty:
+            frame = frame.astype({"step": int})
+            self.folder.write_metrics(frame)
+        self.folder.write_summary(summarize(frame, self.warmup_steps, self.status))
+

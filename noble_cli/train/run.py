@@ -1,0 +1,138 @@
+"""`noble train`: one run, from a resolved config to a complete run folder, on Lightning's Trainer."""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+
+from noble_cli.config import RunConfig, config_hash, from_dict, run_id, to_yaml
+from noble_cli.errors import NobleError
+from noble_cli.tasks import get_task
+from noble_cli.train.recorder import AtomicCheckpointIO, DivergedError, RunRecorder
+from noble_cli.train.run_folder import RunFolder, atomic_write_text
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    summary: dict
+    meta: dict
+
+
+def precision_for(cfg: RunConfig, on_gpu: bool) -> str:
+    if cfg.trainer.precision != "auto":
+        return cfg.trainer.precision
+    return "bf16-mixed" if on_gpu else "32-true"
+
+
+def strategy_for(cfg: RunConfig, module):
+    """Lightning's strategies, by name. FSDP wraps (and optionally checkpoints) the task's transformer blocks."""
+    name = cfg.trainer.strategy
+    if name == "fsdp":
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        blocks = getattr(module, "block_types", lambda: set())()
+        return FSDPStrategy(
+            auto_wrap_policy=blocks or None,
+            activation_checkpointing_policy=blocks if cfg.trainer.activation_checkpointing and blocks else None,
+        )
+    return name
+
+
+def prepare_folder(cfg: RunConfig, folder: RunFolder, resume: bool, overwrite: bool) -> bool:
+    """Returns True when a previous attempt's checkpoint should be resumed."""
+    if not folder.exists():
+        return False
+    if overwrite:
+        shutil.rmtree(folder.path)
+        return False
+    summary = folder.read_json(folder.summary_path)
+    if not resume:
+        raise NobleError(
+            f"run folder {folder.path} already exists (status: {summary.get('status', 'unknown')}); "
+            "pass --resume to continue it or --overwrite to start it again"
+        )
+    try:
+        import yaml
+
+        saved = from_dict(yaml.safe_load(folder.config_path.read_text()))
+    except Exception as e:  # a broken folder must not be resumed blindly
+        raise NobleError(f"cannot resume {folder.path}: its config.yaml is unreadable ({e}); use --overwrite") from None
+    if config_hash(saved) != config_hash(cfg):
+        raise NobleError(f"cannot resume {folder.path}: its config differs from this one; use --overwrite or --out")
+    return folder.last_checkpoint.exists()
+
+
+def build_trainer(cfg: RunConfig, module, folder: RunFolder, recorder: RunRecorder, progress: bool) -> L.Trainer:
+    t = cfg.trainer
+    on_gpu = t.accelerator in ("gpu", "cuda") or (t.accelerator == "auto" and torch.cuda.is_available())
+    callbacks = [
+        recorder,
+        ModelCheckpoint(dirpath=folder.checkpoint_dir, filename="best", monitor="eval_loss", mode="min",
+                        save_top_k=1, save_last=True, enable_version_counter=False, auto_insert_metric_name=False),
+    ]
+    if progress:
+        callbacks.append(RichProgressBar(leave=True))
+    return L.Trainer(
+        max_steps=t.max_steps, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
+        strategy=strategy_for(cfg, module), precision=precision_for(cfg, on_gpu),
+        gradient_clip_val=cfg.optim.grad_clip or None, accumulate_grad_batches=t.accumulate,
+        val_check_interval=t.eval_every * t.accumulate, check_val_every_n_epoch=None,
+        limit_val_batches=t.eval_batches, num_sanity_val_steps=0, logger=False, callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()], default_root_dir=folder.path, enable_model_summary=False,
+        enable_progress_bar=progress, log_every_n_steps=t.log_every, use_distributed_sampler=False,
+    )
+
+
+def train(
+    cfg: RunConfig,
+    out: Path = Path("results"),
+    resume: bool = False,
+    overwrite: bool = False,
+    run_dir: Path | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train one run into `<out>/runs/<run-id>/` (or `run_dir`), resuming or refusing to overwrite as asked."""
+    rid = run_id(cfg)
+    folder = RunFolder(run_dir or out / "runs" / rid)
+    resume_ckpt = prepare_folder(cfg, folder, resume, overwrite)
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    task = get_task(cfg.task).load()
+    module = task.build_module(cfg)
+    datamodule = task.build_datamodule(cfg)
+    if cfg.trainer.compile:
+        module.model.compile()  # in place: parameter names (and checkpoints) stay those of the plain model
+
+    recorder = RunRecorder(folder, warmup_steps=cfg.trainer.kernel_warmup_steps)
+    trainer = build_trainer(cfg, module, folder, recorder, progress)
+    meta = folder.read_json(folder.meta_path)
+    if trainer.is_global_zero:
+        folder.write_config(cfg)
+        if not meta:
+            meta = folder.write_meta(cfg, rid, module.params.total, module.params.branch)
+        atomic_write_text(folder.checkpoint_dir / "hyperparameters.yaml", to_yaml(cfg))
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(does not have many workers|IterableDataset|GPU available).*")
+        try:
+            trainer.fit(module, datamodule=datamodule,
+                        ckpt_path=str(folder.last_checkpoint) if resume_ckpt else None)
+            if trainer.global_step % cfg.trainer.eval_every:  # the budget's end is always evaluated
+                trainer.validate(module, datamodule=datamodule, verbose=False)
+        except DivergedError:
+            raise
+        except SystemExit:  # Lightning turns Ctrl-C into exit(1) after its graceful shutdown
+            raise NobleError(
+                f"interrupted at step {trainer.global_step}; continue with the same command and --resume "
+                f"(run folder {folder.path})"
+            ) from None
+    recorder.status = "completed"
+    summary = recorder.finish(trainer)
+    return TrainResult(folder.path, summary, meta)
