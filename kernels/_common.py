@@ -65,8 +65,30 @@ def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
-# Block sizes. On CUDA the two full-width GEMM kernels are autotuned (see fused_linear.py); the r-wide kernels use
-# the fixed sizes below. Under the interpreter every launch runs in numpy, so tiles are small (tests then cover
-# several tiles and ragged tails with tiny shapes). Tests may edit INTERPRET_BLOCKS.
+def chain_precision(dtype: torch.dtype, device: torch.device) -> str:
+    """tl.dot precision of the r x r products inside the CosNet chain (fp32 operands in registers).
+
+    With bf16/fp16 compute, TF32 is already more precise than the torch path (whose mix Linear runs in bf16 under
+    autocast), and exact fp32 ("ieee") dots run on CUDA cores and spill registers (see aot_check). With fp32
+    compute, the same rule as the main GEMMs."""
+    if device.type != "cuda":
+        return "ieee"
+    if dtype != torch.float32:
+        return "tf32"
+    return dot_precision(dtype, device)
+
+
+def dot_f32(t: torch.Tensor) -> bool:
+    """Upcast tl.dot operands to fp32 inside the kernels: only for bf16 under the interpreter, whose tl.dot is
+    numpy's matmul over the raw 16-bit patterns (numpy has no bfloat16) and returns garbage. Never on a GPU."""
+    return t.device.type != "cuda" and t.dtype == torch.bfloat16
+
+
+def autotune_enabled() -> bool:
+    """NOBLE_KERNELS_AUTOTUNE=0: launch the first config of each kernel instead of autotuning (faster start-up)."""
+    return os.environ.get("NOBLE_KERNELS_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+# Block sizes. On CUDA every kernel is autotuned (fused_linear.py, cosnet.py). Under the interpreter each launch
+# runs in numpy, so tiles are small: tests then cover several tiles and ragged tails with tiny shapes.
 INTERPRET_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}
-CUDA_RWIDE = {"BLOCK_M": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}

@@ -116,16 +116,37 @@ def variant_label(n: NobleConfig) -> str:
     return label if n.targets == "all" else f"{label} {n.targets}"
 
 
-def _build(cls, values: dict, where: str):
-    names = {f.name for f in fields(cls)}
-    unknown = set(values) - names
+def coerce(value: Any, type_name: str, where: str) -> Any:
+    """Give a YAML or --set value the field's declared type (YAML reads 1e-3 as a string; flags arrive as text)."""
+    base = type_name.replace(" ", "").replace("|None", "").replace("Optional[", "").rstrip("]")
+    if value is None or not isinstance(value, (str, int, float, list)):
+        return value
+    try:
+        if base == "float" and not isinstance(value, bool):
+            return float(value)
+        if base == "int" and not isinstance(value, bool):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if base == "bool" and isinstance(value, str):
+            if value.lower() not in ("true", "false", "yes", "no", "1", "0"):
+                raise ValueError
+            return value.lower() in ("true", "yes", "1")
+        if base.startswith("tuple") and isinstance(value, list):
+            return tuple(float(v) for v in value) if "float" in base else tuple(value)
+    except (TypeError, ValueError):
+        raise NobleError(f"{where} must be of type {base}, got {value!r}") from None
+    return value
+
+
+def build_typed(cls, values: dict, where: str):
+    """A dataclass from a mapping, with unknown keys and wrong types reported as one line."""
+    names = {f.name: f for f in fields(cls)}
+    unknown = set(values) - set(names)
     if unknown:
         raise NobleError(f"unknown key {where}.{sorted(unknown)[0]}; valid: {', '.join(sorted(names))}")
-    out = cls(**values)
-    for f in fields(cls):  # YAML gives lists where the dataclass has tuples
-        if isinstance(getattr(out, f.name), list) and "tuple" in str(f.type):
-            setattr(out, f.name, tuple(getattr(out, f.name)))
-    return out
+    typed = {k: coerce(v, str(names[k].type), f"{where}.{k}") for k, v in values.items()}
+    return cls(**typed)
 
 
 def from_dict(d: dict) -> RunConfig:
@@ -134,10 +155,12 @@ def from_dict(d: dict) -> RunConfig:
         valid = list(SECTIONS) + list(FREE_SECTIONS) + list(TOP_LEVEL)
         raise NobleError(f"unknown config section {sorted(unknown)[0]!r}; valid: {', '.join(valid)}")
     kwargs: dict[str, Any] = {k: d[k] for k in TOP_LEVEL if k in d}
+    if "seed" in kwargs:
+        kwargs["seed"] = coerce(kwargs["seed"], "int", "seed")
     for name in FREE_SECTIONS:
         kwargs[name] = dict(d.get(name) or {})
     for name, cls in SECTIONS.items():
-        kwargs[name] = _build(cls, dict(d.get(name) or {}), name)
+        kwargs[name] = build_typed(cls, dict(d.get(name) or {}), name)
     return RunConfig(**kwargs)
 
 

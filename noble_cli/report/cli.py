@@ -46,7 +46,7 @@ def report(
     results: Annotated[Path, typer.Argument(help="Results folder to search for run folders (any depth).")] = Path(
         "results"),
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where to write the report files "
-                                                "[default: RESULTS/report]")] = None,
+                                                "(default: RESULTS/report).")] = None,
     format: Annotated[str, typer.Option("--format", "-f", help="Files to write, comma-separated: md, csv.")] = "md,csv",
     plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write PNG plots (eval loss curves, speedup "
                                         "bars).")] = True,

@@ -26,24 +26,50 @@ def _stem(recipe: str, pair_key: str, several: bool) -> str:
     return f"{s}-{re.sub(r'[^A-Za-z0-9]+', '', pair_key)[:8]}" if several else s
 
 
+def _nan(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
 def _save(fig: Figure, path: Path) -> Path:
     FigureCanvasAgg(fig)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     return path
 
 
+def _mean_curve(runs: list[Run], x: str) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(x, mean, std) over seeds of the eval loss at the eval steps all `runs` share; None if they differ.
+
+    For x = wallclock_s the x position is the mean wall-clock over seeds at that step.
+    """
+    if len(runs) < 2 or len({tuple(r.evals["step"]) for r in runs}) != 1:
+        return None
+    losses = np.stack([r.evals["eval_loss"].to_numpy(float) for r in runs])
+    xs = np.stack([r.evals[x].to_numpy(float) for r in runs]).mean(axis=0)
+    ok = ~np.isnan(xs)
+    return xs[ok], losses.mean(axis=0)[ok], losses.std(axis=0, ddof=1)[ok]
+
+
 def _curves(ax, runs: list[Run], colors: dict[str, str], x: str, target: float, target_label: str) -> None:
-    seen: set[str] = set()
+    """One line per variant: the mean over seeds with a ±std band when seeds share eval steps, else per run."""
+    by_variant: dict[str, list[Run]] = {}
     for r in runs:
-        ev = r.evals
-        if x == "wallclock_s":
-            ev = ev[ev["wallclock_s"].notna()]
+        by_variant.setdefault(r.variant_key, []).append(r)
+    for vkey, vruns in by_variant.items():
+        style = dict(color=colors[vkey], linestyle="--" if vruns[0].is_baseline else "-",
+                     linewidth=1.8 if vruns[0].is_baseline else 1.3, marker=".", markersize=4)
+        label = vruns[0].variant
+        mean = _mean_curve(vruns, x)
+        if mean is not None:
+            xs, mu, sd = mean
+            ax.plot(xs, mu, label=f"{label} (mean of {len(vruns)} seeds)", **style)
+            ax.fill_between(xs, mu - sd, mu + sd, color=colors[vkey], alpha=0.15, linewidth=0)
+            continue
+        for r in vruns:
+            ev = r.evals[r.evals[x].notna()]
             if ev.empty:
                 continue
-        label = None if r.variant_key in seen else r.variant
-        seen.add(r.variant_key)
-        ax.plot(ev[x], ev["eval_loss"], color=colors[r.variant_key], linestyle="--" if r.is_baseline else "-",
-                linewidth=1.8 if r.is_baseline else 1.3, alpha=0.85, marker=".", markersize=4, label=label)
+            ax.plot(ev[x], ev["eval_loss"], alpha=0.85, label=label, **style)
+            label = None
     if not math.isnan(target):
         ax.axhline(target, color="black", linestyle=":", linewidth=1, label=target_label)
     ax.set_ylabel("eval loss")
@@ -63,10 +89,13 @@ def _speedup_bars(ax, summary: pd.DataFrame) -> None:
         ax.bar(xs[ok] + off, means[ok], w, yerr=stds[ok], capsize=4, color=color, alpha=0.85, label=label)
     for i, (_, r) in enumerate(variants.iterrows()):
         if r["reached_k"] == 0:
-            ax.text(i, 1.0, "not reached", ha="center", va="bottom", fontsize=8, rotation=90, color="tab:red")
+            ax.text(i, 1.02, f"not reached\n(0/{r['n']})", ha="center", va="bottom", fontsize=8, color="tab:red")
         elif r["reached_k"] < r["n"]:
-            top = np.nanmax([r["step_speedup"], r["wallclock_speedup"]])
-            ax.text(i, top, f"{r['reached']} reached", ha="center", va="bottom", fontsize=8)
+            tops = [r[c] + (0 if _nan(r[f"{c}_std"]) else r[f"{c}_std"]) for c in ("step_speedup",
+                                                                                    "wallclock_speedup")]
+            top = np.nanmax(tops)
+            ax.text(i, top + 0.02, f"{r['reached']} reached", ha="center", va="bottom", fontsize=8)
+    ax.set_xlim(-0.6, len(variants) - 0.4)
     ax.axhline(1.0, color="black", linestyle="--", linewidth=1, label="baseline (1.00x)")
     ax.set_xticks(xs)
     ax.set_xticklabels(variants["variant"], rotation=20, ha="right", fontsize=8)

@@ -32,7 +32,7 @@ def _pm(mean: float, std: float, fmt: str, suffix: str = "") -> str:
         return "n/a"
     s = f"{mean:{fmt}}{suffix}"
     if not _nan(std):
-        s += f" ± {std:{fmt}}"
+        s += f" ± {std:{fmt.lstrip('+')}}"
     return s
 
 
@@ -61,8 +61,8 @@ def display_rows(summary: pd.DataFrame) -> tuple[list[str], list[list[str]], lis
     multi_budget = summary.groupby("recipe")["pair_key"].nunique().gt(1).any() if not summary.empty else False
     headers = ["recipe", "variant", "n", "reached", "steps to target", "step speedup", "wall-clock speedup",
                "params", "step time", "final eval loss", "Δ vs baseline", "p (Δ)"]
-    if multi_budget:
-        headers.insert(1, "budget")
+    if multi_budget:  # a recipe run under several settings (budget, lr, ...): say which rows belong together
+        headers.insert(1, "setting")
     if top1:
         headers.append("best top-1")
     rows, best = [], []
@@ -86,7 +86,8 @@ def display_rows(summary: pd.DataFrame) -> tuple[list[str], list[list[str]], lis
             "" if r["is_baseline"] else _p(r["p_value"]),
         ]
         if multi_budget:
-            cells.insert(1, "" if _nan(r["max_steps"]) else f"{int(r['max_steps'])} steps")
+            budget = "" if _nan(r["max_steps"]) else f"{int(r['max_steps'])} steps, "
+            cells.insert(1, f"{budget}pair {str(r['pair_key'])[:8]}")
         if top1:
             cells.append(_pm(100 * r["best_top1"], 100 * r["best_top1_std"], ".2f", "%"))
         rows.append(cells)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,19 +84,15 @@ def find_run_dirs(root: Path, exclude: Path | None = None) -> list[Path]:
     """
     root = Path(root)
     exclude_resolved = Path(exclude).resolve() if exclude is not None else None
-    found: set[Path] = set()
-    for name in ("meta.json", "metrics.csv", "summary.json"):
-        for f in root.rglob(name):
-            if not f.is_file():
-                continue
-            d = f.parent
-            if exclude_resolved is not None:
-                try:
-                    d.resolve().relative_to(exclude_resolved)
-                    continue
-                except ValueError:
-                    pass
-            found.add(d)
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        d = Path(dirpath)
+        if exclude_resolved is not None and d.resolve() == exclude_resolved:
+            dirnames[:] = []
+            continue
+        dirnames.sort()
+        if any(name in filenames for name in ("meta.json", "metrics.csv", "summary.json")):
+            found.append(d)
     return sorted(found)
 
 
@@ -181,7 +178,7 @@ def load_run(path: Path) -> Run:
 
     metrics = read_metrics(path / "metrics.csv")
     if "eval_loss" not in metrics.columns:
-        raise SkipRun("metrics.csv has no eval_loss column")
+        raise SkipRun("no eval points in metrics.csv (no eval_loss column)")
     evals = metrics[metrics["eval_loss"].notna()]
     if evals.empty:
         raise SkipRun("no eval points in metrics.csv")

@@ -11,7 +11,7 @@ Task modules are imported lazily so that `noble --help` and the tests of one tas
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass
 
 from noble_cli.errors import NobleError
 
@@ -32,19 +32,18 @@ class TaskSpec:
         return _typed(self.load().DataConfig, cfg.data, "data")
 
     def check(self, cfg) -> None:
-        self.model_config(cfg)
-        self.data_config(cfg)
+        """Validate `model:` and `data:` and write them back complete and typed (the resolved config)."""
+        cfg.model = asdict(self.model_config(cfg))
+        cfg.data = asdict(self.data_config(cfg))
         check = getattr(self.load(), "check", None)
         if check:
             check(cfg)
 
 
 def _typed(cls, values: dict, section: str):
-    names = {f.name for f in fields(cls)}
-    unknown = set(values) - names
-    if unknown:
-        raise NobleError(f"unknown key {section}.{sorted(unknown)[0]}; valid: {', '.join(sorted(names))}")
-    return cls(**values)
+    from noble_cli.config import build_typed
+
+    return build_typed(cls, values, section)
 
 
 TASKS: dict[str, TaskSpec] = {}

@@ -62,9 +62,10 @@ def build_datamodule(cfg: RunConfig):
     from noble_cli.data.lm_datamodule import LMDataModule
 
     d = DataConfig(**cfg.data)
+    t = cfg.trainer
     return LMDataModule(
-        dataset=d.dataset, seq_len=d.seq_len, batch_size=cfg.trainer.batch_size, seed=cfg.seed,
-        eval_batches=cfg.trainer.eval_batches, num_workers=cfg.trainer.num_workers, cache_dir=d.cache_dir,
+        data=d.dataset, seq_len=d.seq_len, batch_size=t.batch_size, seed=cfg.seed, eval_batches=t.eval_batches,
+        num_workers=t.num_workers, cache_dir=d.cache_dir, max_steps=t.max_steps * t.accumulate,
     )
 
 

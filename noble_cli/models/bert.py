@@ -1,0 +1,188 @@
+"""A BERT encoder with its masked-LM head, small enough to read in one sitting.
+
+Plain nn.Linear everywhere: NOBLE branches are added afterwards by `noble_cli.layers.apply_noble`, which finds the
+attention projections (`layers.N.attn.{q,k,v,o}`) and the feed-forward layers (`layers.N.mlp.{fc,fc2}`) by name.
+The embeddings (`embed.*`) and the MLM head (`head.transform`, `head.decoder`) match neither name and are never
+augmented, as in the paper.
+
+Layer norm placement, `norm: pre | post` (default pre):
+- `post` is the original BERT: x = LN(x + attn(x)); x = LN(x + mlp(x)). Faithful, but the gradients at the lower
+  layers are small at init and post-LN needs a long learning-rate warm-up (BERT: 10k steps) to train stably.
+- `pre` (x = x + attn(LN(x)); x = x + mlp(LN(x)); a final LN before the head) trains stably with a short warm-up and
+  a higher learning rate, which suits short ablations (Xiong et al. 2020, "On Layer Normalization in the Transformer
+  Architecture"). Both keep BERT's LN after the embeddings.
+
+Other choices: BERT's GELU (erf), biases, LN eps 1e-12, N(0, 0.02) init and an MLM head of dense -> GELU -> LN ->
+decoder tied to the token embedding, with its own output bias. No segment (token-type) embeddings: there is no
+next-sentence objective. Attention is F.scaled_dot_product_attention, bidirectional; an optional (B, T) attention
+mask (True = a real token) masks padded keys, though the masked-LM data packs sequences and never pads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from noble_cli.errors import NobleError
+
+NORMS = ("pre", "post")
+
+
+@dataclass
+class BertConfig:
+    vocab_size: int = 30522
+    max_position: int = 512
+    n_layer: int = 12
+    n_head: int = 12
+    d_model: int = 768
+    mlp_ratio: float = 4.0
+    dropout: float = 0.1  # BERT's, on embeddings, attention probabilities and residual branches
+    norm: str = "pre"  # pre | post (see the module docstring)
+    bias: bool = True
+    layer_norm_eps: float = 1e-12
+    pad_vocab_to: int = 64  # round the embedding up to a multiple of this (tensor-core friendly); 1 disables
+
+    def __post_init__(self):
+        if self.norm not in NORMS:
+            raise NobleError(f"model.norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(round(self.mlp_ratio * self.d_model))
+
+    @property
+    def padded_vocab(self) -> int:
+        m = max(1, self.pad_vocab_to)
+        return (self.vocab_size + m - 1) // m * m
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        assert cfg.d_model % cfg.n_head == 0, "d_model must be divisible by n_head"
+        d = cfg.d_model
+        # Separate Q, K and V projections so that each can carry its own branch, as in the paper.
+        self.q = nn.Linear(d, d, bias=cfg.bias)
+        self.k = nn.Linear(d, d, bias=cfg.bias)
+        self.v = nn.Linear(d, d, bias=cfg.bias)
+        self.o = nn.Linear(d, d, bias=cfg.bias)
+        self.n_head, self.dropout = cfg.n_head, cfg.dropout
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = (proj(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for proj in (self.q, self.k, self.v))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.o(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.d_model, cfg.mlp_hidden, bias=cfg.bias)
+        self.fc2 = nn.Linear(cfg.mlp_hidden, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.pre = cfg.norm == "pre"
+        self.ln1 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        self.attn = SelfAttention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.pre:
+            x = x + self.drop(self.attn(self.ln1(x), attn_mask))
+            return x + self.drop(self.mlp(self.ln2(x)))
+        x = self.ln1(x + self.drop(self.attn(x, attn_mask)))
+        return self.ln2(x + self.drop(self.mlp(x)))
+
+
+class Embeddings(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.tok = nn.Embedding(cfg.padded_vocab, cfg.d_model)
+        self.pos = nn.Embedding(cfg.max_position, cfg.d_model)
+        self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        return self.drop(self.norm(self.tok(idx) + self.pos(pos)))
+
+
+class MLMHead(nn.Module):
+    """dense -> GELU -> LN -> decoder (weight tied to the token embedding, own bias)."""
+
+    def __init__(self, cfg: BertConfig, embedding: nn.Embedding):
+        super().__init__()
+        self.transform = nn.Linear(cfg.d_model, cfg.d_model)
+        self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        self.decoder = nn.Linear(cfg.d_model, cfg.padded_vocab, bias=True)
+        self.decoder.weight = embedding.weight  # tied
+        self.vocab_size = cfg.vocab_size
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.norm(F.gelu(self.transform(h))))[..., : self.vocab_size]
+
+
+class BERT(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = Embeddings(cfg)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps) if cfg.norm == "pre" else nn.Identity()
+        self.head = MLMHead(cfg, self.embed.tok)
+        self.activation_checkpointing = False
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    def encode(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids (B, T) -> final hidden states (B, T, d_model). attention_mask: (B, T), True = a real token."""
+        if idx.shape[1] > self.cfg.max_position:
+            raise NobleError(f"sequence of {idx.shape[1]} tokens exceeds model.max_position {self.cfg.max_position}")
+        attn_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+        x = self.embed(idx)
+        for block in self.layers:
+            if self.activation_checkpointing and self.training:
+                x = checkpoint(block, x, attn_mask, use_reentrant=False)
+            else:
+                x = block(x, attn_mask)
+        return self.ln_f(x)
+
+    def forward(self, idx: torch.Tensor, labels: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None):
+        """Without labels: logits (B, T, vocab_size). With labels (B, T; -100 = not predicted): the logits at the
+        labelled positions only, (N, vocab_size), and their targets (N,) — the head then runs on ~15% of the tokens,
+        which at vocab 30,522 saves about a fifth of BERT-base's compute."""
+        h = self.encode(idx, attention_mask)
+        if labels is None:
+            return self.head(h)
+        chosen = labels != -100
+        return self.head(h[chosen]), labels[chosen]
+
+    def flops_per_token(self, seq_len: int, predicted_fraction: float = 0.15) -> float:
+        """Training FLOPs per token (forward + backward = 3x forward): 6 * encoder matmul params + attention scores,
+        plus the head on the predicted fraction of the tokens."""
+        # NobleLinear is an nn.Linear (its main weight) and its branch's down/up/mix are nn.Linear children.
+        encoder = sum(m.weight.numel() for m in self.layers.modules() if isinstance(m, nn.Linear))
+        head = self.head.transform.weight.numel() + self.cfg.vocab_size * self.cfg.d_model
+        attention = 4 * self.cfg.n_layer * seq_len * self.cfg.d_model  # QK^T and AV per token, forward
+        return 6 * encoder + 3 * attention + 6 * predicted_fraction * head

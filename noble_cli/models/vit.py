@@ -1,0 +1,162 @@
+"""A Vision Transformer (ViT / DeiT), and the bidirectional transformer blocks the VQGAN reuses.
+
+Plain nn.Linear everywhere: NOBLE branches are added afterwards by `noble_cli.layers.apply_noble`, which finds the
+attention projections (`blocks.N.attn.{q,k,v,o}`) and the MLP (`blocks.N.mlp.{fc,fc2}`) by name. The patch
+embedding (a strided conv), the class token, the position embedding and the classifier `head` are never augmented.
+Stochastic depth is torchvision's `StochasticDepth` (row mode), its rate rising linearly with depth up to
+`drop_path`, as in DeiT.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from torchvision.ops import StochasticDepth
+
+
+@dataclass
+class ViTConfig:
+    image_size: int = 224
+    patch_size: int = 16
+    in_channels: int = 3
+    num_classes: int = 1000
+    d_model: int = 384
+    n_layer: int = 12
+    n_head: int = 6
+    mlp_ratio: float = 4.0
+    drop_path: float = 0.1  # stochastic depth rate of the last block (linear from 0 at the first)
+    dropout: float = 0.0
+    qkv_bias: bool = True
+    pool: str = "cls"  # cls (class token) | mean (average of the patch tokens)
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(round(self.mlp_ratio * self.d_model))
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid**2
+
+
+class Attention(nn.Module):
+    """Bidirectional multi-head self-attention with separate Q, K, V and output projections (one branch each)."""
+
+    def __init__(self, d_model: int, n_head: int, qkv_bias: bool = True, dropout: float = 0.0):
+        super().__init__()
+        assert d_model % n_head == 0, "d_model must be divisible by n_head"
+        self.q = nn.Linear(d_model, d_model, bias=qkv_bias)
+        self.k = nn.Linear(d_model, d_model, bias=qkv_bias)
+        self.v = nn.Linear(d_model, d_model, bias=qkv_bias)
+        self.o = nn.Linear(d_model, d_model)
+        self.n_head, self.dropout = n_head, dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = (p(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for p in (self.q, self.k, self.v))
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        return self.o(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, d_model: int, hidden: int, dropout: float = 0.0):
+        super().__init__()
+        self.fc = nn.Linear(d_model, hidden)
+        self.fc2 = nn.Linear(hidden, d_model)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(F.gelu(self.fc(x)))))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + DropPath(attn(LN x)), then x + DropPath(mlp(LN x))."""
+
+    def __init__(self, d_model: int, n_head: int, mlp_hidden: int, qkv_bias: bool = True, dropout: float = 0.0,
+                 drop_path: float = 0.0):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d_model, eps=1e-6)
+        self.attn = Attention(d_model, n_head, qkv_bias, dropout)
+        self.ln2 = nn.LayerNorm(d_model, eps=1e-6)
+        self.mlp = MLP(d_model, mlp_hidden, dropout)
+        self.drop_path = StochasticDepth(drop_path, "row")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.ln1(x)))
+        return x + self.drop_path(self.mlp(self.ln2(x)))
+
+
+def init_transformer_weights(m: nn.Module) -> None:
+    """timm's ViT init: truncated normal (std 0.02) linear weights, zero biases, unit LayerNorms."""
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+def transformer_flops_per_item(blocks: nn.Module, tokens: int, d_model: int, n_layer: int) -> float:
+    """Training FLOPs per item (image) of transformer blocks: 6 * linear params * tokens + attention scores.
+
+    NobleLinear is an nn.Linear and its branch's down/up/mix are nn.Linear children, so branches are counted too.
+    """
+    matmul_params = sum(m.weight.numel() for m in blocks.modules() if isinstance(m, nn.Linear))
+    attention = 4 * n_layer * tokens * tokens * d_model  # QK^T and AV, forward
+    return 6.0 * matmul_params * tokens + 3.0 * attention
+
+
+class ViT(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.patch_embed = nn.Conv2d(cfg.in_channels, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        n_tokens = cfg.num_patches + (1 if cfg.pool == "cls" else 0)
+        self.pos_embed = nn.Parameter(torch.zeros(1, n_tokens, d))
+        self.pos_drop = nn.Dropout(cfg.dropout)
+        rates = torch.linspace(0, cfg.drop_path, cfg.n_layer).tolist() if cfg.n_layer > 1 else [cfg.drop_path]
+        self.blocks = nn.ModuleList(
+            Block(d, cfg.n_head, cfg.mlp_hidden, cfg.qkv_bias, cfg.dropout, r) for r in rates
+        )
+        self.norm = nn.LayerNorm(d, eps=1e-6)
+        self.head = nn.Linear(d, cfg.num_classes)
+        self.apply(init_transformer_weights)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.activation_checkpointing = False
+
+    def no_weight_decay(self) -> list[nn.Parameter]:
+        return [self.pos_embed, self.cls_token]
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, d)
+        if self.cfg.pool == "cls":
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = self.pos_drop(x + self.pos_embed)
+        for block in self.blocks:
+            if self.activation_checkpointing and self.training:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        x = self.norm(x)
+        return x[:, 0] if self.cfg.pool == "cls" else x.mean(dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> logits (B, num_classes)."""
+        return self.head(self.features(x))
+
+    def flops_per_image(self) -> float:
+        c = self.cfg
+        tokens = c.num_patches + (1 if c.pool == "cls" else 0)
+        edges = 6.0 * (self.patch_embed.weight.numel() * c.num_patches + self.head.weight.numel())
+        return transformer_flops_per_item(self.blocks, tokens, c.d_model, c.n_layer) + edges

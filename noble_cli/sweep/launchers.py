@@ -1,0 +1,447 @@
+"""Running a sweep's manifest: one entry (`execute_entry`, the unit every launcher uses) and the launchers.
+
+- `local`: one run after another, each in its own subprocess (`python -m noble_cli.sweep run-entry MANIFEST I`).
+  A subprocess per run costs a few seconds of imports, but a crash (segfault, CUDA error, OOM) ends one run, not
+  the sweep; GPU memory, CUDA/NCCL state, torch.compile caches and Lightning's global state start clean for every
+  run; and the code path is the one SLURM array tasks and GPU workers take. A `train_fn` passed in Python runs the
+  entries in this process instead (tests, notebooks).
+- `gpus`: the same subprocesses, one per GPU at a time (CUDA_VISIBLE_DEVICES), output to `<sweep>/logs/`.
+- `slurm`: writes `<sweep>/slurm.sh`, a job array with one task per unfinished entry, and submits it with sbatch.
+
+An entry is done when its run folder's summary.json says completed (or diverged: a result, not retried); a run
+folder that exists unfinished is resumed (train(resume=True)); a failed run is retried. The run lock makes a second
+process (another sweep, another launcher) skip a run being trained, and the local launchers then wait for it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+
+from noble_cli import config as C
+from noble_cli.errors import NobleError
+from noble_cli.sweep.locks import HOST, RunLock, describe_holder, now_iso
+from noble_cli.sweep.manifest import (
+    FINISHED,
+    folder_exists,
+    observe,
+    read_manifest,
+    reconcile,
+    results_root,
+    run_dir_of,
+    summary_status,
+    update_entry,
+)
+from noble_cli.sweep.progress import fmt_duration, overview
+
+TRAIN_ENV = "NOBLE_SWEEP_TRAIN"  # module:function to train with instead of noble_cli.train.run.train
+
+# run-entry exit codes
+EXIT_DONE, EXIT_FAILED, EXIT_BUSY, EXIT_INTERRUPTED = 0, 1, 3, 130
+OUTCOME_CODES = {"done": EXIT_DONE, "skipped": EXIT_DONE, "failed": EXIT_FAILED, "busy": EXIT_BUSY,
+                 "interrupted": EXIT_INTERRUPTED}
+
+TrainFn = Callable[..., object]
+
+
+def default_train() -> TrainFn:
+    spec = os.environ.get(TRAIN_ENV)
+    if spec:
+        module, _, attr = spec.partition(":")
+        try:
+            return getattr(importlib.import_module(module), attr or "train")
+        except (ImportError, AttributeError) as e:
+            raise NobleError(f"{TRAIN_ENV}={spec!r} cannot be imported ({e}); expected module:function") from None
+    from noble_cli.train.run import train
+
+    return train
+
+
+def _one_line(exc: BaseException) -> str:
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return msg if isinstance(exc, NobleError) else f"{type(exc).__name__}: {msg}".rstrip(": ")
+
+
+def _finish(manifest: Path, index: int, t0: float, **fields) -> None:
+    update_entry(manifest, index, finished_at=now_iso(), duration_s=round(time.time() - t0, 3), **fields)
+
+
+def execute_entry(manifest: Path, index: int, train_fn: TrainFn | None = None, progress: bool = True,
+                  console: Console | None = None) -> str:
+    """Train manifest entry `index` unless it is done or locked. Returns done, skipped, busy or failed; raises
+    KeyboardInterrupt when the run was interrupted (its folder is kept; the next call resumes it)."""
+    console = console or Console(stderr=True)
+    manifest = Path(manifest)
+    m = read_manifest(manifest)
+    n = len(m["runs"])
+    if not 0 <= index < n:
+        raise NobleError(f"run index {index} is out of range for sweep {m.get('name')!r}: valid 0..{n - 1}")
+    e = m["runs"][index]
+    out = results_root(manifest)
+    run_dir = run_dir_of(manifest, e)
+
+    def finished() -> bool:
+        s = summary_status(run_dir)
+        if s in FINISHED:
+            if e.get("status") != "done":
+                update_entry(manifest, index, status="done", outcome=s, error=None)
+            return True
+        return False
+
+    if finished():
+        return "skipped"
+    lock = RunLock(run_dir)
+    if not lock.acquire(owner=f"sweep {m.get('name')} #{index}"):
+        holder = lock.read() or {}
+        console.print(f"[yellow]skipped[/] {e['run_id']}: being trained by {describe_holder(holder)}")
+        return "busy"
+    try:
+        if finished():  # finished by another process between the check and the lock
+            return "skipped"
+        cfg = C.from_dict(e["config"])
+        if C.run_id(cfg) != e["run_id"]:
+            update_entry(manifest, index, status="failed",
+                         error="the stored config no longer hashes to its run id (the config schema changed)")
+            raise NobleError(f"manifest entry {index} of {manifest}: its config no longer hashes to run id "
+                             f"{e['run_id']} (the config schema changed); run the ablate command again with --force")
+        resume = folder_exists(run_dir)
+        update_entry(manifest, index, status="running", attempts=int(e.get("attempts") or 0) + 1,
+                     started_at=now_iso(), finished_at=None, host=HOST, pid=os.getpid(), error=None)
+        t0 = time.time()
+        train = train_fn or default_train()
+        try:
+            result = train(cfg, out=out, resume=resume, run_dir=run_dir, progress=progress)
+        except KeyboardInterrupt:
+            _finish(manifest, index, t0, status="pending", error="interrupted; resumes on the next run")
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure of one run is recorded, the sweep goes on
+            s = summary_status(run_dir)
+            if s == "diverged":
+                _finish(manifest, index, t0, status="done", outcome="diverged", error=_one_line(exc))
+                console.print(f"[yellow]diverged[/] {e['run_id']}: {_one_line(exc)}")
+                return "done"
+            if s == "interrupted" or (isinstance(exc, NobleError) and str(exc).startswith("interrupted")):
+                _finish(manifest, index, t0, status="pending", error="interrupted; resumes on the next run")
+                raise KeyboardInterrupt from exc
+            _finish(manifest, index, t0, status="failed", error=_one_line(exc))
+            if not isinstance(exc, NobleError):
+                console.print(traceback.format_exc(), markup=False, highlight=False)
+            console.print(f"[bold red]failed[/] {e['run_id']}: {_one_line(exc)}", highlight=False)
+            return "failed"
+        summary = getattr(result, "summary", None) or {}
+        outcome = summary.get("status") or summary_status(run_dir) or "completed"
+        _finish(manifest, index, t0, status="done", outcome=outcome, error=None)
+        return "done"
+    finally:
+        lock.release()
+
+
+# --- subprocess per run ----------------------------------------------------------------------------------------------
+def entry_argv(manifest: Path, index: int | str, progress: bool, python: str = sys.executable) -> list[str]:
+    return [python, "-m", "noble_cli.sweep", "run-entry", str(Path(manifest).resolve()), str(index),
+            "--progress" if progress else "--no-progress"]
+
+
+def _after_child(manifest: Path, index: int, rc: int | None, pid: int) -> str:
+    """The outcome of a child from its exit code; a child that died without recording it gets recorded here."""
+    e = read_manifest(manifest)["runs"][index]
+    if e.get("status") == "running" and e.get("pid") == pid:
+        if rc in (EXIT_INTERRUPTED, -2, None):
+            update_entry(manifest, index, status="pending", error="interrupted; resumes on the next run")
+        else:
+            update_entry(manifest, index, status="failed", finished_at=now_iso(),
+                         error=f"the run's process exited with code {rc} without recording a result")
+        return "interrupted" if rc in (EXIT_INTERRUPTED, -2, None) else "failed"
+    if rc == EXIT_DONE:
+        return "done"
+    if rc == EXIT_BUSY:
+        return "busy"
+    if rc in (EXIT_INTERRUPTED, -2):
+        return "interrupted"
+    return "failed"
+
+
+def _stop(proc: subprocess.Popen, grace_s: float) -> int | None:
+    """Wait for a child that got the same Ctrl-C to save and exit; terminate it after `grace_s`."""
+    try:
+        return proc.wait(timeout=grace_s)
+    except (KeyboardInterrupt, subprocess.TimeoutExpired):
+        proc.terminate()
+        try:
+            return proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
+
+
+def run_subprocess(manifest: Path, index: int, progress: bool, env: dict | None = None, stdout=None) -> str:
+    proc = subprocess.Popen(entry_argv(manifest, index, progress), env={**os.environ, **(env or {})},
+                            stdout=stdout, stderr=subprocess.STDOUT if stdout is not None else None)
+    try:
+        rc = proc.wait()
+    except KeyboardInterrupt:
+        rc = _stop(proc, grace_s=120)
+        _after_child(manifest, index, rc, proc.pid)
+        raise
+    outcome = _after_child(manifest, index, rc, proc.pid)
+    if outcome == "interrupted":
+        raise KeyboardInterrupt
+    return outcome
+
+
+# --- local: one after another ----------------------------------------------------------------------------------------
+def _pending(manifest: Path) -> tuple[list[int], list[int]]:
+    """(to run, locked by another process) entry indices, in manifest order."""
+    m = read_manifest(manifest)
+    todo, busy = [], []
+    for i, e in enumerate(m["runs"]):
+        state, _ = observe(manifest, e)
+        if state == "running":
+            busy.append(i)
+        elif state != "done":
+            todo.append(i)
+    return todo, busy
+
+
+def run_local(manifest: Path, train_fn: TrainFn | None = None, console: Console | None = None,
+              progress: bool = True, wait: bool = True, poll_s: float = 10.0, in_process: bool | None = None) -> dict:
+    """Train every unfinished entry, one at a time. In-process when `train_fn` is given, else a subprocess each.
+
+    Returns {outcome: [indices]} (done, skipped, failed, busy)."""
+    console = console or Console()
+    in_process = train_fn is not None if in_process is None else in_process
+    reconcile(manifest)
+    todo, busy = _pending(manifest)
+    outcomes: dict[str, list[int]] = {"done": [], "skipped": [], "failed": [], "busy": []}
+    waited_note = ""
+    while True:
+        for i in todo:
+            m = read_manifest(manifest)
+            state, _ = observe(manifest, m["runs"][i])
+            if state == "done":
+                outcomes["skipped"].append(i)
+                continue
+            if state == "running":
+                busy.append(i)
+                continue
+            console.print(overview(manifest, m, current=i, note=waited_note))
+            if in_process:
+                outcome = execute_entry(manifest, i, train_fn, progress, console)
+            else:
+                outcome = run_subprocess(manifest, i, progress)
+            if outcome == "busy":
+                busy.append(i)
+            else:
+                outcomes[outcome].append(i)
+        if not busy:
+            break
+        if not wait:
+            outcomes["busy"] = busy
+            break
+        m = read_manifest(manifest)
+        holders = [describe_holder(RunLock(run_dir_of(manifest, m["runs"][i])).read() or {}) for i in busy]
+        console.print(f"[yellow]waiting[/] for {len(busy)} run(s) being trained by other processes "
+                      f"({holders[0]}{', ...' if len(holders) > 1 else ''}); Ctrl-C to stop waiting")
+        while all(RunLock(run_dir_of(manifest, m["runs"][i])).holder() is not None for i in busy):
+            time.sleep(poll_s)
+        todo = [i for i in busy if RunLock(run_dir_of(manifest, m["runs"][i])).holder() is None]
+        busy = [i for i in busy if i not in todo]
+        waited_note = "picked up after another process released it"
+    return outcomes
+
+
+# --- gpus: one subprocess per GPU --------------------------------------------------------------------------------------
+def parse_gpus(text: str | None) -> list[str]:
+    if text:
+        gpus = [g.strip() for g in text.split(",") if g.strip()]
+        if not gpus or not all(g.isdigit() or g.startswith(("GPU-", "MIG-")) for g in gpus):
+            raise NobleError(f"malformed --gpus {text!r}; expected comma-separated GPU indices, e.g. 0,1,2,3")
+        return list(dict.fromkeys(gpus))
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible:
+        return [g.strip() for g in visible.split(",") if g.strip()]
+    try:
+        import torch
+
+        n = torch.cuda.device_count()
+    except Exception:  # noqa: BLE001
+        n = 0
+    if n == 0:
+        raise NobleError("--launcher gpus found no GPU; pass --gpus 0,1,... or use --launcher local")
+    return [str(i) for i in range(n)]
+
+
+def run_gpus(manifest: Path, gpus: list[str], console: Console | None = None, wait: bool = True,
+             poll_s: float = 1.0) -> dict:
+    """Each GPU trains one run at a time (CUDA_VISIBLE_DEVICES=<gpu>), logs in `<sweep>/logs/<i>-<run id>.log`."""
+    console = console or Console()
+    reconcile(manifest)
+    manifest = Path(manifest)
+    logs = manifest.parent / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    queue, busy = _pending(manifest)
+    outcomes: dict[str, list[int]] = {"done": [], "skipped": [], "failed": [], "busy": []}
+    active: dict[str, tuple[int, subprocess.Popen, object, float, Path]] = {}
+
+    def view():
+        m = read_manifest(manifest)
+        table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
+        for col in ("gpu", "#", "variant", "seed", "elapsed", "log"):
+            table.add_column(col)
+        for gpu, (i, _, _, t0, log) in active.items():
+            e = m["runs"][i]
+            table.add_row(gpu, str(i), e["variant"], str(e["seed"]), fmt_duration(time.time() - t0), str(log))
+        note = f"waiting for {len(busy)} run(s) locked by other processes" if busy and not queue else ""
+        return Group(overview(manifest, m, parallel=len(gpus), note=note), table)
+
+    def reap(gpu: str) -> None:
+        i, proc, fh, _, _ = active.pop(gpu)
+        fh.close()
+        outcome = _after_child(manifest, i, proc.returncode, proc.pid)
+        if outcome == "busy":
+            busy.append(i)
+        elif outcome in outcomes:
+            outcomes[outcome].append(i)
+        else:
+            outcomes["failed"].append(i)
+
+    try:
+        with Live(view(), console=console, refresh_per_second=2, transient=False) as live:
+            while queue or active or (busy and wait):
+                for gpu in gpus:
+                    if gpu in active or not queue:
+                        continue
+                    i = queue.pop(0)
+                    m = read_manifest(manifest)
+                    state, _ = observe(manifest, m["runs"][i])
+                    if state == "done":
+                        outcomes["skipped"].append(i)
+                        continue
+                    if state == "running":
+                        busy.append(i)
+                        continue
+                    log = logs / f"{i:04d}-{m['runs'][i]['run_id']}.log"
+                    fh = open(log, "a")
+                    proc = subprocess.Popen(entry_argv(manifest, i, progress=False),
+                                            env={**os.environ, "CUDA_VISIBLE_DEVICES": gpu},
+                                            stdout=fh, stderr=subprocess.STDOUT)
+                    active[gpu] = (i, proc, fh, time.time(), log)
+                for gpu in list(active):
+                    if active[gpu][1].poll() is not None:
+                        reap(gpu)
+                if busy and wait and not queue:
+                    m = read_manifest(manifest)
+                    freed = [i for i in busy if RunLock(run_dir_of(manifest, m["runs"][i])).holder() is None]
+                    queue.extend(freed)
+                    busy[:] = [i for i in busy if i not in freed]
+                if not wait and not queue and not active:
+                    break
+                live.update(view())
+                time.sleep(poll_s)
+            live.update(view())
+    except KeyboardInterrupt:
+        for gpu, (i, proc, fh, _, _) in list(active.items()):
+            proc.returncode = _stop(proc, grace_s=120)
+            fh.close()
+            _after_child(manifest, i, proc.returncode, proc.pid)
+        raise
+    outcomes["busy"] = busy
+    return outcomes
+
+
+# --- slurm: a job array -------------------------------------------------------------------------------------------------
+def compress_indices(indices: list[int]) -> str:
+    """[0,1,2,5,7,8] -> '0-2,5,7-8'."""
+    parts, start, prev = [], None, None
+    for i in sorted(set(indices)):
+        if start is None:
+            start = prev = i
+        elif i == prev + 1:
+            prev = i
+        else:
+            parts.append(f"{start}-{prev}" if prev != start else f"{start}")
+            start = prev = i
+    if start is not None:
+        parts.append(f"{start}-{prev}" if prev != start else f"{start}")
+    return ",".join(parts)
+
+
+def _slurm_line(opt: str) -> tuple[str, str]:
+    """'partition=gpu' / '--partition=gpu' / '-p gpu' -> ('partition' or '-p', '#SBATCH ...')."""
+    opt = opt.strip()
+    if opt.startswith("#SBATCH"):
+        opt = opt[len("#SBATCH"):].strip()
+    if not opt:
+        raise NobleError("empty --slurm-opt; expected e.g. --slurm-opt partition=gpu --slurm-opt time=04:00:00")
+    if not opt.startswith("-"):
+        opt = f"--{opt}"
+    key = opt.lstrip("-").split("=", 1)[0].split()[0]
+    if key == "array":
+        raise NobleError("--slurm-opt array=... is not allowed: the job array comes from the sweep manifest")
+    return key, f"#SBATCH {opt}"
+
+
+def write_slurm_script(manifest: Path, slurm_opts: list[str] | None = None, python: str = sys.executable,
+                       workdir: Path | None = None) -> tuple[Path, str | None]:
+    """Write `<sweep>/slurm.sh` for the unfinished entries; returns (path, array spec or None when all are done)."""
+    manifest = Path(manifest).resolve()
+    m = read_manifest(manifest)
+    todo = [i for i, e in enumerate(m["runs"]) if observe(manifest, e)[0] != "done"]
+    user = [_slurm_line(o) for o in slurm_opts or []]
+    user_keys = {k for k, _ in user}
+    logs = manifest.parent / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    lines = [
+        "#!/bin/bash",
+        f"# NOBLE sweep {m['name']}: {m['ablation']} on {m['recipe']}, {len(m['runs'])} runs "
+        f"({len(todo)} unfinished when written, {now_iso()}).",
+        f"# Each array task trains manifest entry $SLURM_ARRAY_TASK_ID of {manifest};",
+        "# finished runs are skipped, interrupted ones resume from their last checkpoint. Regenerate with the same",
+        "# `noble ablate ... --launcher slurm` command.",
+    ]
+    if "job-name" not in user_keys and "J" not in user_keys:
+        lines.append(f"#SBATCH --job-name=noble-{m['name']}")
+    lines.append(f"#SBATCH --array={compress_indices(todo) if todo else '0'}")
+    if "output" not in user_keys and "o" not in user_keys:
+        lines.append(f"#SBATCH --output={logs}/%A_%a.out")
+    lines += [line for _, line in user]
+    lines += [
+        "",
+        "set -euo pipefail",
+        f"cd {shlex.quote(str(workdir or Path.cwd()))}",
+        f"exec {shlex.quote(python)} -m noble_cli.sweep run-entry {shlex.quote(str(manifest))} "
+        '"${SLURM_ARRAY_TASK_ID}" --no-progress',
+        "",
+    ]
+    path = manifest.parent / "slurm.sh"
+    tmp = path.with_name(".slurm.sh.tmp")
+    tmp.write_text("\n".join(lines))
+    tmp.chmod(0o755)
+    os.replace(tmp, path)
+    return path, (compress_indices(todo) if todo else None)
+
+
+def submit_slurm(script: Path, console: Console) -> bool:
+    """sbatch the script when sbatch exists; otherwise say how. True when submitted."""
+    sbatch = shutil.which("sbatch")
+    if sbatch is None:
+        console.print(f"sbatch is not on PATH; submit on the cluster with:\n  sbatch {shlex.quote(str(script))}")
+        return False
+    r = subprocess.run([sbatch, str(script)], capture_output=True, text=True)
+    if r.returncode != 0:
+        first = (r.stderr or r.stdout).strip().splitlines()
+        raise NobleError(f"sbatch {script} failed: {first[0] if first else f'exit code {r.returncode}'}")
+    console.print(r.stdout.strip() or f"submitted {script}")
+    return True

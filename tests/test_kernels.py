@@ -1,0 +1,258 @@
+"""Correctness of the fused NOBLE CosNet kernels (noble_kernels.cosnet_linear) against a float64 reference.
+
+Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set below before any kernel is
+decorated: Triton reads the variable when `@triton.jit` runs, which noble_kernels defers to the first launch), so
+shapes are tiny but deliberately not multiples of the block sizes (16 under the interpreter), and every output a
+kernel writes starts as NaN (`poisoned()`), so an element a kernel forgets to write fails the test.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _import_noble_kernels():
+    """`noble_kernels` as installed (`pip install -e .` maps kernels/ to it), else straight from kernels/."""
+    try:
+        import noble_kernels
+    except ImportError:
+        spec = importlib.util.spec_from_file_location(
+            "noble_kernels", ROOT / "kernels" / "__init__.py", submodule_search_locations=[str(ROOT / "kernels")])
+        noble_kernels = importlib.util.module_from_spec(spec)
+        sys.modules["noble_kernels"] = noble_kernels
+        spec.loader.exec_module(noble_kernels)
+    return noble_kernels
+
+
+nk = _import_noble_kernels()
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(not nk.available(DEVICE), reason=f"fused kernels cannot run on {DEVICE} here")
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+PARAMS = ("weight", "bias", "down_weight", "down_bias", "freq1", "phase1", "mix_weight", "mix_bias", "freq2",
+          "phase2", "up_weight")
+
+
+def reference(x, weight, bias, down_weight, down_bias, freq1, phase1, mix_weight, mix_bias, freq2, phase2, up_weight):
+    """The layer, from the plain math (called with float64 tensors)."""
+    h = x @ down_weight.T + (0 if down_bias is None else down_bias)
+    c1 = torch.cos(freq1 * h + phase1)
+    z = c1 @ mix_weight.T + (0 if mix_bias is None else mix_bias)
+    c = torch.cos(freq2 * z + phase2)
+    return x @ weight.T + (0 if bias is None else bias) + c @ up_weight.T
+
+
+def make_inputs(lead, k, n, r, *, bias=True, seed=0, device=DEVICE):
+    """Fresh random inputs, scaled so that every term of the output and every gradient is O(1)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(device)
+
+    p = {
+        "weight": rnd(n, k, scale=k ** -0.5), "bias": rnd(n, scale=0.5) if bias else None,
+        "down_weight": rnd(r, k, scale=k ** -0.5), "down_bias": rnd(r, scale=0.5),
+        "freq1": (torch.rand(r, generator=gen, dtype=torch.float64) + 0.5).to(device), "phase1": rnd(r),
+        "mix_weight": rnd(r, r, scale=r ** -0.5), "mix_bias": rnd(r, scale=0.5),
+        "freq2": (torch.rand(r, generator=gen, dtype=torch.float64) + 0.5).to(device), "phase2": rnd(r),
+        "up_weight": rnd(n, r, scale=r ** -0.5),
+    }
+    return rnd(*lead, k), p, rnd(*lead, n)
+
+
+def run_case(x64, p64, g64, *, dtype, autocast=False, gemm=None):
+    """Kernel output and gradients (inputs cast to `dtype`, or fp32 under autocast) vs the float64 reference
+    evaluated on the very values the kernel saw. Returns {name: (got, want)}."""
+    in_dtype = torch.float32 if autocast else dtype
+    x = x64.to(in_dtype).requires_grad_(True)
+    p = {k: None if v is None else v.to(in_dtype).requires_grad_(True) for k, v in p64.items()}
+    with nk.poisoned(), torch.autocast(x.device.type, dtype=dtype, enabled=autocast):
+        y = nk.cosnet_linear(x, *(p[k] for k in PARAMS), gemm=gemm)
+    assert y.shape == g64.shape
+    assert y.dtype == (dtype if autocast else in_dtype)
+    g = g64.to(y.dtype)
+    with nk.poisoned():
+        y.backward(g)
+
+    xr = x.detach().double().requires_grad_(True)
+    pr = {k: None if v is None else v.detach().double().requires_grad_(True) for k, v in p.items()}
+    yr = reference(xr, *(pr[k] for k in PARAMS))
+    yr.backward(g.double())
+    out = {"y": (y, yr), "x": (x.grad, xr.grad)}
+    for k in PARAMS:
+        if p[k] is None:
+            continue
+        assert p[k].grad is not None, f"no gradient for {k}"
+        assert p[k].grad.dtype == p[k].dtype, f"{k}: gradient dtype {p[k].grad.dtype} != {p[k].dtype}"
+        out[k] = (p[k].grad, pr[k].grad)
+    return out
+
+
+def check(results, rtol):
+    """Max error of each tensor relative to that tensor's largest reference value (robust for O(1) data)."""
+    bad = []
+    for name, (got, want) in results.items():
+        got = got.detach().double().cpu()
+        want = want.detach().cpu()
+        assert torch.isfinite(got).all(), f"{name}: non-finite values (an element was never written?)"
+        err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
+        if err > rtol:
+            bad.append(f"{name}: rel err {err:.2e} > {rtol:.0e}")
+    assert not bad, "; ".join(bad)
+
+
+# Shapes: tokens x in -> out at rank r; none a multiple of 16, tails in every dimension, out < in and out > in,
+# r below and above one padded rank block, extra leading dimensions.
+SHAPES = [((37,), 48, 40, 5), ((3, 7), 40, 72, 17)]
+
+
+@pytest.mark.parametrize("lead,k,n,r", SHAPES)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_fp32_matches_float64_reference(lead, k, n, r, bias):
+    x, p, g = make_inputs(lead, k, n, r, bias=bias)
+    check(run_case(x, p, g, dtype=torch.float32), rtol=2e-5)
+
+
+def test_bf16_matches_float64_reference():
+    x, p, g = make_inputs((37,), 48, 40, 5, seed=1)
+    check(run_case(x, p, g, dtype=torch.bfloat16), rtol=3e-2)
+
+
+def test_autocast_bf16_fp32_params():
+    """Under autocast the inputs are fp32 master weights: output in bf16, every gradient back in fp32."""
+    x, p, g = make_inputs((37,), 48, 40, 5, seed=2)
+    check(run_case(x, p, g, dtype=torch.bfloat16, autocast=True), rtol=3e-2)
+
+
+def test_cublas_gemm_backend_matches():
+    """gemm="torch": the fused r-wide kernels with library GEMMs for the full-width products."""
+    x, p, g = make_inputs((37,), 48, 40, 5, seed=3, bias=False)
+    check(run_case(x, p, g, dtype=torch.float32, gemm="torch"), rtol=2e-5)
+
+
+def test_optional_branch_biases():
+    """down_bias / mix_bias may be None too (their gradients are then None)."""
+    x, p, g = make_inputs((19,), 24, 20, 3, seed=4)
+    p["down_bias"] = None
+    p["mix_bias"] = None
+    check(run_case(x, p, g, dtype=torch.float32), rtol=2e-5)
+
+
+def test_no_tokens():
+    x, p, _ = make_inputs((0,), 24, 20, 3)
+    p = {k: None if v is None else v.float().requires_grad_(True) for k, v in p.items()}
+    x = x.float().requires_grad_(True)
+    y = nk.cosnet_linear(x, *(p[k] for k in PARAMS))
+    assert y.shape == (0, 20)
+    y.sum().backward()
+    assert x.grad.shape == (0, 24) and float(p["weight"].grad.abs().sum()) == 0.0
+
+
+def _noble_linear(kernel, in_f=48, out_f=40, rank=5, device=DEVICE):
+    from noble_cli.layers.linear import NobleLinear
+
+    torch.manual_seed(0)
+    layer = NobleLinear(in_f, out_f, rank=rank, activation="cosnet", kernel=kernel, device=device)
+    with torch.no_grad():  # the init makes the branch nearly zero; make it matter for the comparison
+        layer.up.weight.normal_(0.0, rank ** -0.5)
+    return layer
+
+
+def _layer_args(layer):
+    a = layer.act
+    return (layer.weight, layer.bias, layer.down.weight, layer.down.bias, a.freq1, a.phase1, a.mix.weight,
+            a.mix.bias, a.freq2, a.phase2, layer.up.weight)
+
+
+def test_matches_noble_linear_torch_path():
+    """cosnet_linear with a NobleLinear's parameters == that layer's torch forward, outputs and gradients."""
+    layer = _noble_linear("torch")
+    x = torch.randn(37, 48, device=DEVICE)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ya = layer(xa)
+    ya.square().sum().backward()
+    want = [xa.grad] + [t.grad.clone() for t in _layer_args(layer)]
+    layer.zero_grad()
+    with nk.poisoned():
+        yb = nk.cosnet_linear(xb, *_layer_args(layer))
+        yb.square().sum().backward()
+    got = [xb.grad] + [t.grad for t in _layer_args(layer)]
+    torch.testing.assert_close(yb, ya, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_import_without_triton():
+    """`import noble_kernels` must work where triton is missing; available() then says False."""
+    code = (
+        "import sys, importlib.util\n"
+        "sys.modules['triton'] = None  # makes `import triton` raise ImportError\n"
+        f"root = {str(ROOT / 'kernels')!r}\n"
+        "spec = importlib.util.spec_from_file_location('noble_kernels', root + '/__init__.py',"
+        " submodule_search_locations=[root])\n"
+        "nk = importlib.util.module_from_spec(spec); sys.modules['noble_kernels'] = nk; spec.loader.exec_module(nk)\n"
+        "print(nk.available('cpu'), nk.available('cuda'))\n"
+    )
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["False", "False"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU only: compiled kernels at realistic widths, the module dispatch, torch.compile.
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_realistic_shapes(dtype):
+    for lead, k, n, r in [((4, 250), 256, 768, 64), ((1000,), 1024, 1024, 32), ((333,), 512, 200, 24)]:
+        x, p, g = make_inputs(lead, k, n, r, seed=5, device="cuda")
+        check(run_case(x, p, g, dtype=dtype), rtol=2e-3 if dtype == torch.float32 else 3e-2)
+    x, p, g = make_inputs((2, 300), 256, 512, 64, seed=6, device="cuda")
+    check(run_case(x, p, g, dtype=torch.bfloat16, autocast=True), rtol=3e-2)
+
+
+@gpu
+@needs_cuda
+def test_gpu_noble_linear_dispatch_matches_torch():
+    """NobleLinear(kernel="triton") dispatches to the fused path on CUDA and matches kernel="torch"."""
+    ref, fused = _noble_linear("torch", 256, 512, 32, "cuda"), _noble_linear("triton", 256, 512, 32, "cuda")
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(4, 100, 256, device="cuda")
+    outs = []
+    for layer in (ref, fused):
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = layer(xi)
+        y.float().square().mean().backward()
+        outs.append([y.float(), xi.grad] + [t.grad for t in _layer_args(layer)])
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a.float(), b.float(), rtol=5e-2, atol=5e-2 * float(b.abs().max()))
+
+
+@gpu
+@needs_cuda
+def test_gpu_torch_compile():
+    layer = _noble_linear("triton", 256, 512, 32, "cuda")
+    x = torch.randn(2, 64, 256, device="cuda", requires_grad=True)
+    eager = layer(x)
+    compiled = torch.compile(layer, fullgraph=True)(x)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    compiled.sum().backward()
+    assert all(t.grad is not None and math.isfinite(float(t.grad.abs().sum())) for t in _layer_args(layer))

