@@ -127,7 +127,9 @@ _register_subcommands()
 def main() -> None:
     """Entry point: user errors become one line on stderr and a non-zero exit, never a traceback."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # returns typer.Exit's code (Ctrl-C becomes 130) instead of raising it
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except NobleError as e:
         err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)

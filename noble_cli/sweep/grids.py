@@ -268,8 +268,8 @@ def expand(ablation: str, recipe: str, variants: list[Variant], seeds: list[int]
                 run.params_total, run.params_branch = params[key]
             runs.append(run)
 
-    sweep_name = check_sweep_name(name) if name else \
-        f"{ablation}-{label}-{C.digest({'ablation': ablation, 'recipe': recipe, 'sets': sets, 'max_steps': max_steps, **name_params}, 6)}"
+    shared = {"ablation": ablation, "recipe": recipe, "sets": sets, "max_steps": max_steps, **name_params}
+    sweep_name = check_sweep_name(name) if name else f"{ablation}-{label}-{C.digest(shared, 6)}"
     definition = {"ablation": ablation, "recipe": recipe, "seeds": seeds, "max_steps": max_steps, "sets": sets,
                   **name_params, **axes}
     return SweepPlan(ablation, label, sweep_name, list(seeds), runs, definition)
@@ -402,7 +402,8 @@ def augment_sweep(recipe: str, augments: list[str], seeds: list[int], branch: st
         "none": {}, "mixup": {"data.mixup": True}, "cutmix": {"data.cutmix": True},
         "both": {"data.mixup": True, "data.cutmix": True}, "randaugment": {"data.randaugment": True},
         "random_erasing": {"data.random_erasing": random_erasing},
-        "label_smoothing": {"data.label_smoothing": label_smoothing}, "stochastic_depth": {"model.drop_path": drop_path},
+        "label_smoothing": {"data.label_smoothing": label_smoothing},
+        "stochastic_depth": {"model.drop_path": drop_path},
     }
     variants = []
     for aug in augments:

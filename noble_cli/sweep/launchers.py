@@ -148,7 +148,7 @@ def execute_entry(manifest: Path, index: int, train_fn: TrainFn | None = None, p
         lock.release()
 
 
-# --- subprocess per run ----------------------------------------------------------------------------------------------
+# --- subprocess per run ---------------------------------------------------------------------------------------------
 def entry_argv(manifest: Path, index: int | str, progress: bool, python: str = sys.executable) -> list[str]:
     return [python, "-m", "noble_cli.sweep", "run-entry", str(Path(manifest).resolve()), str(index),
             "--progress" if progress else "--no-progress"]
@@ -201,7 +201,7 @@ def run_subprocess(manifest: Path, index: int, progress: bool, env: dict | None 
     return outcome
 
 
-# --- local: one after another ----------------------------------------------------------------------------------------
+# --- local: one after another ---------------------------------------------------------------------------------------
 def _pending(manifest: Path) -> tuple[list[int], list[int]]:
     """(to run, locked by another process) entry indices, in manifest order."""
     m = read_manifest(manifest)
@@ -262,7 +262,7 @@ def run_local(manifest: Path, train_fn: TrainFn | None = None, console: Console 
     return outcomes
 
 
-# --- gpus: one subprocess per GPU --------------------------------------------------------------------------------------
+# --- gpus: one subprocess per GPU -----------------------------------------------------------------------------------
 def parse_gpus(text: str | None) -> list[str]:
     if text:
         gpus = [g.strip() for g in text.split(",") if g.strip()]
@@ -361,7 +361,7 @@ def run_gpus(manifest: Path, gpus: list[str], console: Console | None = None, wa
     return outcomes
 
 
-# --- slurm: a job array -------------------------------------------------------------------------------------------------
+# --- slurm: a job array ---------------------------------------------------------------------------------------------
 def compress_indices(indices: list[int]) -> str:
     """[0,1,2,5,7,8] -> '0-2,5,7-8'."""
     parts, start, prev = [], None, None
