@@ -105,7 +105,8 @@ def _csv(value: str, what: str, valid: tuple[str, ...] | None = None) -> list[st
     if valid:
         for v in items:
             if v not in valid:
-                raise NobleError(f"unknown {what[:-1] if what.endswith('s') else what} {v!r}; valid: {', '.join(valid)}")
+                noun = what[:-1] if what.endswith("s") else what
+                raise NobleError(f"unknown {noun} {v!r}; valid: {', '.join(valid)}")
     return items
 
 
@@ -410,7 +411,8 @@ def step(
     iters: int = typer.Option(20, min=1, help="Timed steps (the median is reported)."),
     device: str = typer.Option("auto", help="auto | cuda | cpu."),
     set_: list[str] = typer.Option([], "--set", help="Any config field: --set section.key=value (repeatable)."),
-    out: Optional[Path] = typer.Option(None, help="JSON output (default results/bench/step-<recipe>-<device>-<date>.json)."),
+    out: Optional[Path] = typer.Option(None, help="JSON output (default: results/bench/step-<recipe>-<device>-<date>"
+                                                  ".json)."),
 ):
     """A whole training step (forward, backward, grad clip, AdamW) of RECIPE's model: baseline vs NOBLE."""
     from noble_cli import config as C

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 from typing import Optional
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -124,6 +124,17 @@ def _register_subcommands() -> None:
 _register_subcommands()
 
 
+def _click_exceptions(name: str) -> tuple[type, ...]:
+    """The click exception class `name` from typer's vendored click (typer >= 0.29) and from click itself."""
+    found = []
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(found)
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and a non-zero exit, never a traceback."""
     try:
@@ -133,15 +144,15 @@ def main() -> None:
     except NobleError as e:
         err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except click.exceptions.NoArgsIsHelpError as e:
+    except _click_exceptions("NoArgsIsHelpError") as e:
         e.show()
         sys.exit(0)
-    except click.UsageError as e:
+    except _click_exceptions("UsageError") as e:
         hint = f" (see '{e.ctx.command_path} --help')" if e.ctx else ""
         err_console.print(f"[bold red]error:[/] {e.format_message()}{hint}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except click.exceptions.Abort:
+    except _click_exceptions("Abort"):
         err_console.print("[bold red]aborted[/]")
         sys.exit(130)
-    except click.exceptions.Exit as e:
+    except _click_exceptions("Exit") as e:
         sys.exit(e.exit_code)

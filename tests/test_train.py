@@ -127,11 +127,12 @@ class PoisonAt(L.Callback):
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_what_was_done(tmp_path):
     cfg = tiny_cfg(**{"trainer.max_steps": 20, "trainer.eval_every": 5})
-    with pytest.raises(NobleError, match="loss became nan at step 7"):
+    # poisoned before the 8th optimizer step: steps are numbered 1, 2, ... as in metrics.csv
+    with pytest.raises(NobleError, match="loss became nan at step 8"):
         train(cfg, out=tmp_path, progress=False, callbacks=[PoisonAt(7)])
     run = tmp_path / "runs" / C.run_id(cfg)
     assert json.loads((run / "summary.json").read_text())["status"] == "diverged"
-    assert pd.read_csv(run / "metrics.csv")["step"].max() == 7 - 0  # steps 1..7 were logged before the bad one
+    assert pd.read_csv(run / "metrics.csv")["step"].max() == 7  # the good steps stay
     import torch
 
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)

@@ -94,8 +94,9 @@ def resolve_image_dataset(dataset: str, root: str | os.PathLike | None = None) -
 
 
 def _data_root() -> Path:
-    env = os.environ.get("NOBLE_DATA_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "noble" / "data"
+    from noble_cli.data.shards import data_root  # $NOBLE_DATA_DIR or ~/.cache/noble/data, as for text
+
+    return data_root()
 
 
 # ---------------------------------------------------------------------------------------------------------------

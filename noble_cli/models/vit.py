@@ -124,7 +124,7 @@ class ViT(nn.Module):
         n_tokens = cfg.num_patches + (1 if cfg.pool == "cls" else 0)
         self.pos_embed = nn.Parameter(torch.zeros(1, n_tokens, d))
         self.pos_drop = nn.Dropout(cfg.dropout)
-        rates = torch.linspace(0, cfg.drop_path, cfg.n_layer).tolist() if cfg.n_layer > 1 else [cfg.drop_path]
+        rates = [cfg.drop_path * i / max(1, cfg.n_layer - 1) for i in range(cfg.n_layer)]  # python: works on meta too
         self.blocks = nn.ModuleList(
             Block(d, cfg.n_head, cfg.mlp_hidden, cfg.qkv_bias, cfg.dropout, r) for r in rates
         )

@@ -49,6 +49,8 @@ class VQGANConfig:
     # losses (the task's; here so that a recipe's `model:` section describes the whole VQGAN)
     recon_loss: str = "l2"  # l2 | l1
     disc_weight: float = 0.1  # adversarial weight for the generator; 0 = no discriminator
+    disc_adaptive: bool = True  # VQGAN's adaptive weight: scale the adversarial gradient at the decoder's last layer
+                                # to disc_weight x the reconstruction gradient there
     disc_start: int = 0  # step at which the discriminator and the adversarial term start
     disc_channels: int = 64
     disc_layers: int = 3  # strided conv layers of the patch discriminator
@@ -248,6 +250,11 @@ class VQGAN(nn.Module):
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Code indices (B, N) -> images (B, C, H, W) in about [-1, 1]."""
         return self.decoder(self.quantizer.lookup(codes.long()))
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """The decoder's output weight, where VQGAN balances the reconstruction and adversarial gradients."""
+        return self.decoder.to_pixels.weight
 
     def flops_per_image(self) -> float:
         c = self.cfg

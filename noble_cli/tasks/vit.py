@@ -157,6 +157,6 @@ def build_datamodule(cfg: RunConfig):
 
 def data_summary(cfg: RunConfig) -> str:
     m, d = ModelConfig(**cfg.model), DataConfig(**cfg.data)
-    aug = [name for name, on in (("mixup", d.mixup), ("cutmix", d.cutmix), ("randaug", d.randaugment),
-                                 (f"erase {d.random_erasing:g}", d.random_erasing > 0)) if on]
-    return f"{d.dataset} ({m.image_size}px/{m.patch_size}, {'+'.join(aug) or 'no aug'}, ls {d.label_smoothing:g})"
+    aug = [name for name, on in (("mixup", d.mixup), ("cutmix", d.cutmix), ("RA", d.randaugment),
+                                 ("erase", d.random_erasing > 0)) if on]
+    return f"{d.dataset} {m.image_size}px, {'+'.join(aug) or 'no aug'}"

@@ -109,6 +109,14 @@ class VQGANTask(NobleTask):
         return {"loss": rec_loss, "psnr": psnr((recon.clamp(-1, 1) + 1) / 2, (x + 1) / 2),
                 "perplexity": q.perplexity, "usage": q.usage}
 
+    def adversarial_weight(self, rec_loss: torch.Tensor, g_adv: torch.Tensor) -> torch.Tensor:
+        """disc_weight * ||d rec / d W_last|| / (||d adv / d W_last|| + 1e-4), clamped to [0, 1e4] (Esser et al.)."""
+        last = self.model.last_layer
+        g_rec = torch.autograd.grad(rec_loss, last, retain_graph=True)[0]
+        g_gan = torch.autograd.grad(g_adv, last, retain_graph=True)[0]
+        w = g_rec.norm() / (g_gan.norm() + 1e-4)
+        return (self.model_cfg.disc_weight * w.clamp(0.0, 1e4)).detach()
+
     # --- manual optimization ----------------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
         m = self.model_cfg
@@ -125,8 +133,9 @@ class VQGANTask(NobleTask):
         if gan:
             self.toggle_optimizer(opt_g)  # discriminator frozen while the generator's gradient is taken
             g_adv = -self.discriminator(recon).float().mean()
-            total = total + m.disc_weight * g_adv
-            logs["g_adv"] = g_adv.detach()
+            weight = self.adversarial_weight(rec_loss, g_adv) if m.disc_adaptive else m.disc_weight
+            total = total + weight * g_adv
+            logs.update(g_adv=g_adv.detach(), adv_weight=torch.as_tensor(weight).detach())
         opt_g.zero_grad(set_to_none=True)
         self.manual_backward(total)
         if self.cfg.optim.grad_clip:

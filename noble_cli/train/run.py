@@ -11,12 +11,20 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.utilities import rank_zero_only
 
 from noble_cli.config import RunConfig, config_hash, from_dict, run_id, to_yaml
 from noble_cli.errors import NobleError
 from noble_cli.tasks import get_task
 from noble_cli.train.recorder import AtomicCheckpointIO, DivergedError, RunRecorder
 from noble_cli.train.run_folder import RunFolder, atomic_write_text
+
+
+class StepProgressBar(RichProgressBar):
+    """Lightning's rich bar, labelled by steps: runs here are step-budgeted, so "Epoch 0/-2" would mislead."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        return "train"
 
 
 @dataclass
@@ -81,7 +89,7 @@ def build_trainer(cfg: RunConfig, module, folder: RunFolder, recorder: RunRecord
     ]
     callbacks += list(extra_callbacks)
     if progress:
-        callbacks.append(RichProgressBar(leave=True))
+        callbacks.append(StepProgressBar(leave=True))
     return L.Trainer(
         max_steps=t.max_steps, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
         strategy=strategy_for(cfg, module), precision=precision_for(cfg, on_gpu),
@@ -105,7 +113,10 @@ def train(
     """Train one run into `<out>/runs/<run-id>/` (or `run_dir`), resuming or refusing to overwrite as asked."""
     rid = run_id(cfg)
     folder = RunFolder(run_dir or out / "runs" / rid)
-    resume_ckpt = prepare_folder(cfg, folder, resume, overwrite)
+    if rank_zero_only.rank == 0:
+        resume_ckpt = prepare_folder(cfg, folder, resume, overwrite)
+    else:  # a DDP/FSDP worker started after rank 0 has already prepared (or refused) the folder
+        resume_ckpt = resume and folder.last_checkpoint.exists()
 
     # Lightning's start-up banner (GPU/TPU available, tips) is noise next to our own summary line.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
