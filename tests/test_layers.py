@@ -125,6 +125,9 @@ def test_lr_multipliers_and_groups():
         assert g["lr"] == pytest.approx(1e-3 * g["lr_mult"])
     all_ids = [id(p) for g in groups for p in g["params"]]
     assert sorted(all_ids) == sorted({id(p) for p in model.parameters()})
+    # tensors a model lists as no-decay (position embeddings, class tokens) keep their lr but lose the decay
+    kept = param_groups(model, 1e-3, 0.1, no_decay=[layer.weight])
+    assert [g["weight_decay"] for g in kept for p in g["params"] if p is layer.weight] == [0.0]
     # the reference code's effective mix multiplier of 1 is one option away
     ref = param_groups(model, 1e-3, 0.1, LRMultipliers(mix_power=0.0))
     assert {g["lr_mult"] for g in ref for p in g["params"] if p is layer.act.mix.weight} == {1.0}

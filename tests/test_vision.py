@@ -4,7 +4,6 @@ image tokens through a VQGAN checkpoint into LM shards, the image-token LM, wher
 from __future__ import annotations
 
 import gzip
-import json
 import math
 import struct
 from pathlib import Path

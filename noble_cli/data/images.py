@@ -129,7 +129,8 @@ def _find_idx(root: Path, stem: str) -> Path | None:
 
 
 @lru_cache(maxsize=4)
-def load_fashion_mnist(root: str | os.PathLike = FASHION_MNIST_DIR, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+def load_fashion_mnist(root: str | os.PathLike = FASHION_MNIST_DIR,
+                      split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 (N, 28, 28), labels int64 (N,)) of a split ('train' or 'val' = t10k)."""
     root = Path(root)
     stems = FASHION_MNIST_FILES[split]

@@ -171,9 +171,11 @@ def lr_multiplier(layer: NobleLinear, local_name: str, mults: LRMultipliers) -> 
 
 
 def param_groups(
-    model: nn.Module, base_lr: float, weight_decay: float, mults: LRMultipliers = LRMultipliers()
+    model: nn.Module, base_lr: float, weight_decay: float, mults: LRMultipliers = LRMultipliers(),
+    no_decay=(),
 ) -> list[dict]:
-    """AdamW parameter groups: NOBLE's lr multipliers, weight decay on matrices only (not biases, norms, freqs).
+    """AdamW parameter groups: NOBLE's lr multipliers, weight decay on matrices only (not biases, norms, freqs) and
+    not on the tensors in `no_decay` (position embeddings, class tokens: the timm/DeiT convention).
 
     Each group carries `lr_mult` so that a schedule can scale every group's lr by the same factor.
     """
@@ -183,12 +185,13 @@ def param_groups(
             if pname.split(".")[0] in ("down", "act", "up"):
                 mult_of[id(p)] = lr_multiplier(layer, pname, mults)
     groups: dict[tuple[float, bool], list[torch.Tensor]] = {}
+    skip_decay = {id(p) for p in no_decay}
     seen: set[int] = set()
     for p in model.parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        key = (mult_of.get(id(p), 1.0), p.ndim >= 2)
+        key = (mult_of.get(id(p), 1.0), p.ndim >= 2 and id(p) not in skip_decay)
         groups.setdefault(key, []).append(p)
     return [
         {"params": ps, "lr": base_lr * mult, "lr_mult": mult, "weight_decay": weight_decay if decay else 0.0}

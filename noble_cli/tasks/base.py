@@ -120,14 +120,21 @@ class NobleTask(L.LightningModule):
         self.log_dict({f"eval_{k}": v for k, v in metrics.items()}, on_epoch=True, sync_dist=True,
                       prog_bar=False)
 
-    def configure_optimizers(self):
+    def optimizer_and_schedule(self):
+        """AdamW over NOBLE's parameter groups (no decay on what `model.no_weight_decay()` lists, if it has one)
+        and the warm-up + decay schedule, stepped every optimizer step."""
         o, s, t = self.cfg.optim, self.cfg.schedule, self.cfg.trainer
         n = self.cfg.noble
         mults = LRMultipliers(n.up_lr_power, n.mix_lr_power, n.freq_lr_mult, n.phase_lr_mult)
-        groups = param_groups(self.model, o.lr, o.weight_decay, mults)
+        no_decay = getattr(self.model, "no_weight_decay", lambda: ())()
+        groups = param_groups(self.model, o.lr, o.weight_decay, mults, no_decay)
         fused = self.device.type == "cuda"
         opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda step: lr_factor(step, t.max_steps, s.warmup_steps, s.decay, s.min_lr_ratio)
         )
+        return opt, sched
+
+    def configure_optimizers(self):
+        opt, sched = self.optimizer_and_schedule()
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

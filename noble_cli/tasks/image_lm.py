@@ -83,4 +83,4 @@ def build_datamodule(cfg: RunConfig):
 
 def data_summary(cfg: RunConfig) -> str:
     m, d = ModelConfig(**cfg.model), DataConfig(**cfg.data)
-    return f"VQGAN codes from {d.vqgan_checkpoint} (vocab {m.vocab_size}, <= {m.block_size} codes/image)"
+    return f"codes of {d.vqgan_checkpoint} (vocab {m.vocab_size})"

@@ -12,13 +12,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from noble_cli.config import RunConfig
 from noble_cli.errors import NobleError
-from noble_cli.layers import LRMultipliers, param_groups
 from noble_cli.models.vit import Block, ViT, ViTConfig
-from noble_cli.tasks.base import NobleTask, lr_factor
+from noble_cli.tasks.base import NobleTask
 
 ModelConfig = ViTConfig
 
@@ -68,28 +66,6 @@ def check_transformer_shape(image_size: int, patch_size: int, d_model: int, n_he
         raise NobleError(f"model.d_model {d_model} must be divisible by model.n_head {n_head}")
 
 
-def adamw_with_schedule(task: NobleTask, model: nn.Module, no_decay: list[nn.Parameter] = ()):
-    """The base task's AdamW (NOBLE's lr groups) and warm-up + decay schedule, with `no_decay` tensors (position
-    embeddings, class token) moved to weight decay 0 as timm/DeiT do."""
-    o, s, t, n = task.cfg.optim, task.cfg.schedule, task.cfg.trainer, task.cfg.noble
-    mults = LRMultipliers(n.up_lr_power, n.mix_lr_power, n.freq_lr_mult, n.phase_lr_mult)
-    groups = param_groups(model, o.lr, o.weight_decay, mults)
-    skip = {id(p) for p in no_decay}
-    moved = []
-    for g in groups:
-        if g["weight_decay"] > 0:
-            moved += [p for p in g["params"] if id(p) in skip]
-            g["params"] = [p for p in g["params"] if id(p) not in skip]
-    groups = [g for g in groups if g["params"]]
-    if moved:
-        groups.append({"params": moved, "lr": o.lr, "lr_mult": 1.0, "weight_decay": 0.0})
-    opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=task.device.type == "cuda")
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda step: lr_factor(step, t.max_steps, s.warmup_steps, s.decay, s.min_lr_ratio)
-    )
-    return opt, sched
-
-
 class ViTClassifier(NobleTask):
     items_name = "images"
 
@@ -124,10 +100,6 @@ class ViTClassifier(NobleTask):
 
     def flops_per_item(self) -> float:
         return self.model.flops_per_image()
-
-    def configure_optimizers(self):
-        opt, sched = adamw_with_schedule(self, self.model, self.model.no_weight_decay())
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
 def build_module(cfg: RunConfig) -> ViTClassifier:

@@ -23,7 +23,7 @@ from noble_cli.errors import NobleError
 from noble_cli.models.vit import Block
 from noble_cli.models.vqgan import VQGAN, PatchDiscriminator, VQGANConfig, hinge_d_loss, psnr
 from noble_cli.tasks.base import NobleTask
-from noble_cli.tasks.vit import adamw_with_schedule, check_transformer_shape
+from noble_cli.tasks.vit import check_transformer_shape
 
 ModelConfig = VQGANConfig
 MAX_CODEBOOK = 65535  # codes + a BOS token must fit the uint16 token files of the image-token LM
@@ -72,14 +72,6 @@ class VQGANTask(NobleTask):
 
     def block_types(self) -> set[type]:
         return {Block}
-
-    def configure_callbacks(self):
-        # Lightning refuses Trainer(gradient_clip_val=...) under manual optimization; the generator's gradients are
-        # clipped here instead (optim.grad_clip, in training_step), so the trainer's setting is switched off.
-        trainer = getattr(self, "_trainer", None)
-        if trainer is not None and trainer.gradient_clip_val:
-            trainer.gradient_clip_val = None
-        return []
 
     # --- losses ---------------------------------------------------------------------------------------------------
     @staticmethod
@@ -164,7 +156,7 @@ class VQGANTask(NobleTask):
         return {"loss": rec_loss.detach() if torch.isfinite(total.detach()) else total.detach()}
 
     def configure_optimizers(self):
-        opt_g, sched = adamw_with_schedule(self, self.model, self.model.no_weight_decay())
+        opt_g, sched = self.optimizer_and_schedule()
         gen = {"optimizer": opt_g, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
         if self.discriminator is None:
             return gen

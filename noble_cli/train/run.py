@@ -93,7 +93,9 @@ def build_trainer(cfg: RunConfig, module, folder: RunFolder, recorder: RunRecord
     return L.Trainer(
         max_steps=t.max_steps, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
         strategy=strategy_for(cfg, module), precision=precision_for(cfg, on_gpu),
-        gradient_clip_val=cfg.optim.grad_clip or None, accumulate_grad_batches=t.accumulate,
+        # under manual optimization (the VQGAN) the task clips its own gradients: Lightning refuses to
+        gradient_clip_val=(cfg.optim.grad_clip or None) if module.automatic_optimization else None,
+        accumulate_grad_batches=t.accumulate,
         val_check_interval=t.eval_every * t.accumulate, check_val_every_n_epoch=None,
         limit_val_batches=t.eval_batches, num_sanity_val_steps=0, logger=False, callbacks=callbacks,
         plugins=[AtomicCheckpointIO()], default_root_dir=folder.path, enable_model_summary=False,
