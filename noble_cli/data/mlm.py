@@ -38,8 +38,18 @@ from torch.utils.data import Dataset
 
 from noble_cli.data.lm_datamodule import LMDataModule, TrainBatches, batch_seed
 from noble_cli.data.shards import (
-    FORMAT, FORMAT_VERSION, META_JSON, VAL_BUCKETS, VAL_FRACTION, atomic_file, data_root, is_prepared, load_tokens,
-    read_meta, resolve_dataset, write_split,
+    FORMAT,
+    FORMAT_VERSION,
+    META_JSON,
+    VAL_BUCKETS,
+    VAL_FRACTION,
+    atomic_file,
+    data_root,
+    is_prepared,
+    load_tokens,
+    read_meta,
+    resolve_dataset,
+    write_split,
 )
 from noble_cli.data.wordpiece import WordPiece, load_vocab, train_or_load
 from noble_cli.errors import NobleError
@@ -177,8 +187,15 @@ def prepare_mlm(dataset: str, wp: WordPiece, *, limit: int | None = None, root: 
 
 
 def _prepare_embedded(folder: Path, wp: WordPiece, limit: int | None, val_fraction: float, fp: _Fingerprint) -> dict:
-    from noble_cli.data.corpus import SOURCES, iter_source, source_names, source_versions
-    from noble_cli.data.shards import _embedded_val_split  # the GPT path's split: the same validation documents
+    from noble_cli.data.corpus import (
+        SOURCES,
+        iter_source,
+        source_names,
+        source_versions,
+    )
+    from noble_cli.data.shards import (
+        _embedded_val_split,  # the GPT path's split: the same validation documents
+    )
 
     versions = source_versions()
     train_parts: list[np.ndarray] = []
@@ -257,7 +274,7 @@ def _prepare_hf(spec, folder: Path, wp: WordPiece, limit: int | None, val_fracti
     return {"train_tokens": n_train, "val_tokens": n_val, "val_split": rule,
             "documents": {"train": int((~is_val).sum()), "val": int(is_val.sum())},
             "sources": [{"name": spec.hf_path or spec.id, "package": f"datasets=={datasets.__version__}",
-                         "documents": int(len(tok)), "tokens": n_train + n_val, "train_tokens": n_train,
+                         "documents": len(tok), "tokens": n_train + n_val, "train_tokens": n_train,
                          "val_tokens": n_val}]}
 
 

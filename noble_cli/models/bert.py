@@ -14,7 +14,8 @@ Layer norm placement, `norm: pre | post` (default pre):
 
 Other choices: BERT's GELU (erf), biases, LN eps 1e-12, N(0, 0.02) init and an MLM head of dense -> GELU -> LN ->
 decoder tied to the token embedding, with its own output bias. No segment (token-type) embeddings: there is no
-next-sentence objective. Attention is F.scaled_dot_product_attention, bidirectional; an optional (B, T) attention
+next-sentence objective. Weight decay as in BERT: every matrix, embeddings included (no `no_weight_decay` list),
+none on biases and norms. Attention is F.scaled_dot_product_attention, bidirectional; an optional (B, T) attention
 mask (True = a real token) masks padded keys, though the masked-LM data packs sequences and never pads.
 """
 
@@ -52,7 +53,7 @@ class BertConfig:
 
     @property
     def mlp_hidden(self) -> int:
-        return int(round(self.mlp_ratio * self.d_model))
+        return round(self.mlp_ratio * self.d_model)
 
     @property
     def padded_vocab(self) -> int:

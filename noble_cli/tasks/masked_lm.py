@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from noble_cli.config import RunConfig
 from noble_cli.errors import NobleError
-from noble_cli.models.bert import NORMS, BERT, BertConfig, Block
+from noble_cli.models.bert import BERT, NORMS, BertConfig, Block
 from noble_cli.tasks.base import NobleTask
 
 ModelConfig = BertConfig
