@@ -19,7 +19,7 @@ from noble_cli.errors import NobleError
 TEXT_COLUMN = "text"
 
 
-def _datasets():
+def import_datasets():
     try:
         import datasets
     except ImportError:
@@ -49,7 +49,7 @@ def _tokenize_batch(batch: dict, val_buckets: int) -> dict:
 
 def load_text_dataset(spec, *, hf_cache_dir: str | os.PathLike | None = None, num_proc: int | None = None):
     """A `datasets.Dataset` with one `text` column for a resolved hf/local DatasetSpec."""
-    datasets = _datasets()
+    datasets = import_datasets()
     cache = os.fspath(hf_cache_dir) if hf_cache_dir is not None else None
     if spec.kind == "hf":
         kwargs = {"split": "train", "cache_dir": cache, "num_proc": num_proc}
@@ -116,8 +116,8 @@ def _split_tail(chunks, n_head: int):
 def prepare_hf(spec, folder: Path, *, limit: int | None, val_fraction: float, num_proc: int | None,
                hf_cache_dir: str | os.PathLike | None) -> dict:
     """Tokenize an HF/local dataset into `folder`/{train,val}.bin; returns the meta.json fields it owns."""
-    datasets = _datasets()
-    from noble_cli.data.shards import VAL_BUCKETS, _Fingerprint, write_split
+    datasets = import_datasets()
+    from noble_cli.data.shards import VAL_BUCKETS, Fingerprint, write_split
     from noble_cli.data.tokenizer import default_threads
 
     ds = load_text_dataset(spec, hf_cache_dir=hf_cache_dir, num_proc=num_proc)
@@ -139,7 +139,7 @@ def prepare_hf(spec, folder: Path, *, limit: int | None, val_fraction: float, nu
     val_idx = np.flatnonzero(is_val)
     train_idx = np.flatnonzero(~is_val)
     train_ds = tok.select(train_idx) if val_idx.size else tok
-    fp = _Fingerprint()
+    fp = Fingerprint()
     if val_idx.size:
         n_train = write_split(folder, "train", _iter_ids(train_ds), fp)
         n_val = write_split(folder, "val", _iter_ids(tok.select(val_idx)), fp)

@@ -146,7 +146,7 @@ def encode_dataset(checkpoint: str | os.PathLike, dataset: str | None = None, ro
     start = time.perf_counter()
     bos = m.codebook_size
     counts, images = {}, {}
-    fingerprint = shards._Fingerprint()  # the LM shards' own, so `shards.verify` checks token folders too
+    fingerprint = shards.Fingerprint()  # the LM shards' own, so `shards.verify` checks token folders too
 
     def records(loader, tally: list[int]):
         with torch.inference_mode():

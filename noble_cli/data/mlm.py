@@ -41,6 +41,7 @@ from noble_cli.data.shards import (
     FORMAT,
     FORMAT_VERSION,
     META_JSON,
+    Fingerprint,
     VAL_BUCKETS,
     VAL_FRACTION,
     atomic_file,
@@ -115,19 +116,6 @@ def eval_generator(eval_seed: int, index: int) -> torch.Generator:
 # shards
 
 
-class _Fingerprint:
-    """sha256 over the train then the val tokens (little-endian uint16), headed by the vocabulary's sha1."""
-
-    def __init__(self, vocab_sha1: str) -> None:
-        self.h = hashlib.sha256(f"{FORMAT}/{FORMAT_VERSION}/wordpiece:{vocab_sha1}".encode())
-
-    def update(self, split: str, arr: np.ndarray) -> None:
-        self.h.update(np.ascontiguousarray(arr, dtype="<u2").data)
-
-    def hexdigest(self) -> str:
-        return "sha256:" + self.h.hexdigest()
-
-
 def _digest(obj) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
@@ -163,7 +151,7 @@ def prepare_mlm(dataset: str, wp: WordPiece, *, limit: int | None = None, root: 
     with contextlib.suppress(FileNotFoundError):
         (folder / META_JSON).unlink()  # "not done" until the new meta.json lands
     start = time.perf_counter()
-    fp = _Fingerprint(wp.sha1)
+    fp = Fingerprint(f"wordpiece:{wp.sha1}")
     if spec.kind == "embedded":
         body = _prepare_embedded(folder, wp, limit, val_fraction, fp)
     else:
@@ -186,7 +174,7 @@ def prepare_mlm(dataset: str, wp: WordPiece, *, limit: int | None = None, root: 
     return folder
 
 
-def _prepare_embedded(folder: Path, wp: WordPiece, limit: int | None, val_fraction: float, fp: _Fingerprint) -> dict:
+def _prepare_embedded(folder: Path, wp: WordPiece, limit: int | None, val_fraction: float, fp: Fingerprint) -> dict:
     from noble_cli.data.corpus import (
         SOURCES,
         iter_source,
@@ -194,7 +182,7 @@ def _prepare_embedded(folder: Path, wp: WordPiece, limit: int | None, val_fracti
         source_versions,
     )
     from noble_cli.data.shards import (
-        _embedded_val_split,  # the GPT path's split: the same validation documents
+        embedded_val_split,  # the GPT path's split: the same validation documents
     )
 
     versions = source_versions()
@@ -204,7 +192,7 @@ def _prepare_embedded(folder: Path, wp: WordPiece, limit: int | None, val_fracti
     for name in source_names():
         docs = list(iter_source(name, limit))
         arrays = wp.encode_documents([d.text for d in docs])
-        val_idx = _embedded_val_split([d.name for d in docs], name, [a.size for a in arrays], val_fraction)
+        val_idx = embedded_val_split([d.name for d in docs], name, [a.size for a in arrays], val_fraction)
         train_parts += [a for i, a in enumerate(arrays) if i not in val_idx]
         val_parts += [a for i, a in enumerate(arrays) if i in val_idx]
         total, val_tokens = sum(a.size for a in arrays), sum(arrays[i].size for i in val_idx)
@@ -240,11 +228,11 @@ def _iter_ids(dset, batch_size: int = 4096):
         yield table.column("ids").combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(np.uint16)
 
 
-def _prepare_hf(spec, folder: Path, wp: WordPiece, limit: int | None, val_fraction: float, fp: _Fingerprint) -> dict:
-    from noble_cli.data.hf_text import _datasets, load_text_dataset
+def _prepare_hf(spec, folder: Path, wp: WordPiece, limit: int | None, val_fraction: float, fp: Fingerprint) -> dict:
+    from noble_cli.data.hf_text import import_datasets, load_text_dataset
     from noble_cli.data.tokenizer import default_threads
 
-    datasets = _datasets()
+    datasets = import_datasets()
     ds = load_text_dataset(spec)
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))

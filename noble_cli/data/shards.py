@@ -203,11 +203,11 @@ def _write_json_atomic(path: Path, obj: dict) -> None:
         f.write("\n")
 
 
-class _Fingerprint:
-    """sha256 over the train tokens then the val tokens (little-endian uint16 bytes)."""
+class Fingerprint:
+    """sha256 over the train tokens then the val tokens (little-endian uint16 bytes), headed by the tokenizer."""
 
-    def __init__(self) -> None:
-        self.h = hashlib.sha256(f"{FORMAT}/{FORMAT_VERSION}/gpt2".encode())
+    def __init__(self, tokenizer: str = "gpt2") -> None:
+        self.h = hashlib.sha256(f"{FORMAT}/{FORMAT_VERSION}/{tokenizer}".encode())
 
     def update(self, split: str, arr: np.ndarray) -> None:
         self.h.update(np.ascontiguousarray(arr, dtype="<u2").data)
@@ -216,7 +216,7 @@ class _Fingerprint:
         return "sha256:" + self.h.hexdigest()
 
 
-def write_split(folder: Path, split: str, chunks: Iterable[np.ndarray], fingerprint: _Fingerprint) -> int:
+def write_split(folder: Path, split: str, chunks: Iterable[np.ndarray], fingerprint: Fingerprint) -> int:
     """Write `<split>.bin` atomically from uint16 chunks; returns the token count."""
     n = 0
     with atomic_file(folder / f"{split}.bin") as f:
@@ -281,7 +281,7 @@ def load_tokens(folder: str | os.PathLike, split: str = "train") -> np.memmap:
 def verify(folder: str | os.PathLike) -> bool:
     """Recompute the content fingerprint and compare it with meta.json."""
     meta = read_meta(folder)
-    fp = _Fingerprint()
+    fp = Fingerprint()
     for split in SPLITS:
         tokens = load_tokens(folder, split)
         for i in range(0, len(tokens), 1 << 22):
@@ -302,7 +302,7 @@ def _base_meta(spec: DatasetSpec, params: dict) -> dict:
             "document_separator": "each document is followed by <|endoftext|>"}
 
 
-def _embedded_val_split(names: list[str], source: str, lengths: list[int], val_fraction: float) -> set[int]:
+def embedded_val_split(names: list[str], source: str, lengths: list[int], val_fraction: float) -> set[int]:
     """Indices of the validation documents of one source (see the module docstring)."""
     if len(names) < 2:
         return set()
@@ -331,7 +331,7 @@ def _prepare_embedded(folder: Path, sources: Sequence[str] | None, limit: int | 
     for name in chosen:
         docs = list(iter_source(name, limit))
         arrays = encode_documents([d.text for d in docs], num_threads=num_threads)
-        val_idx = _embedded_val_split([d.name for d in docs], name, [a.size for a in arrays], val_fraction)
+        val_idx = embedded_val_split([d.name for d in docs], name, [a.size for a in arrays], val_fraction)
         train_parts += [a for i, a in enumerate(arrays) if i not in val_idx]
         val_parts += [a for i, a in enumerate(arrays) if i in val_idx]
         val_tokens = sum(arrays[i].size for i in val_idx)
@@ -341,7 +341,7 @@ def _prepare_embedded(folder: Path, sources: Sequence[str] | None, limit: int | 
             "description": SOURCES[name].description, "documents": len(docs), "tokens": total,
             "train_tokens": total - val_tokens, "val_tokens": val_tokens,
             "val_documents": sorted(docs[i].name for i in val_idx)})
-    fp = _Fingerprint()
+    fp = Fingerprint()
     n_train = write_split(folder, "train", [np.concatenate(train_parts) if train_parts else np.zeros(0, DTYPE)], fp)
     n_val = write_split(folder, "val", [np.concatenate(val_parts) if val_parts else np.zeros(0, DTYPE)], fp)
     return {"train_tokens": n_train, "val_tokens": n_val, "fingerprint": fp.hexdigest(),
