@@ -129,7 +129,11 @@ def encode_dataset(checkpoint: str | os.PathLike, dataset: str | None = None, ro
                    device: str | torch.device | None = None, force: bool = False, num_workers: int = 0) -> Path:
     """Encode both splits of the VQGAN's data set (or `dataset`) into a token folder; reuse it when current."""
     from noble_cli.data import shards
-    from noble_cli.data.images import load_split, reconstruction_transform, resolve_image_dataset
+    from noble_cli.data.images import (
+        load_split,
+        reconstruction_transform,
+        resolve_image_dataset,
+    )
 
     checkpoint = resolve_checkpoint(checkpoint)
     folder, dataset_id, params = token_folder(checkpoint, dataset, root, limit, cache_dir)

@@ -33,7 +33,13 @@ from typing import Callable
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, default_collate
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    Subset,
+    default_collate,
+)
 
 from noble_cli.errors import NobleError
 
@@ -94,7 +100,9 @@ def resolve_image_dataset(dataset: str, root: str | os.PathLike | None = None) -
 
 
 def _data_root() -> Path:
-    from noble_cli.data.shards import data_root  # $NOBLE_DATA_DIR or ~/.cache/noble/data, as for text
+    from noble_cli.data.shards import (
+        data_root,  # $NOBLE_DATA_DIR or ~/.cache/noble/data, as for text
+    )
 
     return data_root()
 

@@ -320,7 +320,12 @@ def embedded_val_split(names: list[str], source: str, lengths: list[int], val_fr
 
 def _prepare_embedded(folder: Path, sources: Sequence[str] | None, limit: int | None, val_fraction: float,
                       num_threads: int | None) -> dict:
-    from noble_cli.data.corpus import SOURCES, check_sources, iter_source, source_versions
+    from noble_cli.data.corpus import (
+        SOURCES,
+        check_sources,
+        iter_source,
+        source_versions,
+    )
     from noble_cli.data.tokenizer import encode_documents
 
     chosen = check_sources(sources)

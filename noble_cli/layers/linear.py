@@ -80,7 +80,9 @@ class NobleLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "triton" and self.activation == "cosnet" and x.is_cuda:
-            from noble_kernels import cosnet_linear  # imported lazily: triton is optional off CUDA
+            from noble_kernels import (
+                cosnet_linear,  # imported lazily: triton is optional off CUDA
+            )
 
             a = self.act
             return cosnet_linear(

@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from noble_cli.errors import NobleError
+from noble_cli.models.transformer import MLP, SelfAttention
 
 NORMS = ("pre", "post")
 
@@ -61,44 +62,14 @@ class BertConfig:
         return (self.vocab_size + m - 1) // m * m
 
 
-class SelfAttention(nn.Module):
-    def __init__(self, cfg: BertConfig):
-        super().__init__()
-        assert cfg.d_model % cfg.n_head == 0, "d_model must be divisible by n_head"
-        d = cfg.d_model
-        # Separate Q, K and V projections so that each can carry its own branch, as in the paper.
-        self.q = nn.Linear(d, d, bias=cfg.bias)
-        self.k = nn.Linear(d, d, bias=cfg.bias)
-        self.v = nn.Linear(d, d, bias=cfg.bias)
-        self.o = nn.Linear(d, d, bias=cfg.bias)
-        self.n_head, self.dropout = cfg.n_head, cfg.dropout
-
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = (proj(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for proj in (self.q, self.k, self.v))
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                           dropout_p=self.dropout if self.training else 0.0)
-        return self.o(y.transpose(1, 2).contiguous().view(B, T, C))
-
-
-class MLP(nn.Module):
-    def __init__(self, cfg: BertConfig):
-        super().__init__()
-        self.fc = nn.Linear(cfg.d_model, cfg.mlp_hidden, bias=cfg.bias)
-        self.fc2 = nn.Linear(cfg.mlp_hidden, cfg.d_model, bias=cfg.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc(x)))
-
-
 class Block(nn.Module):
     def __init__(self, cfg: BertConfig):
         super().__init__()
         self.pre = cfg.norm == "pre"
         self.ln1 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
-        self.attn = SelfAttention(cfg)
+        self.attn = SelfAttention(cfg.d_model, cfg.n_head, cfg.bias, cfg.bias, cfg.dropout)
         self.ln2 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg.d_model, cfg.mlp_hidden, cfg.bias)  # dropout is applied by the block
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:

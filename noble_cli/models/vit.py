@@ -12,10 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torchvision.ops import StochasticDepth
+
+from noble_cli.models.transformer import MLP, SelfAttention
 
 
 @dataclass
@@ -46,36 +47,6 @@ class ViTConfig:
         return self.grid**2
 
 
-class Attention(nn.Module):
-    """Bidirectional multi-head self-attention with separate Q, K, V and output projections (one branch each)."""
-
-    def __init__(self, d_model: int, n_head: int, qkv_bias: bool = True, dropout: float = 0.0):
-        super().__init__()
-        assert d_model % n_head == 0, "d_model must be divisible by n_head"
-        self.q = nn.Linear(d_model, d_model, bias=qkv_bias)
-        self.k = nn.Linear(d_model, d_model, bias=qkv_bias)
-        self.v = nn.Linear(d_model, d_model, bias=qkv_bias)
-        self.o = nn.Linear(d_model, d_model)
-        self.n_head, self.dropout = n_head, dropout
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = (p(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for p in (self.q, self.k, self.v))
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
-        return self.o(y.transpose(1, 2).reshape(B, T, C))
-
-
-class MLP(nn.Module):
-    def __init__(self, d_model: int, hidden: int, dropout: float = 0.0):
-        super().__init__()
-        self.fc = nn.Linear(d_model, hidden)
-        self.fc2 = nn.Linear(hidden, d_model)
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(F.gelu(self.fc(x)))))
-
-
 class Block(nn.Module):
     """Pre-norm transformer block: x + DropPath(attn(LN x)), then x + DropPath(mlp(LN x))."""
 
@@ -83,9 +54,9 @@ class Block(nn.Module):
                  drop_path: float = 0.0):
         super().__init__()
         self.ln1 = nn.LayerNorm(d_model, eps=1e-6)
-        self.attn = Attention(d_model, n_head, qkv_bias, dropout)
+        self.attn = SelfAttention(d_model, n_head, qkv_bias, out_bias=True, dropout=dropout)
         self.ln2 = nn.LayerNorm(d_model, eps=1e-6)
-        self.mlp = MLP(d_model, mlp_hidden, dropout)
+        self.mlp = MLP(d_model, mlp_hidden, bias=True, dropout=dropout)
         self.drop_path = StochasticDepth(drop_path, "row")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from noble_cli.models.vit import Block, init_transformer_weights, transformer_flops_per_item
+from noble_cli.models.vit import (
+    Block,
+    init_transformer_weights,
+    transformer_flops_per_item,
+)
 
 
 @dataclass

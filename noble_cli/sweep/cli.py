@@ -23,7 +23,14 @@ from noble_cli.sweep.launchers import (
     submit_slurm,
     write_slurm_script,
 )
-from noble_cli.sweep.manifest import build_manifest, compare, counts, manifest_path, read_manifest, sync_manifest
+from noble_cli.sweep.manifest import (
+    build_manifest,
+    compare,
+    counts,
+    manifest_path,
+    read_manifest,
+    sync_manifest,
+)
 from noble_cli.sweep.progress import runs_table
 
 ablate_app = typer.Typer(

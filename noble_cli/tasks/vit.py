@@ -108,7 +108,11 @@ def build_module(cfg: RunConfig) -> ViTClassifier:
 
 def build_datamodule(cfg: RunConfig):
     from noble_cli.data.images import (
-        BatchMixer, ImageDataModule, MixCollate, classification_transform, resolve_image_dataset,
+        BatchMixer,
+        ImageDataModule,
+        MixCollate,
+        classification_transform,
+        resolve_image_dataset,
     )
 
     m, d = ModelConfig(**cfg.model), DataConfig(**cfg.data)

@@ -21,7 +21,13 @@ import torch.nn.functional as F
 from noble_cli.config import RunConfig
 from noble_cli.errors import NobleError
 from noble_cli.models.vit import Block
-from noble_cli.models.vqgan import VQGAN, PatchDiscriminator, VQGANConfig, hinge_d_loss, psnr
+from noble_cli.models.vqgan import (
+    VQGAN,
+    PatchDiscriminator,
+    VQGANConfig,
+    hinge_d_loss,
+    psnr,
+)
 from noble_cli.tasks.base import NobleTask
 from noble_cli.tasks.vit import check_transformer_shape
 
@@ -177,7 +183,11 @@ def build_module(cfg: RunConfig) -> VQGANTask:
 
 
 def build_datamodule(cfg: RunConfig):
-    from noble_cli.data.images import ImageDataModule, reconstruction_transform, resolve_image_dataset
+    from noble_cli.data.images import (
+        ImageDataModule,
+        reconstruction_transform,
+        resolve_image_dataset,
+    )
 
     m, d = ModelConfig(**cfg.model), DataConfig(**cfg.data)
     source = resolve_image_dataset(d.dataset, d.root)
