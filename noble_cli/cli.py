@@ -89,6 +89,8 @@ def train(
 
     result = run_training(cfg, out=out, resume=resume, overwrite=overwrite)
     s = result.summary
+    if result.already_done:
+        console.print(f"[bold]already completed[/] {result.run_dir}; nothing to resume")
     console.print(
         f"[bold green]done[/] {result.run_dir}  best eval loss {s.get('best_eval_loss')} at step "
         f"{s.get('best_step')}, median step {1000 * (s.get('median_step_time_s') or 0):.1f} ms"
@@ -102,7 +104,7 @@ def recipes():
 
     table = Table(title="recipes")
     for col in ("recipe", "task", "params", "+cosnet", "data", "steps"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     for row in recipe_rows():
         table.add_row(*row)
     console.print(table)

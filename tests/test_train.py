@@ -15,6 +15,7 @@ import yaml
 
 from noble_cli import config as C
 from noble_cli.errors import NobleError
+from noble_cli.tasks.base import lr_factor
 from noble_cli.train.run import train
 
 # A GPT small enough that a step takes milliseconds (the GPT-2 vocabulary dominates: keep tokens per step small).
@@ -48,6 +49,9 @@ def test_tiny_run_learns_and_fills_the_run_folder(tmp_path):
     for col in ("train_loss", "step_time_s", "wallclock_s", "lr", "tokens_per_s"):
         assert metrics[col].notna().all(), col
     assert (metrics["wallclock_s"].diff().dropna() > 0).all()
+    # the lr a step used: warm-up (5 steps) then cosine, logged before the schedule moves on
+    expected = [3e-3 * lr_factor(s - 1, 40, 5, "cosine", 0.1) for s in metrics["step"]]
+    assert metrics["lr"].tolist() == pytest.approx(expected)
 
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed"
@@ -183,3 +187,30 @@ def test_dry_run_prints_the_resolved_config_and_trains_nothing(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "branch: cosnet" in proc.stdout and "run id:" in proc.stdout
     assert not (tmp_path / "runs").exists()
+
+
+class SlowAfterEval(L.Callback):
+    """Stands in for a slow evaluation tail (a large checkpoint): must not count as training time."""
+
+    def on_validation_end(self, trainer, pl_module):
+        import time
+
+        time.sleep(1.5)
+
+
+def test_an_uneven_budget_ends_evaluated_and_checkpointed_and_resume_leaves_it_alone(tmp_path):
+    import torch
+
+    cfg = tiny_cfg(**{"trainer.max_steps": 7, "trainer.eval_every": 5})
+    first = train(cfg, out=tmp_path, progress=False, callbacks=[SlowAfterEval()])
+    assert list(eval_curve(first.run_dir).index) == [5, 7]
+    ckpt = torch.load(first.run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 7
+    best = torch.load(first.run_dir / "checkpoints" / "best.ckpt", weights_only=False)
+    assert best["global_step"] == first.summary["best_step"]
+    step_times = pd.read_csv(first.run_dir / "metrics.csv").set_index("step")["step_time_s"]
+    assert step_times[6] < 1.0, "the time after an evaluation is not the next step's"
+
+    again = train(cfg, out=tmp_path, resume=True, progress=False)
+    assert again.already_done and again.summary == first.summary
+    assert json.loads((first.run_dir / "summary.json").read_text()) == first.summary

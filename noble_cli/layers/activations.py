@@ -156,8 +156,9 @@ for _name, _fn in {"gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh, "leakyrel
     register(_name, ActivationSpec(lambda r, f=_fn, n=_name: Pointwise(f, n)))
     register(f"{_name}_net", ActivationSpec(lambda r, f=_fn: TwoLayer(f, r)))
 
-# The reference code spells CosNet `cos_net`; accept it as an alias.
-ALIASES = {"cos_net": "cosnet", "none": "identity", "linear": "identity"}
+# The reference code spells CosNet `cos_net`; accept it as an alias. (`none` is not an activation: in a config it
+# means the baseline, without a branch.)
+ALIASES = {"cos_net": "cosnet", "linear": "identity"}
 
 
 def resolve_activation(name: str) -> str:

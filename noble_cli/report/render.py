@@ -102,7 +102,8 @@ def rich_table(summary: pd.DataFrame, title: str = "NOBLE report") -> Table:
     right = {"n", "reached", "steps to target", "step speedup", "wall-clock speedup", "params", "step time",
              "final eval loss", "Δ vs baseline", "p (Δ)", "best top-1"}
     for h in headers:
-        table.add_column(h, justify="right" if h in right else "left")
+        # fold, never truncate: a narrow terminal must still show every figure whole
+        table.add_column(h, justify="right" if h in right else "left", overflow="fold")
     prev_key = None
     keys = list(zip(summary["recipe"], summary["pair_key"])) if not summary.empty else []
     for cells, is_best, key in zip(rows, best, keys):

@@ -219,7 +219,8 @@ def require_vision(ablation: str, recipe: str | None, sets: list[str]) -> str:
 
 # --- expansion ------------------------------------------------------------------------------------------------------
 def _check_sets(sets: list[str], reserved: set[str], ablation: str) -> None:
-    hints = {"seed": "use --seeds", "trainer.max_steps": "use --max-steps", "noble.branch": "use --branch",
+    hints = {"seed": "use --seeds", "trainer.max_steps": "use --max-steps",
+             "noble.branch": "use --activations (or --branch)",
              "noble.rank": "use --rank (or --ranks)", "noble.targets": "use --targets",
              "name": "labels come from the variant"}
     for s in sets:

@@ -86,6 +86,7 @@ class RunRecorder(L.Callback):
         self.wallclock = 0.0
         self.items = 0
         self._loss_sum = 0.0
+        self._lr = float("nan")
         self._t0: float | None = None
         self._last_flush = 0
         self.status = "running"
@@ -106,9 +107,12 @@ class RunRecorder(L.Callback):
             torch.cuda.synchronize(pl_module.device)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if self._t0 is None:
+        if self._t0 is None:  # the first step, or the first after an evaluation and its checkpoint
             self._sync(pl_module)
             self._t0 = time.perf_counter()
+        if batch_idx % trainer.accumulate_grad_batches == 0:
+            group = trainer.optimizers[0].param_groups[0]  # the lr this step uses: the schedule steps after it
+            self._lr = group["lr"] / group.get("lr_mult", 1.0)
         self.items += pl_module.items_in(batch)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -132,9 +136,7 @@ class RunRecorder(L.Callback):
         row = self.rows.setdefault(step, {"step": step})
         world = trainer.world_size
         train_loss, self._loss_sum = self._loss_sum, 0.0
-        row.update(train_loss=train_loss,
-                   lr=trainer.optimizers[0].param_groups[0]["lr"] / trainer.optimizers[0].param_groups[0].get("lr_mult", 1.0),
-                   step_time_s=dt, wallclock_s=self.wallclock)
+        row.update(train_loss=train_loss, lr=self._lr, step_time_s=dt, wallclock_s=self.wallclock)
         if items:
             row[f"{pl_module.items_name}_per_s"] = items * world / dt
             flops, peak = pl_module.flops_per_item(), peak_flops()
@@ -156,8 +158,9 @@ class RunRecorder(L.Callback):
         self._flush(trainer, force=True)
 
     def on_validation_end(self, trainer, pl_module):
-        self._sync(pl_module)
-        self._t0 = time.perf_counter()  # the next step's time starts after evaluation
+        # The next step's clock starts at its own batch, so evaluation and the checkpoint written after it (by
+        # ModelCheckpoint, which Lightning runs after this callback) stay out of step times and wall-clock.
+        self._t0 = None
 
     # --- the end, however it comes ---------------------------------------------------------------------------------
     def on_train_end(self, trainer, pl_module):

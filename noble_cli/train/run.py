@@ -12,6 +12,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.utilities import rank_zero_only
+from rich.console import Console
 
 from noble_cli.config import RunConfig, config_hash, from_dict, run_id, to_yaml
 from noble_cli.errors import NobleError
@@ -32,6 +33,7 @@ class TrainResult:
     run_dir: Path
     summary: dict
     meta: dict
+    already_done: bool = False  # `--resume` found the run completed and trained nothing
 
 
 def precision_for(cfg: RunConfig, on_gpu: bool) -> str:
@@ -54,13 +56,13 @@ def strategy_for(cfg: RunConfig, module):
     return name
 
 
-def prepare_folder(cfg: RunConfig, folder: RunFolder, resume: bool, overwrite: bool) -> bool:
-    """Returns True when a previous attempt's checkpoint should be resumed."""
+def prepare_folder(cfg: RunConfig, folder: RunFolder, resume: bool, overwrite: bool) -> str:
+    """What to do with the run folder: "new", "resume" (from checkpoints/last.ckpt) or "done" (already completed)."""
     if not folder.exists():
-        return False
+        return "new"
     if overwrite:
         shutil.rmtree(folder.path)
-        return False
+        return "new"
     summary = folder.read_json(folder.summary_path)
     if not resume:
         raise NobleError(
@@ -75,7 +77,9 @@ def prepare_folder(cfg: RunConfig, folder: RunFolder, resume: bool, overwrite: b
         raise NobleError(f"cannot resume {folder.path}: its config.yaml is unreadable ({e}); use --overwrite") from None
     if config_hash(saved) != config_hash(cfg):
         raise NobleError(f"cannot resume {folder.path}: its config differs from this one; use --overwrite or --out")
-    return folder.last_checkpoint.exists()
+    if summary.get("status") == "completed":
+        return "done"
+    return "resume" if folder.last_checkpoint.exists() else "new"
 
 
 def build_trainer(cfg: RunConfig, module, folder: RunFolder, recorder: RunRecorder, progress: bool,
@@ -103,6 +107,15 @@ def build_trainer(cfg: RunConfig, module, folder: RunFolder, recorder: RunRecord
     )
 
 
+def evaluate_and_checkpoint_the_end(trainer, module, datamodule, folder: RunFolder, recorder: RunRecorder) -> None:
+    """... and checkpointed: ModelCheckpoint only saves inside `fit`, whose evaluations fall every eval_every steps."""
+    trainer.validate(module, datamodule=datamodule, verbose=False)
+    trainer.save_checkpoint(folder.last_checkpoint)
+    evals = recorder.frame().dropna(subset=["eval_loss"])
+    if not evals.empty and int(evals.loc[evals["eval_loss"].idxmin(), "step"]) == trainer.global_step:
+        trainer.save_checkpoint(folder.checkpoint_dir / "best.ckpt")
+
+
 def train(
     cfg: RunConfig,
     out: Path = Path("results"),
@@ -116,9 +129,12 @@ def train(
     rid = run_id(cfg)
     folder = RunFolder(run_dir or out / "runs" / rid)
     if rank_zero_only.rank == 0:
-        resume_ckpt = prepare_folder(cfg, folder, resume, overwrite)
+        state = prepare_folder(cfg, folder, resume, overwrite)
     else:  # a DDP/FSDP worker started after rank 0 has already prepared (or refused) the folder
-        resume_ckpt = resume and folder.last_checkpoint.exists()
+        state = "resume" if resume and folder.last_checkpoint.exists() else "new"
+    if state == "done":
+        return TrainResult(folder.path, folder.read_json(folder.summary_path), folder.read_json(folder.meta_path),
+                           already_done=True)
 
     # Lightning's start-up banner (GPU/TPU available, tips) is noise next to our own summary line.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
@@ -126,6 +142,10 @@ def train(
     task = get_task(cfg.task).load()
     module = task.build_module(cfg)
     datamodule = task.build_datamodule(cfg)
+    if cfg.schedule.warmup_steps >= cfg.trainer.max_steps and rank_zero_only.rank == 0:
+        Console(stderr=True).print(
+            f"[yellow]note:[/] schedule.warmup_steps ({cfg.schedule.warmup_steps}) >= trainer.max_steps "
+            f"({cfg.trainer.max_steps}): this run never leaves the learning-rate warm-up")
     if cfg.trainer.compile:
         module.model.compile()  # in place: parameter names (and checkpoints) stay those of the plain model
 
@@ -142,9 +162,9 @@ def train(
         warnings.filterwarnings("ignore", message=".*(does not have many workers|IterableDataset|exists and is not empty|LeafSpec).*")
         try:
             trainer.fit(module, datamodule=datamodule,
-                        ckpt_path=str(folder.last_checkpoint) if resume_ckpt else None)
-            if trainer.global_step % cfg.trainer.eval_every:  # the budget's end is always evaluated
-                trainer.validate(module, datamodule=datamodule, verbose=False)
+                        ckpt_path=str(folder.last_checkpoint) if state == "resume" else None)
+            if trainer.global_step % cfg.trainer.eval_every:  # the budget's end is always evaluated ...
+                evaluate_and_checkpoint_the_end(trainer, module, datamodule, folder, recorder)
         except DivergedError:
             raise
         except SystemExit:  # Lightning turns Ctrl-C into exit(1) after its graceful shutdown
