@@ -214,3 +214,19 @@ def test_an_uneven_budget_ends_evaluated_and_checkpointed_and_resume_leaves_it_a
     again = train(cfg, out=tmp_path, resume=True, progress=False)
     assert again.already_done and again.summary == first.summary
     assert json.loads((first.run_dir / "summary.json").read_text()) == first.summary
+
+
+def test_fsdp_wraps_and_checkpoints_the_transformer_blocks():
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from noble_cli.models.gpt import Block
+    from noble_cli.tasks.causal_lm import build_module
+    from noble_cli.train.run import strategy_for
+
+    cfg = C.resolve("llm-1.5b", {"noble.branch": "cosnet", "trainer.strategy": "fsdp"},
+                    ["model.n_layer=2", "model.d_model=128", "model.n_head=2"])
+    module = build_module(cfg)
+    assert module.block_types() == {Block}
+    strategy = strategy_for(cfg, module)
+    assert isinstance(strategy, FSDPStrategy)
+    assert strategy._activation_checkpointing_kwargs, "llm-1.5b checkpoints activations block by block"

@@ -103,6 +103,13 @@ class NobleTask(L.LightningModule):
     def items_in(self, batch) -> int:
         return 0
 
+    def block_types(self) -> set[type]:
+        """The transformer block classes (those holding a SelfAttention): what FSDP wraps and shards one by one,
+        and what its activation checkpointing recomputes."""
+        from noble_cli.models.transformer import SelfAttention
+
+        return {type(m) for m in self.model.modules() if any(isinstance(c, SelfAttention) for c in m.children())}
+
     def flops_per_item(self) -> float | None:
         """Training FLOPs per counted item, for MFU; None where not worked out."""
         return None

@@ -48,7 +48,7 @@ def strategy_for(cfg: RunConfig, module):
     if name == "fsdp":
         from lightning.pytorch.strategies import FSDPStrategy
 
-        blocks = getattr(module, "block_types", lambda: set())()
+        blocks = module.block_types()
         return FSDPStrategy(
             auto_wrap_policy=blocks or None,
             activation_checkpointing_policy=blocks if cfg.trainer.activation_checkpointing and blocks else None,
