@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
+from noble_cli.atomic import atomic_file
 from noble_cli.errors import NobleError
 
 KIND = "vqgan-image-tokens"
@@ -179,7 +180,7 @@ def encode_dataset(checkpoint: str | os.PathLike, dataset: str | None = None, ro
         "vqgan_checkpoint": str(checkpoint), "vqgan_recipe": cfg.recipe, "vqgan_variant": cfg.variant,
         "prepare_seconds": round(time.perf_counter() - start, 3), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    with shards.atomic_file(folder / shards.META_JSON, "w") as f:
+    with atomic_file(folder / shards.META_JSON, "w") as f:
         json.dump(meta, f, indent=2)
         f.write("\n")
     return folder

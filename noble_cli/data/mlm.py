@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from noble_cli.atomic import atomic_file
 from noble_cli.data.lm_datamodule import LMDataModule, TrainBatches, batch_seed
 from noble_cli.data.shards import (
     FORMAT,
@@ -44,7 +45,6 @@ from noble_cli.data.shards import (
     VAL_BUCKETS,
     VAL_FRACTION,
     Fingerprint,
-    atomic_file,
     data_root,
     is_prepared,
     load_tokens,

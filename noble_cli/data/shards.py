@@ -28,14 +28,14 @@ import hashlib
 import json
 import os
 import re
-import secrets
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from noble_cli.atomic import atomic_file, atomic_write_json, is_stale_temp
 from noble_cli.errors import NobleError
 
 FORMAT = "noble-lm-shards"
@@ -153,54 +153,12 @@ def default_cache_dir(dataset: str | DatasetSpec, sources: Sequence[str] | None 
 # atomic writing
 
 
-def _temp_name(final: Path) -> Path:
-    return final.with_name(f".{final.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-
-
-_TEMP_RE = re.compile(r"^\..+\.tmp-(\d+)-[0-9a-f]+$")
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _remove_dead_temps(folder: Path) -> None:
     """Temp files left by a killed prepare (their process is gone) are removed; live ones are left alone."""
     for p in folder.iterdir():
-        m = _TEMP_RE.match(p.name)
-        if m and not _pid_alive(int(m.group(1))):
+        if is_stale_temp(p):
             with contextlib.suppress(OSError):
                 p.unlink()
-
-
-@contextlib.contextmanager
-def atomic_file(final: Path, mode: str = "wb") -> Iterator:
-    """Open a temp file beside `final`; on success fsync it and `os.replace` it onto `final`."""
-    tmp = _temp_name(final)
-    try:
-        with open(tmp, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    with atomic_file(path, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
 
 
 class Fingerprint:
@@ -416,7 +374,7 @@ def prepare(dataset: str | os.PathLike = "embedded", cache_dir: str | os.PathLik
     meta["total_tokens"] = meta["train_tokens"] + meta["val_tokens"]
     meta["prepare_seconds"] = round(time.perf_counter() - start, 3)
     meta["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    _write_json_atomic(folder / META_JSON, meta)
+    atomic_write_json(folder / META_JSON, meta)
     return folder
 
 

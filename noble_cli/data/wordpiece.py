@@ -241,7 +241,7 @@ def train_vocab(words: Counter, vocab_size: int, *, min_frequency: int = MIN_FRE
 
 
 def _write_vocab(path: Path, tokens: Sequence[str]) -> None:
-    from noble_cli.data.shards import atomic_file
+    from noble_cli.atomic import atomic_file
 
     with atomic_file(path, "w") as f:
         f.write("\n".join(tokens) + "\n")
@@ -292,7 +292,7 @@ def train_or_load(dataset: str, vocab_size: int, *, lowercase: bool = True, ever
     seconds = time.perf_counter() - start
     folder.mkdir(parents=True, exist_ok=True)
     _write_vocab(vocab_path, tokens)
-    from noble_cli.data.shards import atomic_file
+    from noble_cli.atomic import atomic_file
 
     with atomic_file(folder / "tokenizer.json", "w") as f:
         json.dump({**params, "tokens": len(tokens), "distinct_words": len(words),

@@ -31,6 +31,7 @@ from rich.live import Live
 from rich.table import Table
 
 from noble_cli import config as C
+from noble_cli.atomic import atomic_write_text
 from noble_cli.errors import NobleError
 from noble_cli.sweep.locks import HOST, RunLock, describe_holder, now_iso
 from noble_cli.sweep.manifest import (
@@ -426,10 +427,8 @@ def write_slurm_script(manifest: Path, slurm_opts: list[str] | None = None, pyth
         "",
     ]
     path = manifest.parent / "slurm.sh"
-    tmp = path.with_name(".slurm.sh.tmp")
-    tmp.write_text("\n".join(lines))
-    tmp.chmod(0o755)
-    os.replace(tmp, path)
+    atomic_write_text(path, "\n".join(lines))
+    path.chmod(0o755)
     return path, (compress_indices(todo) if todo else None)
 
 

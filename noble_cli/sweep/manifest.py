@@ -18,20 +18,17 @@ whenever a sweep starts or a run is picked up.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from noble_cli import config as C
+from noble_cli.atomic import atomic_write_json
 from noble_cli.errors import NobleError
 from noble_cli.sweep.locks import HOST, RunLock, file_lock, now_iso
 
 MANIFEST_VERSION = 1
 STATUSES = ("pending", "running", "done", "failed")
-FINISHED = ("completed", "diverged")
-_UMASK = os.umask(0)
-os.umask(_UMASK)  # summary.json statuses of a run that has its result (a divergence is one)
+FINISHED = ("completed", "diverged")  # summary.json statuses of a run that has its result (a divergence is one)
 
 
 def sweep_dir(out: Path, name: str) -> Path:
@@ -53,22 +50,6 @@ def run_dir_of(manifest: Path, entry: dict) -> Path:
 
 def definition_hash(run_ids: list[str]) -> str:
     return C.digest(sorted(run_ids), 12)
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, default=str)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; others on a shared cluster must read it
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_manifest(path: Path) -> dict:

@@ -14,11 +14,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from rich.console import Console
 
+from noble_cli.atomic import atomic_write_text
 from noble_cli.config import RunConfig, config_hash, from_dict, run_id, to_yaml
 from noble_cli.errors import NobleError
 from noble_cli.tasks import get_task
 from noble_cli.train.recorder import AtomicCheckpointIO, DivergedError, RunRecorder
-from noble_cli.train.run_folder import RunFolder, atomic_write_text
+from noble_cli.train.run_folder import RunFolder
 
 
 class StepProgressBar(RichProgressBar):

@@ -1,0 +1,67 @@
+"""Atomic file writes: every file noble writes goes to a temporary name beside it, is fsynced, then renamed into
+place, so a killed process never leaves a half-written file. Temporary names carry the writer's pid, so that a
+later process can tell a dead writer's leftovers (`is_stale_temp`) from a live one's."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+_TEMP_RE = re.compile(r"^\..+\.tmp-(\d+)-[0-9a-f]+$")
+
+
+def temp_name(final: Path) -> Path:
+    final = Path(final)
+    return final.with_name(f".{final.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def is_stale_temp(path: Path) -> bool:
+    """A temporary file of ours whose writer process is gone."""
+    m = _TEMP_RE.match(Path(path).name)
+    return bool(m) and not _pid_alive(int(m.group(1)))
+
+
+@contextlib.contextmanager
+def atomic_file(final: Path, mode: str = "wb") -> Iterator:
+    """Open a temp file beside `final`; on success fsync it and `os.replace` it onto `final`.
+
+    `open` creates it with the usual permissions (umask applies), so others on a shared cluster can read results."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_name(final)
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    with atomic_file(path, "w") as f:
+        f.write(text)
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
