@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import gc
-import json
 import re
 import statistics
 import sys
@@ -30,7 +29,9 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from noble_cli.atomic import atomic_write_json
 from noble_cli.errors import NobleError
+from noble_cli.train.run_folder import library_versions
 
 bench_app = typer.Typer(
     help="Time NOBLE against its baseline: one layer (`layer`) or a whole training step (`step`).",
@@ -169,14 +170,7 @@ def triton_skip_reason(dev: torch.device) -> str | None:
 
 
 def _versions() -> dict:
-    out = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": str(torch.version.cuda)}
-    try:
-        import triton
-
-        out["triton"] = triton.__version__
-    except ImportError:
-        out["triton"] = None
-    return out
+    return library_versions()
 
 
 def _default_out(kind: str, dev: torch.device, extra: str = "") -> Path:
@@ -185,8 +179,7 @@ def _default_out(kind: str, dev: torch.device, extra: str = "") -> Path:
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    atomic_write_json(path, payload)
 
 
 def _fmt(v, spec: str, none: str = "-") -> str:

@@ -7,10 +7,10 @@ import yaml
 
 from noble_cli import config as C
 from noble_cli.errors import NobleError
-from noble_cli.recipes import count_recipe_params
-from noble_cli.tasks.base import build_model, dense_matched_config, lr_factor
 from noble_cli.layers import count_parameters
 from noble_cli.models.gpt import GPT, GPTConfig
+from noble_cli.recipes import count_recipe_params
+from noble_cli.tasks.base import build_model, dense_matched_config, lr_factor
 
 
 def test_recipe_resolves_with_overrides_and_sets():

@@ -22,7 +22,12 @@ from noble_cli import config as C
 from noble_cli.errors import NobleError
 from noble_cli.sweep import grids
 from noble_cli.sweep.cli import ablate_app, execute_plan
-from noble_cli.sweep.launchers import TRAIN_ENV, compress_indices, execute_entry, run_gpus
+from noble_cli.sweep.launchers import (
+    TRAIN_ENV,
+    compress_indices,
+    execute_entry,
+    run_gpus,
+)
 from noble_cli.sweep.locks import RunLock
 from noble_cli.sweep.manifest import manifest_path, read_manifest
 

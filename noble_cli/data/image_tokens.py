@@ -18,8 +18,6 @@ Cache key: the checkpoint's resolved path, size and mtime, the data set and the 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 import time
@@ -30,7 +28,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
-from noble_cli.atomic import atomic_file
+from noble_cli.atomic import atomic_write_json
+from noble_cli.config import digest
 from noble_cli.errors import NobleError
 
 KIND = "vqgan-image-tokens"
@@ -102,10 +101,6 @@ def load_vqgan(path: str | os.PathLike, device: str | torch.device = "cpu"):
 # encoding and the cache
 
 
-def _digest(obj) -> str:
-    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
-
-
 def token_folder(checkpoint: Path, dataset: str | None = None, root: str | None = None, limit: int | None = None,
                  cache_dir: str | os.PathLike | None = None) -> tuple[Path, str, dict]:
     """(folder, dataset id, params) of the token cache for this checkpoint and data set; builds nothing."""
@@ -122,7 +117,7 @@ def token_folder(checkpoint: Path, dataset: str | None = None, root: str | None 
     if cache_dir is not None:
         return Path(cache_dir).expanduser(), dataset_id, params
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", source.id).strip("-.")[-40:]
-    return data_root() / f"image-tokens-{slug}-{_digest([dataset_id, params])}", dataset_id, params
+    return data_root() / f"image-tokens-{slug}-{digest([dataset_id, params])}", dataset_id, params
 
 
 def encode_dataset(checkpoint: str | os.PathLike, dataset: str | None = None, root: str | None = None,
@@ -180,9 +175,7 @@ def encode_dataset(checkpoint: str | os.PathLike, dataset: str | None = None, ro
         "vqgan_checkpoint": str(checkpoint), "vqgan_recipe": cfg.recipe, "vqgan_variant": cfg.variant,
         "prepare_seconds": round(time.perf_counter() - start, 3), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    with atomic_file(folder / shards.META_JSON, "w") as f:
-        json.dump(meta, f, indent=2)
-        f.write("\n")
+    atomic_write_json(folder / shards.META_JSON, meta)
     return folder
 
 

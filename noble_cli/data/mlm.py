@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -36,7 +34,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from noble_cli.atomic import atomic_file
+from noble_cli.atomic import atomic_write_json
+from noble_cli.config import digest
 from noble_cli.data.lm_datamodule import LMDataModule, TrainBatches, batch_seed
 from noble_cli.data.shards import (
     FORMAT,
@@ -116,10 +115,6 @@ def eval_generator(eval_seed: int, index: int) -> torch.Generator:
 # shards
 
 
-def _digest(obj) -> str:
-    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
-
-
 def shard_params(dataset: str, wp: WordPiece, limit: int | None, val_fraction: float = VAL_FRACTION) -> dict:
     spec = resolve_dataset(dataset)
     params = {"tokenizer": "wordpiece", "vocab_sha1": wp.sha1, "vocab_size": wp.vocab_size, "lowercase": wp.lowercase,
@@ -133,7 +128,7 @@ def shard_folder(dataset: str, wp: WordPiece, limit: int | None, root: str | os.
                  val_fraction: float = VAL_FRACTION) -> Path:
     spec = resolve_dataset(dataset)
     base = Path(root).expanduser() if root is not None else data_root()
-    key = _digest([spec.id, shard_params(dataset, wp, limit, val_fraction)])
+    key = digest([spec.id, shard_params(dataset, wp, limit, val_fraction)])
     return base / "mlm" / f"{spec.slug}-wp{wp.vocab_size}-{key}"
 
 
@@ -165,9 +160,7 @@ def prepare_mlm(dataset: str, wp: WordPiece, *, limit: int | None = None, root: 
     meta["total_tokens"] = meta["train_tokens"] + meta["val_tokens"]
     meta["prepare_seconds"] = round(time.perf_counter() - start, 3)
     meta["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    with atomic_file(folder / META_JSON, "w") as f:
-        json.dump(meta, f, indent=2)
-        f.write("\n")
+    atomic_write_json(folder / META_JSON, meta)
     if log:
         log(f"tokenized {dataset} into {meta['total_tokens']:,} WordPiece tokens in {meta['prepare_seconds']:.1f}s "
             f"-> {folder}")

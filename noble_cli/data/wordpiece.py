@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from noble_cli.config import digest
 from noble_cli.errors import NobleError
 
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
@@ -247,10 +248,6 @@ def _write_vocab(path: Path, tokens: Sequence[str]) -> None:
         f.write("\n".join(tokens) + "\n")
 
 
-def _digest(obj) -> str:
-    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
-
-
 def train_or_load(dataset: str, vocab_size: int, *, lowercase: bool = True, every: int = 1, limit: int | None = None,
                   root: str | os.PathLike | None = None, texts: Iterable[str] | None = None,
                   force: bool = False, log=None) -> WordPiece:
@@ -274,7 +271,7 @@ def train_or_load(dataset: str, vocab_size: int, *, lowercase: bool = True, ever
     if spec.kind == "local":
         params["files"] = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in spec.files]
     folder = Path(root).expanduser() if root is not None else data_root()
-    folder = folder / "wordpiece" / f"{spec.slug}-v{vocab_size}-{'uncased' if lowercase else 'cased'}-{_digest(params)}"
+    folder = folder / "wordpiece" / f"{spec.slug}-v{vocab_size}-{'uncased' if lowercase else 'cased'}-{digest(params)}"
     vocab_path = folder / "vocab.txt"
     if vocab_path.is_file() and not force:
         return load_vocab(vocab_path, lowercase)

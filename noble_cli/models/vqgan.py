@@ -165,13 +165,6 @@ class VectorQuantizer(nn.Module):
         return n_dead if n_recent else 0
 
 
-def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B, (H/p)*(W/p), p*p*C)."""
-    B, C, H, W = x.shape
-    x = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)
-    return x.reshape(B, (H // p) * (W // p), p * p * C)
-
-
 def unpatchify(x: torch.Tensor, p: int, channels: int, grid: int) -> torch.Tensor:
     """(B, grid*grid, p*p*C) -> (B, C, grid*p, grid*p)."""
     B = x.shape[0]

@@ -24,7 +24,6 @@ USABLE_STATUSES = ("completed", "diverged")
 KNOWN_STATUSES = ("completed", "running", "interrupted", "failed", "diverged")
 
 REQUIRED_META = ("recipe", "variant_key", "pair_key", "seed", "is_baseline")
-RUN_FILES = ("meta.json", "metrics.csv", "summary.json", "config.yaml")
 
 # Fraction of the logged step times treated as warm-up when summary.json lacks median_step_time_s.
 WARMUP_FRACTION = 0.1

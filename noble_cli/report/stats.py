@@ -72,12 +72,6 @@ def t_sf_two_sided(t: float, df: float) -> float:
     return min(1.0, max(0.0, betainc(df / 2.0, 0.5, df / (df + t * t))))
 
 
-def t_cdf(t: float, df: float) -> float:
-    """CDF of Student's t with `df` degrees of freedom."""
-    half = 0.5 * t_sf_two_sided(t, df)
-    return 1.0 - half if t >= 0 else half
-
-
 def one_sample_t_test(values: Sequence[float], mu: float = 0.0) -> tuple[float, float]:
     """Two-sided one-sample t-test of mean(values) == mu: returns (t, p). NaN values are dropped.
 

@@ -103,6 +103,12 @@ class NobleTask(L.LightningModule):
     def items_in(self, batch) -> int:
         return 0
 
+    def configure_model(self) -> None:
+        t = self.cfg.trainer
+        # Under FSDP, Lightning checkpoints each block itself (train/run.py): the model must not do it a second time.
+        if hasattr(self.model, "activation_checkpointing"):
+            self.model.activation_checkpointing = t.activation_checkpointing and t.strategy != "fsdp"
+
     def block_types(self) -> set[type]:
         """The transformer block classes (those holding a SelfAttention): what FSDP wraps and shards one by one,
         and what its activation checkpointing recomputes."""

@@ -36,9 +36,6 @@ class CausalLM(NobleTask):
     def make_model(self, model_cfg: GPTConfig) -> GPT:
         return GPT(model_cfg)
 
-    def configure_model(self) -> None:
-        self.model.activation_checkpointing = self.cfg.trainer.activation_checkpointing
-
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from noble_cli.config import RunConfig
 from noble_cli.errors import NobleError
-from noble_cli.models.bert import BERT, NORMS, BertConfig, Block
+from noble_cli.models.bert import BERT, NORMS, BertConfig
 from noble_cli.tasks.base import NobleTask
 
 ModelConfig = BertConfig
@@ -77,12 +77,6 @@ class MaskedLM(NobleTask):
 
     def make_model(self, model_cfg: BertConfig) -> BERT:
         return BERT(model_cfg)
-
-    def configure_model(self) -> None:
-        self.model.activation_checkpointing = self.cfg.trainer.activation_checkpointing
-
-    def block_types(self) -> set:
-        return {Block}
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(input_ids, attention_mask=attention_mask)

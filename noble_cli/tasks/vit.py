@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from noble_cli.config import RunConfig
 from noble_cli.errors import NobleError
-from noble_cli.models.vit import Block, ViT, ViTConfig
+from noble_cli.models.vit import ViT, ViTConfig
 from noble_cli.tasks.base import NobleTask
 
 ModelConfig = ViTConfig
@@ -71,12 +71,6 @@ class ViTClassifier(NobleTask):
 
     def make_model(self, model_cfg: ViTConfig) -> ViT:
         return ViT(model_cfg)
-
-    def configure_model(self) -> None:
-        self.model.activation_checkpointing = self.cfg.trainer.activation_checkpointing
-
-    def block_types(self) -> set[type]:
-        return {Block}
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)

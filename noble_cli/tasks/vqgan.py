@@ -20,7 +20,6 @@ import torch.nn.functional as F
 
 from noble_cli.config import RunConfig
 from noble_cli.errors import NobleError
-from noble_cli.models.vit import Block
 from noble_cli.models.vqgan import (
     VQGAN,
     PatchDiscriminator,
@@ -75,9 +74,6 @@ class VQGANTask(NobleTask):
 
     def make_model(self, model_cfg: VQGANConfig) -> VQGAN:
         return VQGAN(model_cfg)
-
-    def block_types(self) -> set[type]:
-        return {Block}
 
     # --- losses ---------------------------------------------------------------------------------------------------
     @staticmethod

@@ -7,6 +7,7 @@ written atomically.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from noble_cli.atomic import temp_name
 from noble_cli.errors import NobleError
 from noble_cli.train.run_folder import RunFolder
 
-FLUSH_EVERY = 50  # steps between metrics.csv rewrites (and at every evaluation)
+FLUSH_SECONDS = 30.0  # metrics.csv is rewritten at most this often (and at every evaluation and at the end)
 
 # Peak dense bf16 tensor-core throughput, for MFU. Cards not listed report no MFU.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
@@ -86,9 +87,15 @@ class RunRecorder(L.Callback):
         self.items = 0
         self._loss_sum = 0.0
         self._lr = float("nan")
+        self._flops_per_item: float | None = None
+        self._peak: float | None = None
+        self._last_flush_time = time.perf_counter()
         self._t0: float | None = None
-        self._last_flush = 0
         self.status = "running"
+
+    def setup(self, trainer, pl_module, stage):
+        # Once, before a strategy wraps (and FSDP shards) the model: its FLOPs per item do not change.
+        self._flops_per_item, self._peak = pl_module.flops_per_item(), peak_flops()
 
     # --- state across resumes ---------------------------------------------------------------------------------
     def on_train_start(self, trainer, pl_module):
@@ -116,34 +123,39 @@ class RunRecorder(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if not torch.isfinite(loss.detach()).all():
-            self.status = "diverged"
-            raise DivergedError(
-                f"loss became {loss.item()} at step {trainer.global_step}; stopped. The metrics so far and the last "
-                f"good checkpoint are in {self.folder.path}"
-            )
-        self._loss_sum += float(loss.detach())  # each micro-batch's loss comes divided by the accumulation count
+        # Summed as a tensor (each micro-batch's loss comes divided by the accumulation count): reading it back at
+        # every micro-batch would make the CPU wait for the GPU each time.
+        self._loss_sum = self._loss_sum + loss.detach()
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
             return  # not an optimizer step yet
         self._sync(pl_module)
         now = time.perf_counter()
         dt = now - self._t0
         self._t0 = now
-        self.wallclock += dt
         step = trainer.global_step
+        train_loss, self._loss_sum = float(self._loss_sum), 0.0
+        if not math.isfinite(train_loss):
+            self.status = "diverged"
+            raise DivergedError(
+                f"loss became {train_loss} at step {step}; stopped. The metrics so far and the last good checkpoint "
+                f"are in {self.folder.path}"
+            )
+        self.wallclock += dt
         items, self.items = self.items, 0
         row = self.rows.setdefault(step, {"step": step})
-        world = trainer.world_size
-        train_loss, self._loss_sum = self._loss_sum, 0.0
         row.update(train_loss=train_loss, lr=self._lr, step_time_s=dt, wallclock_s=self.wallclock)
+        for k, v in trainer.callback_metrics.items():  # a task's extra train_* logs (accuracy, PSNR, ...)
+            if k.startswith("train_") and k != "train_loss":
+                row[k] = float(v)
         if items:
-            row[f"{pl_module.items_name}_per_s"] = items * world / dt
-            flops, peak = pl_module.flops_per_item(), peak_flops()
-            if flops and peak:
-                row["mfu"] = flops * items / dt / peak
-            pl_module.log(f"{pl_module.items_name[:3]}/s", items * world / dt, prog_bar=True)
-        if step - self._last_flush >= FLUSH_EVERY:
+            rate = items * trainer.world_size / dt
+            row[f"{pl_module.items_name}_per_s"] = rate
+            if self._flops_per_item and self._peak:
+                row["mfu"] = self._flops_per_item * rate / (self._peak * trainer.world_size)
+            pl_module.log(f"{pl_module.items_name[:3]}/s", rate, prog_bar=True)
+        if now - self._last_flush_time >= FLUSH_SECONDS:
             self._flush(trainer)
+            self._t0 = time.perf_counter()  # the rewrite is bookkeeping, not the next step's time
 
     # --- evaluation ------------------------------------------------------------------------------------------------
     def on_validation_epoch_end(self, trainer, pl_module):
@@ -188,7 +200,7 @@ class RunRecorder(L.Callback):
     def _flush(self, trainer, force: bool = False) -> None:
         if not trainer.is_global_zero or not (force or self.rows):
             return
-        self._last_flush = trainer.global_step
+        self._last_flush_time = time.perf_counter()
         frame = self.frame()
         if not frame.empty:
             frame = frame.astype({"step": int})

@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from rich.console import Console
 
-from noble_cli.atomic import atomic_write_text
+from noble_cli.atomic import atomic_write_text, is_stale_temp
 from noble_cli.config import RunConfig, config_hash, from_dict, run_id, to_yaml
 from noble_cli.errors import NobleError
 from noble_cli.tasks import get_task
@@ -80,7 +80,13 @@ def prepare_folder(cfg: RunConfig, folder: RunFolder, resume: bool, overwrite: b
         raise NobleError(f"cannot resume {folder.path}: its config differs from this one; use --overwrite or --out")
     if summary.get("status") == "completed":
         return "done"
-    return "resume" if folder.last_checkpoint.exists() else "new"
+    if not folder.last_checkpoint.exists():  # killed before its first checkpoint: nothing worth keeping
+        shutil.rmtree(folder.path)
+        return "new"
+    for leftover in folder.checkpoint_dir.iterdir():  # a checkpoint write cut off by a kill (can be gigabytes)
+        if is_stale_temp(leftover):
+            leftover.unlink()
+    return "resume"
 
 
 def build_trainer(cfg: RunConfig, module, folder: RunFolder, recorder: RunRecorder, progress: bool,

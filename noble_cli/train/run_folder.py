@@ -26,8 +26,6 @@ import pandas as pd
 from noble_cli.atomic import atomic_write_json, atomic_write_text
 from noble_cli.config import REPO_ROOT, RunConfig, pair_key, to_yaml, variant_key
 
-STATUSES = ("running", "completed", "interrupted", "failed", "diverged")
-
 
 def git_state(root: Path = REPO_ROOT) -> tuple[str, bool]:
     """(commit, dirty) of the code that runs; ('unknown', False) outside a git checkout."""
