@@ -346,7 +346,7 @@ def layer(
                         "forward + backward")
     for col in ("shape", "rank", "variant", "mode", "ms", "overhead", "floor (FLOPs)", "peak MB", "note"):
         table.add_column(col, justify="right" if col in ("rank", "ms", "overhead", "floor (FLOPs)", "peak MB")
-                         else "left")
+                         else "left", overflow="fold")
     for r in rows:
         table.add_row(f"{r['shape']} {r['in']}->{r['out']}", _fmt(r["rank"], "d"), r["variant"], r["mode"],
                       _fmt(r["ms"], ".3f"), _fmt(r["overhead"], "+.1%"), _fmt(r["flop_ratio"], "+.1%"),
@@ -367,7 +367,7 @@ def _synthetic_batch(task: str, module, batch_size: int, dev: torch.device, gen:
     """A batch of the task's shape (random tokens / images): a step's cost does not depend on the data."""
     m = module.model_cfg
     if task in ("causal_lm", "image_lm"):
-        seq = module.data_cfg.seq_len
+        seq = module.seq_len
         x = torch.randint(0, m.vocab_size, (batch_size, seq + 1), generator=gen).to(dev)
         return (x[:, :-1].contiguous(), x[:, 1:].contiguous()), batch_size * seq
     if task == "vit":
@@ -511,7 +511,7 @@ def step(
                         f"{_prec_label(prec)}, "
                         f"{branch} r{base_cfg.noble.rank}")
     for col in ("variant", "mode", "ms/step", "overhead", "FLOP overhead", "MFU", "params", "peak MB", "note"):
-        table.add_column(col, justify="left" if col in ("variant", "mode", "note") else "right")
+        table.add_column(col, justify="left" if col in ("variant", "mode", "note") else "right", overflow="fold")
     for r in rows:
         table.add_row(r["variant"], r["mode"], _fmt(r["ms"], ".2f"), _fmt(r["overhead"], "+.1%"),
                       _fmt(r["flop_overhead"], "+.1%"), _fmt(r["mfu"], ".1%"),

@@ -251,8 +251,7 @@ class ImageTokenDataModule(L.LightningDataModule):
             self.folder = folder
         self.train_set = CodeSequences(load_records(self.folder, "train"))
         val = CodeSequences(load_records(self.folder, "val"))
-        world, _ = self._world()
-        n = min(len(val), self.eval_batches * self.batch_size * world)
+        n = min(len(val), self.eval_batches * self.batch_size)  # the same set however many devices share it
         order = torch.randperm(len(val), generator=torch.Generator().manual_seed(1234))[:n]
         self.val_set = Subset(val, sorted(order.tolist()))
 

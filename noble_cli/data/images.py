@@ -439,7 +439,9 @@ class ImageDataModule(L.LightningDataModule):
         if self.expect_classes is not None and self.num_classes != self.expect_classes:
             raise NobleError(f"dataset {self.source.id} has {self.num_classes} classes but model.num_classes is "
                              f"{self.expect_classes}; set --set model.num_classes={self.num_classes}")
-        n = min(len(val), self.eval_batches * self.batch_size * self._world()[0])
+        # The same images however many devices share them (each rank evaluates its slice), so runs on different
+        # numbers of GPUs are scored on one set.
+        n = min(len(val), self.eval_batches * self.batch_size)
         order = torch.randperm(len(val), generator=torch.Generator().manual_seed(EVAL_SEED))[:n]
         self.val_set = Subset(val, sorted(order.tolist()))
 

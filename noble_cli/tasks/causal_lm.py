@@ -47,8 +47,13 @@ class CausalLM(NobleTask):
     def items_in(self, batch) -> int:
         return batch[0].numel()
 
+    @property
+    def seq_len(self) -> int:
+        """Tokens per training sequence."""
+        return self.data_cfg.seq_len
+
     def flops_per_item(self) -> float:
-        return self.model.flops_per_token(self.data_cfg.seq_len)
+        return self.model.flops_per_token(self.seq_len)
 
 
 def build_module(cfg: RunConfig) -> CausalLM:

@@ -61,8 +61,9 @@ class ImageLM(CausalLM):
 
     items_name = "tokens"
 
-    def flops_per_item(self) -> float:
-        return self.model.flops_per_token(self.model.cfg.block_size)
+    @property
+    def seq_len(self) -> int:
+        return self.model.cfg.block_size  # the recipes set it to the codes per image (checked to hold them)
 
 
 def build_module(cfg: RunConfig) -> ImageLM:
