@@ -18,10 +18,10 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from noble_cli.train.run_folder import FINISHED, STATUSES
+
 # Statuses whose curves are final. A diverged run is a legitimate outcome (it usually "does not reach"), so it is
 # kept and flagged; running, interrupted and failed runs are partial and skipped.
-USABLE_STATUSES = ("completed", "diverged")
-KNOWN_STATUSES = ("completed", "running", "interrupted", "failed", "diverged")
 
 REQUIRED_META = ("recipe", "variant_key", "pair_key", "seed", "is_baseline")
 
@@ -172,8 +172,8 @@ def load_run(path: Path) -> Run:
         raise SkipRun("no summary.json yet (running, or stopped before writing it)")
     summary = _read_json(path / "summary.json", "summary.json")
     status = str(summary.get("status", "")).strip().lower() or "unknown"
-    if status not in USABLE_STATUSES:
-        raise SkipRun(f"status {status}" + ("" if status in KNOWN_STATUSES else " (unknown status)"))
+    if status not in FINISHED:
+        raise SkipRun(f"status {status}" + ("" if status in STATUSES else " (unknown status)"))
 
     metrics = read_metrics(path / "metrics.csv")
     if "eval_loss" not in metrics.columns:

@@ -36,16 +36,16 @@ from noble_cli.errors import NobleError
 from noble_cli.sweep.locks import HOST, RunLock, describe_holder, now_iso
 from noble_cli.sweep.manifest import (
     FINISHED,
-    folder_exists,
     observe,
     read_manifest,
+    read_summary,
     reconcile,
     results_root,
     run_dir_of,
-    summary_status,
     update_entry,
 )
 from noble_cli.sweep.progress import fmt_duration, overview
+from noble_cli.train.run_folder import RunFolder
 
 TRAIN_ENV = "NOBLE_SWEEP_TRAIN"  # module:function to train with instead of noble_cli.train.run.train
 
@@ -94,7 +94,7 @@ def execute_entry(manifest: Path, index: int, train_fn: TrainFn | None = None, p
     run_dir = run_dir_of(manifest, e)
 
     def finished() -> bool:
-        s = summary_status(run_dir)
+        s = read_summary(run_dir).get("status")
         if s in FINISHED:
             if e.get("status") != "done":
                 update_entry(manifest, index, status="done", outcome=s, error=None)
@@ -117,7 +117,7 @@ def execute_entry(manifest: Path, index: int, train_fn: TrainFn | None = None, p
                          error="the stored config no longer hashes to its run id (the config schema changed)")
             raise NobleError(f"manifest entry {index} of {manifest}: its config no longer hashes to run id "
                              f"{e['run_id']} (the config schema changed); run the ablate command again with --force")
-        resume = folder_exists(run_dir)
+        resume = RunFolder(run_dir).exists()
         update_entry(manifest, index, status="running", attempts=int(e.get("attempts") or 0) + 1,
                      started_at=now_iso(), finished_at=None, host=HOST, pid=os.getpid(), error=None)
         t0 = time.time()
@@ -128,7 +128,7 @@ def execute_entry(manifest: Path, index: int, train_fn: TrainFn | None = None, p
             _finish(manifest, index, t0, status="pending", error="interrupted; resumes on the next run")
             raise
         except Exception as exc:  # noqa: BLE001 - any failure of one run is recorded, the sweep goes on
-            s = summary_status(run_dir)
+            s = read_summary(run_dir).get("status")
             if s == "diverged":
                 _finish(manifest, index, t0, status="done", outcome="diverged", error=_one_line(exc))
                 console.print(f"[yellow]diverged[/] {e['run_id']}: {_one_line(exc)}")
@@ -142,7 +142,7 @@ def execute_entry(manifest: Path, index: int, train_fn: TrainFn | None = None, p
             console.print(f"[bold red]failed[/] {e['run_id']}: {_one_line(exc)}", highlight=False)
             return "failed"
         summary = getattr(result, "summary", None) or {}
-        outcome = summary.get("status") or summary_status(run_dir) or "completed"
+        outcome = summary.get("status") or read_summary(run_dir).get("status") or "completed"
         _finish(manifest, index, t0, status="done", outcome=outcome, error=None)
         return "done"
     finally:

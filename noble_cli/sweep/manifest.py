@@ -25,10 +25,10 @@ from noble_cli import config as C
 from noble_cli.atomic import atomic_write_json
 from noble_cli.errors import NobleError
 from noble_cli.sweep.locks import HOST, RunLock, file_lock, now_iso
+from noble_cli.train.run_folder import FINISHED, RunFolder
 
 MANIFEST_VERSION = 1
 STATUSES = ("pending", "running", "done", "failed")
-FINISHED = ("completed", "diverged")  # summary.json statuses of a run that has its result (a divergence is one)
 
 
 def sweep_dir(out: Path, name: str) -> Path:
@@ -161,23 +161,8 @@ def sync_manifest(plan, out: Path, force: bool, argv: list[str]) -> tuple[Path, 
 
 
 # --- what a run's state really is --------------------------------------------------------------------------------
-def summary_status(run_dir: Path) -> str | None:
-    try:
-        return json.loads((Path(run_dir) / "summary.json").read_text()).get("status")
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return None
-
-
 def read_summary(run_dir: Path) -> dict:
-    try:
-        s = json.loads((Path(run_dir) / "summary.json").read_text())
-        return s if isinstance(s, dict) else {}
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
-def folder_exists(run_dir: Path) -> bool:
-    return (Path(run_dir) / "meta.json").exists() or (Path(run_dir) / "config.yaml").exists()
+    return RunFolder(Path(run_dir)).summary()
 
 
 def observe(manifest: Path, entry: dict) -> tuple[str, str]:
@@ -186,7 +171,9 @@ def observe(manifest: Path, entry: dict) -> tuple[str, str]:
     `done` needs the run folder's summary.json to say completed (or diverged: a result, not retried).
     """
     run_dir = run_dir_of(manifest, entry)
-    s = summary_status(run_dir)
+    folder = RunFolder(run_dir)
+    summary = folder.summary()
+    s = summary.get("status")
     holder = RunLock(run_dir).holder()
     if holder is not None:
         return "running", f"pid {holder.get('pid')} on {holder.get('host')}"
@@ -195,8 +182,8 @@ def observe(manifest: Path, entry: dict) -> tuple[str, str]:
         return "done", (s if s == "diverged" else detail)
     if entry.get("status") == "failed":
         return "failed", entry.get("error") or ""
-    if folder_exists(run_dir):
-        return "interrupted", f"stopped at step {read_summary(run_dir).get('steps', '?')}; will resume"
+    if folder.exists():
+        return "interrupted", f"stopped at step {summary.get('steps', '?')}; will resume"
     return "pending", ""
 
 
@@ -208,7 +195,7 @@ def reconcile(path: Path) -> dict:
         for e in m["runs"]:
             state, detail = observe(path, e)
             if state == "done" and e["status"] != "done":
-                e.update(status="done", outcome=summary_status(run_dir_of(path, e)), error=None)
+                e.update(status="done", outcome=read_summary(run_dir_of(path, e)).get("status"), error=None)
             elif state != "done" and e["status"] == "done":
                 e.update(status="pending", outcome=None, error="run folder was not finished; trained again")
             elif state in ("interrupted", "pending") and e["status"] == "running":

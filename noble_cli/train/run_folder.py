@@ -68,6 +68,10 @@ def device_description() -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
+STATUSES = ("running", "completed", "interrupted", "failed", "diverged")  # summary.json's `status`
+FINISHED = ("completed", "diverged")  # a run that has its result (a divergence is one: retrying repeats it)
+
+
 @dataclass
 class RunFolder:
     path: Path
@@ -117,7 +121,15 @@ class RunFolder:
         return meta
 
     def read_json(self, path: Path) -> dict:
-        return json.loads(path.read_text()) if path.exists() else {}
+        """A JSON object file of the folder; {} when missing or unreadable (a broken folder must not crash callers)."""
+        try:
+            obj = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return obj if isinstance(obj, dict) else {}
+
+    def summary(self) -> dict:
+        return self.read_json(self.summary_path)
 
     def read_metrics(self) -> pd.DataFrame:
         if not self.metrics_path.exists():
