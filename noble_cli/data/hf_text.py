@@ -8,6 +8,7 @@ hub; local files use the `text` (one .txt file = one document), `json` (.jsonl/.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from pathlib import Path
@@ -36,15 +37,18 @@ def is_val_text(text: str, val_buckets: int) -> bool:
     return h % VAL_BUCKETS < val_buckets
 
 
-def _tokenize_batch(batch: dict, val_buckets: int) -> dict:
+def _encode_batch(batch: dict, encode_documents, val_buckets: int) -> dict:
     """`datasets.map` function (module level so it pickles into worker processes and hashes stably)."""
-    from noble_cli.data.tokenizer import EOT_ID, gpt2_encoding
-
     texts = [t or "" for t in batch[TEXT_COLUMN]]
-    ids = gpt2_encoding().encode_ordinary_batch(texts, num_threads=1)
-    for doc in ids:
-        doc.append(EOT_ID)
+    ids = [a.tolist() for a in encode_documents(texts)]
     return {"ids": ids, "len": [len(d) for d in ids], "val": [is_val_text(t, val_buckets) for t in texts]}
+
+
+def gpt2_encoder():
+    """GPT-2 BPE with `<|endoftext|>` after each document, one thread (`datasets.map` brings the processes)."""
+    from noble_cli.data.tokenizer import encode_documents
+
+    return functools.partial(encode_documents, num_threads=1)
 
 
 def load_text_dataset(spec, *, hf_cache_dir: str | os.PathLike | None = None, num_proc: int | None = None):
@@ -114,8 +118,12 @@ def _split_tail(chunks, n_head: int):
 
 
 def prepare_hf(spec, folder: Path, *, limit: int | None, val_fraction: float, num_proc: int | None,
-               hf_cache_dir: str | os.PathLike | None) -> dict:
-    """Tokenize an HF/local dataset into `folder`/{train,val}.bin; returns the meta.json fields it owns."""
+               hf_cache_dir: str | os.PathLike | None, encode_documents=None, tokenizer: str = "gpt2") -> dict:
+    """Tokenize an HF/local dataset into `folder`/{train,val}.bin; returns the meta.json fields it owns.
+
+    encode_documents: texts -> one uint16 array per text, each ending in the tokenizer's document separator; it runs
+    in `datasets.map` worker processes, so it must pickle (a module-level function or a functools.partial of one).
+    Default: GPT-2 BPE + `<|endoftext|>`. tokenizer: the tag that heads the content fingerprint."""
     datasets = import_datasets()
     from noble_cli.data.shards import VAL_BUCKETS, Fingerprint, write_split
     from noble_cli.data.tokenizer import default_threads
@@ -131,7 +139,10 @@ def prepare_hf(spec, folder: Path, *, limit: int | None, val_fraction: float, nu
     list_type = getattr(datasets, "List", None) or datasets.Sequence
     features = datasets.Features({"ids": list_type(datasets.Value("uint16")), "len": datasets.Value("int64"),
                                   "val": datasets.Value("bool")})
-    tok = ds.map(_tokenize_batch, batched=True, batch_size=256, fn_kwargs={"val_buckets": val_buckets},
+    if encode_documents is None:
+        encode_documents = gpt2_encoder()
+    tok = ds.map(_encode_batch, batched=True, batch_size=256,
+                 fn_kwargs={"encode_documents": encode_documents, "val_buckets": val_buckets},
                  remove_columns=ds.column_names, features=features, num_proc=nproc if nproc > 1 else None,
                  desc=f"tokenizing {spec.id}")
     is_val = np.asarray(tok["val"], dtype=bool)
@@ -139,7 +150,7 @@ def prepare_hf(spec, folder: Path, *, limit: int | None, val_fraction: float, nu
     val_idx = np.flatnonzero(is_val)
     train_idx = np.flatnonzero(~is_val)
     train_ds = tok.select(train_idx) if val_idx.size else tok
-    fp = Fingerprint()
+    fp = Fingerprint(tokenizer)
     if val_idx.size:
         n_train = write_split(folder, "train", _iter_ids(train_ds), fp)
         n_val = write_split(folder, "val", _iter_ids(tok.select(val_idx)), fp)

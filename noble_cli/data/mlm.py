@@ -41,15 +41,14 @@ from noble_cli.data.shards import (
     FORMAT,
     FORMAT_VERSION,
     META_JSON,
-    VAL_BUCKETS,
     VAL_FRACTION,
-    Fingerprint,
     data_root,
     is_prepared,
     load_tokens,
+    local_params,
+    prepare_embedded,
     read_meta,
     resolve_dataset,
-    write_split,
 )
 from noble_cli.data.wordpiece import WordPiece, load_vocab, train_or_load
 from noble_cli.errors import NobleError
@@ -120,7 +119,7 @@ def shard_params(dataset: str, wp: WordPiece, limit: int | None, val_fraction: f
     params = {"tokenizer": "wordpiece", "vocab_sha1": wp.sha1, "vocab_size": wp.vocab_size, "lowercase": wp.lowercase,
               "limit": limit, "val_fraction": val_fraction}
     if spec.kind == "local":
-        params["files"] = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in spec.files]
+        params["files"] = local_params(spec)
     return params
 
 
@@ -146,17 +145,22 @@ def prepare_mlm(dataset: str, wp: WordPiece, *, limit: int | None = None, root: 
     with contextlib.suppress(FileNotFoundError):
         (folder / META_JSON).unlink()  # "not done" until the new meta.json lands
     start = time.perf_counter()
-    fp = Fingerprint(f"wordpiece:{wp.sha1}")
+    tag = f"wordpiece:{wp.sha1}"  # heads the content fingerprint
     if spec.kind == "embedded":
-        body = _prepare_embedded(folder, wp, limit, val_fraction, fp)
+        body = prepare_embedded(folder, None, limit, val_fraction, wp.encode_documents, tag)
     else:
-        body = _prepare_hf(spec, folder, wp, limit, val_fraction, fp)
+        from noble_cli.data.hf_text import prepare_hf
+
+        body = prepare_hf(spec, folder, limit=limit, val_fraction=val_fraction, num_proc=None, hf_cache_dir=None,
+                          encode_documents=functools.partial(_encode_wordpiece, str(wp.vocab_path), wp.lowercase),
+                          tokenizer=tag)
+    fingerprint = body.pop("fingerprint")
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "dataset": spec.id, "params": params,
             "tokenizer": "wordpiece", "tokenizer_source": str(wp.vocab_path), "vocab_size": wp.vocab_size,
             "vocab_sha1": wp.sha1, "lowercase": wp.lowercase, "dtype": "uint16",
             "special_ids": {"pad": wp.pad_id, "unk": wp.unk_id, "cls": wp.cls_id, "sep": wp.sep_id,
                             "mask": wp.mask_id},
-            "document_separator": "each document is followed by [SEP]", **body, "fingerprint": fp.hexdigest()}
+            "document_separator": "each document is followed by [SEP]", **body, "fingerprint": fingerprint}
     meta["total_tokens"] = meta["train_tokens"] + meta["val_tokens"]
     meta["prepare_seconds"] = round(time.perf_counter() - start, 3)
     meta["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -167,96 +171,14 @@ def prepare_mlm(dataset: str, wp: WordPiece, *, limit: int | None = None, root: 
     return folder
 
 
-def _prepare_embedded(folder: Path, wp: WordPiece, limit: int | None, val_fraction: float, fp: Fingerprint) -> dict:
-    from noble_cli.data.corpus import (
-        SOURCES,
-        iter_source,
-        source_names,
-        source_versions,
-    )
-    from noble_cli.data.shards import (
-        embedded_val_split,  # the GPT path's split: the same validation documents
-    )
-
-    versions = source_versions()
-    train_parts: list[np.ndarray] = []
-    val_parts: list[np.ndarray] = []
-    sources = []
-    for name in source_names():
-        docs = list(iter_source(name, limit))
-        arrays = wp.encode_documents([d.text for d in docs])
-        val_idx = embedded_val_split([d.name for d in docs], name, [a.size for a in arrays], val_fraction)
-        train_parts += [a for i, a in enumerate(arrays) if i not in val_idx]
-        val_parts += [a for i, a in enumerate(arrays) if i in val_idx]
-        total, val_tokens = sum(a.size for a in arrays), sum(arrays[i].size for i in val_idx)
-        sources.append({"name": name, "package": f"{SOURCES[name].dist}=={versions[name]}",
-                        "description": SOURCES[name].description, "documents": len(docs), "tokens": total,
-                        "train_tokens": total - val_tokens, "val_tokens": val_tokens,
-                        "val_documents": sorted(docs[i].name for i in val_idx)})
-    empty = np.zeros(0, np.uint16)
-    n_train = write_split(folder, "train", [np.concatenate(train_parts) if train_parts else empty], fp)
-    n_val = write_split(folder, "val", [np.concatenate(val_parts) if val_parts else empty], fp)
-    return {"train_tokens": n_train, "val_tokens": n_val, "documents": {"train": len(train_parts),
-                                                                        "val": len(val_parts)},
-            "val_split": f"per source: documents ordered by sha256('<source>/<name>'), taken into val until they hold "
-                         f">= {val_fraction:g} of the source's tokens", "sources": sources}
-
-
 @functools.lru_cache(maxsize=4)
 def _vocab(path: str, lowercase: bool) -> WordPiece:
     return load_vocab(path, lowercase)
 
 
-def _encode_batch(batch: dict, vocab_path: str, lowercase: bool, val_buckets: int) -> dict:
-    """`datasets.map` function (module level: it pickles into worker processes)."""
-    from noble_cli.data.hf_text import TEXT_COLUMN, is_val_text
-
-    texts = [t or "" for t in batch[TEXT_COLUMN]]
-    ids = [a.tolist() for a in _vocab(vocab_path, lowercase).encode_documents(texts)]
-    return {"ids": ids, "len": [len(d) for d in ids], "val": [is_val_text(t, val_buckets) for t in texts]}
-
-
-def _iter_ids(dset, batch_size: int = 4096):
-    for table in dset.select_columns(["ids"]).with_format("arrow").iter(batch_size=batch_size):
-        yield table.column("ids").combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(np.uint16)
-
-
-def _prepare_hf(spec, folder: Path, wp: WordPiece, limit: int | None, val_fraction: float, fp: Fingerprint) -> dict:
-    from noble_cli.data.hf_text import import_datasets, load_text_dataset
-    from noble_cli.data.tokenizer import default_threads
-
-    datasets = import_datasets()
-    ds = load_text_dataset(spec)
-    if limit is not None:
-        ds = ds.select(range(min(limit, len(ds))))
-    if len(ds) == 0:
-        raise NobleError(f"dataset {spec.id!r} has no documents")
-    nproc = max(1, min(default_threads(), len(ds) // 1000 or 1))
-    val_buckets = max(1, round(val_fraction * VAL_BUCKETS))
-    list_type = getattr(datasets, "List", None) or datasets.Sequence
-    features = datasets.Features({"ids": list_type(datasets.Value("uint16")), "len": datasets.Value("int64"),
-                                  "val": datasets.Value("bool")})
-    tok = ds.map(_encode_batch, batched=True, batch_size=256, remove_columns=ds.column_names, features=features,
-                 fn_kwargs={"vocab_path": str(wp.vocab_path), "lowercase": wp.lowercase, "val_buckets": val_buckets},
-                 num_proc=nproc if nproc > 1 else None, desc=f"WordPiece-tokenizing {spec.id}")
-    is_val = np.asarray(tok["val"], dtype=bool)
-    if is_val.any():
-        n_train = write_split(folder, "train", _iter_ids(tok.select(np.flatnonzero(~is_val))), fp)
-        n_val = write_split(folder, "val", _iter_ids(tok.select(np.flatnonzero(is_val))), fp)
-        rule = f"documents whose blake2b(text) falls in the first {val_buckets} of {VAL_BUCKETS} buckets"
-    else:  # tiny data: no document hashed into val, so the end of the token stream is val
-        stream = np.concatenate(list(_iter_ids(tok)))
-        n_tail = max(round(val_fraction * stream.size), min(stream.size // 10, 50_000))
-        if stream.size < 2 or n_tail < 1:
-            raise NobleError(f"dataset {spec.id!r} has too little text ({stream.size} tokens) for a train/val split")
-        n_train = write_split(folder, "train", [stream[:-n_tail]], fp)
-        n_val = write_split(folder, "val", [stream[-n_tail:]], fp)
-        rule = f"no document hashed into val, so the last {n_tail} tokens of the token stream are val"
-    return {"train_tokens": n_train, "val_tokens": n_val, "val_split": rule,
-            "documents": {"train": int((~is_val).sum()), "val": int(is_val.sum())},
-            "sources": [{"name": spec.hf_path or spec.id, "package": f"datasets=={datasets.__version__}",
-                         "documents": len(tok), "tokens": n_train + n_val, "train_tokens": n_train,
-                         "val_tokens": n_val}]}
+def _encode_wordpiece(vocab_path: str, lowercase: bool, texts: list[str]) -> list[np.ndarray]:
+    """`prepare_hf`'s encoder: picklable (by vocab path) for `datasets.map` worker processes."""
+    return _vocab(vocab_path, lowercase).encode_documents(texts)
 
 
 def prepare_all(dataset: str, vocab_size: int, *, vocab: str | None = None, lowercase: bool = True,

@@ -24,12 +24,13 @@ call rebuilds, never a half-written shard that passes for a finished one.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
 import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -276,15 +277,18 @@ def embedded_val_split(names: list[str], source: str, lengths: list[int], val_fr
     return chosen
 
 
-def _prepare_embedded(folder: Path, sources: Sequence[str] | None, limit: int | None, val_fraction: float,
-                      num_threads: int | None) -> dict:
+def prepare_embedded(folder: Path, sources: Sequence[str] | None, limit: int | None, val_fraction: float,
+                     encode_documents: Callable[[list[str]], list[np.ndarray]], tokenizer: str = "gpt2") -> dict:
+    """Tokenize the embedded corpus into `folder`/{train,val}.bin; returns the meta.json fields it owns.
+
+    encode_documents: texts -> one uint16 array per text, each ending in the tokenizer's document separator (GPT-2:
+    `<|endoftext|>`, WordPiece: `[SEP]`). tokenizer: the tag that heads the content fingerprint."""
     from noble_cli.data.corpus import (
         SOURCES,
         check_sources,
         iter_source,
         source_versions,
     )
-    from noble_cli.data.tokenizer import encode_documents
 
     chosen = check_sources(sources)
     versions = source_versions(chosen)  # NobleError naming the missing package, before any work
@@ -293,7 +297,7 @@ def _prepare_embedded(folder: Path, sources: Sequence[str] | None, limit: int | 
     source_meta = []
     for name in chosen:
         docs = list(iter_source(name, limit))
-        arrays = encode_documents([d.text for d in docs], num_threads=num_threads)
+        arrays = encode_documents([d.text for d in docs])
         val_idx = embedded_val_split([d.name for d in docs], name, [a.size for a in arrays], val_fraction)
         train_parts += [a for i, a in enumerate(arrays) if i not in val_idx]
         val_parts += [a for i, a in enumerate(arrays) if i in val_idx]
@@ -304,7 +308,7 @@ def _prepare_embedded(folder: Path, sources: Sequence[str] | None, limit: int | 
             "description": SOURCES[name].description, "documents": len(docs), "tokens": total,
             "train_tokens": total - val_tokens, "val_tokens": val_tokens,
             "val_documents": sorted(docs[i].name for i in val_idx)})
-    fp = Fingerprint()
+    fp = Fingerprint(tokenizer)
     n_train = write_split(folder, "train", [np.concatenate(train_parts) if train_parts else np.zeros(0, DTYPE)], fp)
     n_val = write_split(folder, "val", [np.concatenate(val_parts) if val_parts else np.zeros(0, DTYPE)], fp)
     return {"train_tokens": n_train, "val_tokens": n_val, "fingerprint": fp.hexdigest(),
@@ -314,7 +318,8 @@ def _prepare_embedded(folder: Path, sources: Sequence[str] | None, limit: int | 
             "sources": source_meta}
 
 
-def _local_params(spec: DatasetSpec) -> list:
+def local_params(spec: DatasetSpec) -> list:
+    """[path, size, mtime_ns] of each local file: part of the cache key, so edited files are tokenized again."""
     out = []
     for p in spec.files:
         st = p.stat()
@@ -352,7 +357,7 @@ def prepare(dataset: str | os.PathLike = "embedded", cache_dir: str | os.PathLik
     elif sources is not None:
         raise NobleError(f"sources only apply to the embedded dataset, not {spec.id!r}")
     if spec.kind == "local":
-        params["files"] = _local_params(spec)
+        params["files"] = local_params(spec)
 
     folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir(spec, sources, limit)
     if not force and is_prepared(folder, spec.id, params):
@@ -365,7 +370,10 @@ def prepare(dataset: str | os.PathLike = "embedded", cache_dir: str | os.PathLik
     start = time.perf_counter()
     meta = _base_meta(spec, params)
     if spec.kind == "embedded":
-        meta.update(_prepare_embedded(folder, sources, limit, val_fraction, num_proc))
+        from noble_cli.data.tokenizer import encode_documents
+
+        meta.update(prepare_embedded(folder, sources, limit, val_fraction,
+                                     functools.partial(encode_documents, num_threads=num_proc)))
     else:
         from noble_cli.data.hf_text import prepare_hf
 
