@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -12,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from noble_cli import config as C
-from noble_cli.errors import NobleError
+from noble_cli.entry import run_app
 
 app = typer.Typer(
     name="noble",
@@ -22,7 +20,6 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console()
-err_console = Console(stderr=True)
 
 # Options of `noble train` that map onto config fields (None = keep the recipe's value).
 TRAIN_OVERRIDES = {
@@ -126,35 +123,6 @@ def _register_subcommands() -> None:
 _register_subcommands()
 
 
-def _click_exceptions(name: str) -> tuple[type, ...]:
-    """The click exception class `name` from typer's vendored click (typer >= 0.29) and from click itself."""
-    found = []
-    for module in ("typer._click.exceptions", "click.exceptions"):
-        try:
-            found.append(getattr(importlib.import_module(module), name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(found)
-
-
 def main() -> None:
     """Entry point: user errors become one line on stderr and a non-zero exit, never a traceback."""
-    try:
-        code = app(standalone_mode=False)  # returns typer.Exit's code (Ctrl-C becomes 130) instead of raising it
-        if isinstance(code, int) and code:
-            sys.exit(code)
-    except NobleError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except _click_exceptions("NoArgsIsHelpError") as e:
-        e.show()
-        sys.exit(0)
-    except _click_exceptions("UsageError") as e:
-        hint = f" (see '{e.ctx.command_path} --help')" if e.ctx else ""
-        err_console.print(f"[bold red]error:[/] {e.format_message()}{hint}", highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except _click_exceptions("Abort"):
-        err_console.print("[bold red]aborted[/]")
-        sys.exit(130)
-    except _click_exceptions("Exit") as e:
-        sys.exit(e.exit_code)
+    run_app(app)

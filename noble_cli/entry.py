@@ -1,0 +1,46 @@
+"""Running a Typer app the way every `noble` entry point does (the `noble` command, sweep array tasks)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from rich.console import Console
+
+from noble_cli.errors import NobleError
+
+
+def _click_exceptions(name: str) -> tuple[type, ...]:
+    """The click exception class `name` from typer's vendored click (typer >= 0.29) and from click itself."""
+    found = []
+    for module in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(found)
+
+
+def run_app(app, prog_name: str | None = None) -> None:
+    """Run a Typer app: user errors become one line on stderr and a non-zero exit, never a traceback."""
+    err_console = Console(stderr=True)
+    try:
+        # standalone_mode=False returns typer.Exit's code (Ctrl-C becomes 130) instead of raising it
+        code = app(standalone_mode=False, prog_name=prog_name)
+        if isinstance(code, int) and code:
+            sys.exit(code)
+    except NobleError as e:
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except _click_exceptions("NoArgsIsHelpError") as e:
+        e.show()
+        sys.exit(0)
+    except _click_exceptions("UsageError") as e:
+        hint = f" (see '{e.ctx.command_path} --help')" if e.ctx else ""
+        err_console.print(f"[bold red]error:[/] {e.format_message()}{hint}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except _click_exceptions("Abort"):
+        err_console.print("[bold red]aborted[/]")
+        sys.exit(130)
+    except _click_exceptions("Exit") as e:
+        sys.exit(e.exit_code)
