@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from noble_cli.errors import NobleError
-from noble_cli.models.transformer import MLP, SelfAttention
+from noble_cli.models.transformer import MLP, SelfAttention, padded_vocab
 
 NORMS = ("pre", "post")
 
@@ -58,8 +58,7 @@ class BertConfig:
 
     @property
     def padded_vocab(self) -> int:
-        m = max(1, self.pad_vocab_to)
-        return (self.vocab_size + m - 1) // m * m
+        return padded_vocab(self.vocab_size, self.pad_vocab_to)
 
 
 class Block(nn.Module):

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from noble_cli.models.transformer import MLP, SelfAttention
+from noble_cli.models.transformer import MLP, SelfAttention, padded_vocab
 
 
 @dataclass
@@ -36,8 +36,7 @@ class GPTConfig:
 
     @property
     def padded_vocab(self) -> int:
-        m = max(1, self.pad_vocab_to)
-        return (self.vocab_size + m - 1) // m * m
+        return padded_vocab(self.vocab_size, self.pad_vocab_to)
 
 
 class Block(nn.Module):

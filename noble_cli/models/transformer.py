@@ -11,6 +11,12 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def padded_vocab(vocab_size: int, multiple: int) -> int:
+    """The embedding's row count: the vocabulary rounded up to `multiple` (tensor-core friendly; 1 disables)."""
+    m = max(1, multiple)
+    return (vocab_size + m - 1) // m * m
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention on PyTorch's fused scaled_dot_product_attention (causal or with a mask)."""
 

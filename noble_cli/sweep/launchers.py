@@ -216,6 +216,19 @@ def _pending(manifest: Path) -> tuple[list[int], list[int]]:
     return todo, busy
 
 
+def _claimable(manifest: Path, i: int, outcomes: dict[str, list[int]], busy: list[int]) -> dict | None:
+    """The fresh manifest if entry i should start now; None (recorded as skipped or busy) if it is done or running."""
+    m = read_manifest(manifest)
+    state, _ = observe(manifest, m["runs"][i])
+    if state == "done":
+        outcomes["skipped"].append(i)
+        return None
+    if state == "running":
+        busy.append(i)
+        return None
+    return m
+
+
 def run_local(manifest: Path, train_fn: TrainFn | None = None, console: Console | None = None,
               progress: bool = True, wait: bool = True, poll_s: float = 10.0, in_process: bool | None = None) -> dict:
     """Train every unfinished entry, one at a time. In-process when `train_fn` is given, else a subprocess each.
@@ -229,13 +242,8 @@ def run_local(manifest: Path, train_fn: TrainFn | None = None, console: Console 
     waited_note = ""
     while True:
         for i in todo:
-            m = read_manifest(manifest)
-            state, _ = observe(manifest, m["runs"][i])
-            if state == "done":
-                outcomes["skipped"].append(i)
-                continue
-            if state == "running":
-                busy.append(i)
+            m = _claimable(manifest, i, outcomes, busy)
+            if m is None:
                 continue
             console.print(overview(manifest, m, current=i, note=waited_note))
             if in_process:
@@ -325,13 +333,8 @@ def run_gpus(manifest: Path, gpus: list[str], console: Console | None = None, wa
                     if gpu in active or not queue:
                         continue
                     i = queue.pop(0)
-                    m = read_manifest(manifest)
-                    state, _ = observe(manifest, m["runs"][i])
-                    if state == "done":
-                        outcomes["skipped"].append(i)
-                        continue
-                    if state == "running":
-                        busy.append(i)
+                    m = _claimable(manifest, i, outcomes, busy)
+                    if m is None:
                         continue
                     log = logs / f"{i:04d}-{m['runs'][i]['run_id']}.log"
                     fh = open(log, "a")
