@@ -113,7 +113,11 @@ def variant_label(n: NobleConfig) -> str:
     if not n.enabled:
         return f"dense-matched({n.match_branch} r{n.rank})" if n.dense_match else "baseline"
     label = f"{n.branch} r{n.rank}"
-    return label if n.targets == "all" else f"{label} {n.targets}"
+    if n.targets != "all":
+        label += f" {n.targets}"
+    # An explicit kernel is part of the label: `--kernel torch` vs `--kernel triton` is a wall-clock comparison,
+    # and the two must not show up in a report as two rows of the same name.
+    return label if n.kernel == "auto" else f"{label} [{n.kernel}]"
 
 
 def coerce(value: Any, type_name: str, where: str) -> Any:

@@ -23,6 +23,15 @@ def test_recipe_resolves_with_overrides_and_sets():
     assert cfg.variant == "cosnet r8"
 
 
+def test_variant_labels_name_targets_and_an_explicit_kernel():
+    label = lambda **kw: C.resolve("llm-tiny", {"noble.branch": "cosnet", **kw}).variant  # noqa: E731
+    assert label() == "cosnet r8"
+    assert label(**{"noble.targets": "mlp", "noble.rank": 4}) == "cosnet r4 mlp"
+    torch_, triton_ = label(**{"noble.kernel": "torch"}), label(**{"noble.kernel": "triton"})
+    assert (torch_, triton_) == ("cosnet r8 [torch]", "cosnet r8 [triton]")  # two rows of a report, not one name
+    assert C.resolve("llm-tiny", {"noble.kernel": "torch"}).variant == "baseline"
+
+
 def test_saved_config_round_trips_to_the_same_hash(tmp_path):
     cfg = C.resolve("llm-tiny", {"noble.branch": "gelu_net"})
     path = tmp_path / "my.yaml"

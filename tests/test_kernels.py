@@ -214,6 +214,48 @@ def test_import_without_triton():
     assert out.stdout.split() == ["False", "False"]
 
 
+def _count_fused_calls(monkeypatch) -> list:
+    """Counts calls of the fused op: proves that a NobleLinear took the Triton path, not its torch fallback."""
+    calls, real = [], nk.cosnet_linear
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(nk, "cosnet_linear", counting)
+    return calls
+
+
+def test_training_run_matches_torch_path(tmp_path, monkeypatch):
+    """`noble train` with kernel=triton follows the torch path's loss curve: fp32 on the CPU (interpreter) to
+    summation-order noise, bf16 autocast on a GPU to bf16 noise."""
+    import pandas as pd
+
+    from noble_cli import config as C
+    from noble_cli.train.run import train
+
+    calls = _count_fused_calls(monkeypatch)
+    sets = ["model.d_model=16", "model.n_head=2", "model.n_layer=1", "model.block_size=16", "data.seq_len=16",
+            "trainer.batch_size=2", "trainer.eval_batches=1", "trainer.eval_every=3", "trainer.max_steps=6",
+            "schedule.warmup_steps=2", "optim.lr=1e-2", "noble.branch=cosnet", "noble.rank=4", "noble.targets=mlp",
+            "noble.up_init_scale=1.0"]  # a branch of the main path's size, so that a wrong branch shows in the loss
+    # (MLP only: fc and fc2 cover both in < out and in > out, at a third of the interpreter's time for all six)
+    curves = {}
+    for kernel in ("torch", "triton"):
+        cfg = C.resolve("llm-tiny", sets=sets + [f"noble.kernel={kernel}"])
+        result = train(cfg, out=tmp_path, progress=False)
+        assert result.meta["kernel"] == kernel
+        curves[kernel] = pd.read_csv(result.run_dir / "metrics.csv").set_index("step")
+        assert (len(calls) > 0) == (kernel == "triton")
+    torch_, triton_ = curves["torch"], curves["triton"]
+    tol = 1e-4 if DEVICE == "cpu" else 3e-2
+    pd.testing.assert_series_equal(triton_["train_loss"], torch_["train_loss"], rtol=tol, atol=0)
+    evals = [c["eval_loss"].dropna() for c in (triton_, torch_)]
+    assert list(evals[0].index) == [3, 6]
+    pd.testing.assert_series_equal(*evals, rtol=tol, atol=0)
+    assert torch_["train_loss"].iloc[-1] < torch_["train_loss"].iloc[0], "the run must learn for this to mean much"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # GPU only: compiled kernels at realistic widths, the module dispatch, torch.compile.
 
@@ -230,8 +272,9 @@ def test_gpu_realistic_shapes(dtype):
 
 @gpu
 @needs_cuda
-def test_gpu_noble_linear_dispatch_matches_torch():
+def test_gpu_noble_linear_dispatch_matches_torch(monkeypatch):
     """NobleLinear(kernel="triton") dispatches to the fused path on CUDA and matches kernel="torch"."""
+    calls = _count_fused_calls(monkeypatch)
     ref, fused = _noble_linear("torch", 256, 512, 32, "cuda"), _noble_linear("triton", 256, 512, 32, "cuda")
     fused.load_state_dict(ref.state_dict())
     x = torch.randn(4, 100, 256, device="cuda")
@@ -242,6 +285,7 @@ def test_gpu_noble_linear_dispatch_matches_torch():
             y = layer(xi)
         y.float().square().mean().backward()
         outs.append([y.float(), xi.grad] + [t.grad for t in _layer_args(layer)])
+    assert len(calls) == 1, "only the triton layer takes the fused path"
     for a, b in zip(*outs):
         torch.testing.assert_close(a.float(), b.float(), rtol=5e-2, atol=5e-2 * float(b.abs().max()))
 

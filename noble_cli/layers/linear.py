@@ -20,12 +20,24 @@ from noble_cli.layers.activations import activation_spec, resolve_activation
 KERNELS = ("torch", "triton")
 
 
+def fused_kernels_run_on(x: torch.Tensor) -> bool:
+    """Whether the Triton kernels can take `x`: any CUDA tensor; a CPU tensor only in Triton's interpreter (tests)."""
+    if x.is_cuda:
+        return True
+    try:
+        from noble_kernels import available  # needs only torch; triton itself is optional off CUDA
+    except ImportError:
+        return False
+    return available(x.device)
+
+
 class NobleLinear(nn.Linear):
     """A drop-in nn.Linear (same `in_features`, `out_features`, `weight`, `bias`, forward) with a NOBLE branch.
 
     Attribute names `down`, `up`, `act` and, for CosNet, `act.freq1/phase1/mix/freq2/phase2` are a stable API.
     `kernel` picks the implementation of the forward: "torch" (any activation, any device) or "triton"
-    (fused CosNet on CUDA; falls back to torch where the fused path does not apply).
+    (fused CosNet kernels on CUDA, or on the CPU under TRITON_INTERPRET=1; falls back to torch where the fused path
+    does not apply: another activation, or a device the kernels cannot run on).
     """
 
     def __init__(
@@ -79,10 +91,8 @@ class NobleLinear(nn.Linear):
         return self.up(self.act(self.down(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel == "triton" and self.activation == "cosnet" and x.is_cuda:
-            from noble_kernels import (
-                cosnet_linear,  # imported lazily: triton is optional off CUDA
-            )
+        if self.kernel == "triton" and self.activation == "cosnet" and fused_kernels_run_on(x):
+            from noble_kernels import cosnet_linear
 
             a = self.act
             return cosnet_linear(

@@ -84,8 +84,8 @@ class NobleTask(L.LightningModule):
         # The resolved config goes into every checkpoint (hyper_parameters), so a checkpoint alone can be rebuilt.
         self.save_hyperparameters({"config": cfg.to_dict()})
         self.cfg, self.model_cfg, self.data_cfg = cfg, model_cfg, data_cfg
-        kernel = resolved_kernel(cfg.noble, on_cuda=torch.cuda.is_available() and cfg.trainer.accelerator != "cpu")
-        self.model = build_model(self.make_model, model_cfg, cfg.noble, kernel)
+        self.kernel = resolved_kernel(cfg.noble, on_cuda=torch.cuda.is_available() and cfg.trainer.accelerator != "cpu")
+        self.model = build_model(self.make_model, model_cfg, cfg.noble, self.kernel)
         self.params = count_parameters(self.model)
 
     # --- what a task writes -------------------------------------------------------------------------------------
