@@ -6,6 +6,7 @@ import importlib.metadata as md
 import json
 import os
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -258,6 +259,22 @@ def test_validation_windows_are_fixed(full):
     starts = dm.val_windows().starts
     assert (np.diff(starts) >= 33).all()  # non-overlapping, evenly spread over val.bin
     assert starts[-1] == len(shards.load_tokens(full, "val")) - 33
+
+
+@pytest.mark.parametrize("world", [2, 5])
+def test_validation_windows_are_shared_out_across_ranks(full, world):
+    """Under DDP each rank scores its share of the one fixed set: together the ranks cover every window once
+    (plus, where 12 windows don't divide by the world size, a few repeats to even the shares)."""
+    single = torch.cat([x for x, _ in _dm(full).val_dataloader()])
+    shares = []
+    for rank in range(world):
+        dm = _dm(full)
+        dm.trainer = types.SimpleNamespace(global_rank=rank, world_size=world)
+        shares.append(torch.cat([x for x, _ in dm.val_dataloader()]))
+    assert len({len(s) for s in shares}) == 1, "equal shares: the mean of the ranks' means is the mean"
+    rows = {tuple(r.tolist()) for s in shares for r in s}
+    assert rows == {tuple(r.tolist()) for r in single} and len(single) == 12
+    assert sum(len(s) for s in shares) == 12 + (-12) % world
 
 
 def test_lightning_checkpoint_resume_sees_same_batches(full, tmp_path):

@@ -20,7 +20,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, get_worker_info
 
 from noble_cli.data.shards import (
     describe,
@@ -243,7 +243,13 @@ class LMDataModule(L.LightningDataModule):
         return windows
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_windows(), batch_size=self.batch_size, shuffle=False, drop_last=False,
+        """The fixed windows, split across ranks: each device scores its share of the same set (Lightning's
+        `sync_dist` averages the shares), so the eval loss does not depend on the device count. Where the windows
+        do not divide evenly, DistributedSampler repeats up to world_size - 1 of them to even the shares."""
+        windows = self.val_windows()
+        rank, world = self._rank_world()
+        sampler = DistributedSampler(windows, num_replicas=world, rank=rank, shuffle=False) if world > 1 else None
+        return DataLoader(windows, batch_size=self.batch_size, sampler=sampler, shuffle=False, drop_last=False,
                           num_workers=self.num_workers, pin_memory=self.pin_memory)
 
     def describe(self) -> dict:
