@@ -62,7 +62,17 @@ def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
     """
     if dtype != torch.float32 or device.type != "cuda":
         return "ieee"
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return "tf32" if _torch_allows_tf32() else "ieee"
+
+
+def _torch_allows_tf32() -> bool:
+    """torch's TF32 switch for cuBLAS matmuls. torch >= 2.9 raises on the legacy flag once a program has also used
+    the new `fp32_precision` API; then the new one answers."""
+    matmul = torch.backends.cuda.matmul
+    try:
+        return bool(matmul.allow_tf32)
+    except RuntimeError:
+        return getattr(matmul, "fp32_precision", "none") == "tf32"
 
 
 def chain_precision(dtype: torch.dtype, device: torch.device) -> str:

@@ -174,7 +174,7 @@ def main(argv=None) -> list[dict]:
                 stride_dwur=1, stride_dwdr=K, stride_dwdk=1)
     for cfg in wgrads:
         out.append(_compile(fused_linear._weight_grad_kernel, vals,
-                            dict(EVEN_T=True, PRECISION=prec, DOT_F32=False, **cfg.kwargs), a.arch,
+                            dict(EVEN_T=True, BLOCK_R=br, PRECISION=prec, DOT_F32=False, **cfg.kwargs), a.arch,
                             cfg.num_warps, cfg.num_stages))
     return out
 

@@ -146,15 +146,23 @@ def _weight_grad_kernel(
     stride_dwn, stride_dwk, stride_dwun, stride_dwur, stride_dwdr, stride_dwdk,
     EVEN_T: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_R: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
 ):
     # Tile space: region 1 = (row tiles of g, then of dh) x (column tiles of x); region 2 = (row tiles of g) x
     # (column tiles of c). Each region is walked in grouped order, like the forward GEMM.
+    # Tiles along r are at most BLOCK_R (r padded to a power of two) wide: a 128-wide tile at r = 64 would compute
+    # twice the branch's FLOPs and throw half away. (Static ifs: BLOCK_* are constexprs.)
     pid = tl.program_id(0)
     tiles_g = tl.cdiv(N, BLOCK_M)
-    tiles_dh = tl.cdiv(R, BLOCK_M)
     tiles_x = tl.cdiv(K, BLOCK_N)
-    tiles_c = tl.cdiv(R, BLOCK_N)
+    if BLOCK_M <= BLOCK_R:
+        tiles_dh = tl.cdiv(R, BLOCK_M)
+    else:
+        tiles_dh = tl.cdiv(R, BLOCK_R)
+    if BLOCK_N <= BLOCK_R:
+        tiles_c = tl.cdiv(R, BLOCK_N)
+    else:
+        tiles_c = tl.cdiv(R, BLOCK_R)
     region1 = (tiles_g + tiles_dh) * tiles_x
     in_region2 = pid >= region1
     local = tl.where(in_region2, pid - region1, pid)
@@ -170,18 +178,28 @@ def _weight_grad_kernel(
     do_bias = pid_n == 0
 
     # Each branch passes its own operands to the shared tile routine (no values are merged across branches).
-    if in_region2:  # dW_up = g^T c
-        _tn_tile(g_ptr, c_ptr, dwu_ptr, db_ptr, pid_m * BLOCK_M, col0, T, N, R,
-                 stride_gt, stride_gn, stride_ct, stride_cr, stride_dwun, stride_dwur, False,
-                 EVEN_T, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, DOT_F32)
+    if in_region2:  # dW_up = g^T c: BLOCK_M x min(BLOCK_N, BLOCK_R) tiles
+        if BLOCK_N <= BLOCK_R:
+            _tn_tile(g_ptr, c_ptr, dwu_ptr, db_ptr, pid_m * BLOCK_M, pid_n * BLOCK_N, T, N, R,
+                     stride_gt, stride_gn, stride_ct, stride_cr, stride_dwun, stride_dwur, False,
+                     EVEN_T, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, DOT_F32)
+        else:
+            _tn_tile(g_ptr, c_ptr, dwu_ptr, db_ptr, pid_m * BLOCK_M, pid_n * BLOCK_R, T, N, R,
+                     stride_gt, stride_gn, stride_ct, stride_cr, stride_dwun, stride_dwur, False,
+                     EVEN_T, BLOCK_M, BLOCK_R, BLOCK_K, PRECISION, DOT_F32)
     elif pid_m < tiles_g:  # dW = g^T x, and db
         _tn_tile(g_ptr, x_ptr, dw_ptr, db_ptr, pid_m * BLOCK_M, col0, T, N, K,
                  stride_gt, stride_gn, stride_xt, stride_xk, stride_dwn, stride_dwk, do_bias,
                  EVEN_T, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, DOT_F32)
-    else:  # dW_down = dh^T x, and db_down
-        _tn_tile(dh_ptr, x_ptr, dwd_ptr, dbd_ptr, (pid_m - tiles_g) * BLOCK_M, col0, T, R, K,
-                 stride_dht, stride_dhr, stride_xt, stride_xk, stride_dwdr, stride_dwdk, do_bias,
-                 EVEN_T, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, DOT_F32)
+    else:  # dW_down = dh^T x, and db_down: min(BLOCK_M, BLOCK_R) x BLOCK_N tiles
+        if BLOCK_M <= BLOCK_R:
+            _tn_tile(dh_ptr, x_ptr, dwd_ptr, dbd_ptr, (pid_m - tiles_g) * BLOCK_M, col0, T, R, K,
+                     stride_dht, stride_dhr, stride_xt, stride_xk, stride_dwdr, stride_dwdk, do_bias,
+                     EVEN_T, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, DOT_F32)
+        else:
+            _tn_tile(dh_ptr, x_ptr, dwd_ptr, dbd_ptr, (pid_m - tiles_g) * BLOCK_R, col0, T, R, K,
+                     stride_dht, stride_dhr, stride_xt, stride_xk, stride_dwdr, stride_dwdk, do_bias,
+                     EVEN_T, BLOCK_R, BLOCK_N, BLOCK_K, PRECISION, DOT_F32)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -267,16 +285,18 @@ def weight_grads(g2, dh, x2, c, w_dtype, wu_dtype, wd_dtype):
     )
     precision = _common.dot_precision(g2.dtype, dev)
     dot_f32 = _common.dot_f32(g2)
+    br = _common.rank_block(r)
 
     def grid(meta):
         bm, bn = meta["BLOCK_M"], meta["BLOCK_N"]
         rows = triton.cdiv(n, bm)
-        return ((rows + triton.cdiv(r, bm)) * triton.cdiv(k, bn) + rows * triton.cdiv(r, bn),)
+        return ((rows + triton.cdiv(r, min(bm, br))) * triton.cdiv(k, bn) + rows * triton.cdiv(r, min(bn, br)),)
 
     if dev.type == "cuda":
-        _tuned("wgrad", g2.element_size())[grid](*args, EVEN_T=t % 64 == 0, PRECISION=precision, DOT_F32=dot_f32)
+        _tuned("wgrad", g2.element_size())[grid](*args, EVEN_T=t % 64 == 0, BLOCK_R=br, PRECISION=precision,
+                                                 DOT_F32=dot_f32)
     else:
         meta = _interpret_meta()
-        _weight_grad_kernel[grid(meta)](*args, EVEN_T=t % meta["BLOCK_K"] == 0, PRECISION=precision,
+        _weight_grad_kernel[grid(meta)](*args, EVEN_T=t % meta["BLOCK_K"] == 0, BLOCK_R=br, PRECISION=precision,
                                         DOT_F32=dot_f32, **meta)
     return dw, dwu, dwd, db, dbd

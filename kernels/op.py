@@ -89,10 +89,11 @@ def _bwd(
     n, r = weight.shape[0], up_weight.shape[1]
     if m == 0:
         f32 = torch.float32
-        return [x.new_zeros((0, k)), torch.zeros_like(weight), x.new_zeros((n,), dtype=f32),
-                torch.zeros_like(down_weight), x.new_zeros((r,), dtype=f32),
+        # new_zeros(shape), not zeros_like: gradients are contiguous whatever the weights' strides
+        return [x.new_zeros((0, k)), weight.new_zeros(weight.shape), x.new_zeros((n,), dtype=f32),
+                down_weight.new_zeros(down_weight.shape), x.new_zeros((r,), dtype=f32),
                 *[x.new_zeros((r,), dtype=f32) for _ in range(2)], x.new_zeros((r, r), dtype=f32),
-                *[x.new_zeros((r,), dtype=f32) for _ in range(3)], torch.zeros_like(up_weight)]
+                *[x.new_zeros((r,), dtype=f32) for _ in range(3)], up_weight.new_zeros(up_weight.shape)]
     with _no_autocast(x.device), _device_guard(x):
         g = g.to(x.dtype)
         dh, vec, dmix = cosnet.cosnet_backward(g, up_weight, h, freq1, phase1, mix_weight, mix_bias, freq2, phase2)
@@ -119,9 +120,10 @@ def _bwd_fake(g, x, weight, down_weight, freq1, phase1, mix_weight, mix_bias, fr
     r = up_weight.shape[1]
     f32 = torch.float32
     vec = [x.new_empty((r,), dtype=f32) for _ in range(5)]
-    return [x.new_empty(x.shape), torch.empty_like(weight), x.new_empty((weight.shape[0],), dtype=f32),
-            torch.empty_like(down_weight), vec[0], vec[1], vec[2], x.new_empty((r, r), dtype=f32),
-            vec[3], vec[4], torch.empty_like(vec[0]), torch.empty_like(up_weight)]
+    # new_empty(shape), not empty_like: the real op returns contiguous gradients whatever the weights' strides
+    return [x.new_empty(x.shape), weight.new_empty(weight.shape), x.new_empty((weight.shape[0],), dtype=f32),
+            down_weight.new_empty(down_weight.shape), vec[0], vec[1], vec[2], x.new_empty((r, r), dtype=f32),
+            vec[3], vec[4], x.new_empty((r,), dtype=f32), up_weight.new_empty(up_weight.shape)]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -179,6 +181,33 @@ def default_gemm() -> str:
     return gemm
 
 
+_INT32_LIMIT = 2**31  # the kernels' offsets are int32
+
+
+def _check_shapes(x, weight, bias, down_weight, down_bias, freq1, phase1, mix_weight, mix_bias, freq2, phase2,
+                  up_weight) -> None:
+    """What F.linear would refuse, refused here too: the kernels would read out of bounds instead."""
+    if weight.ndim != 2 or down_weight.ndim != 2 or up_weight.ndim != 2 or mix_weight.ndim != 2:
+        raise ValueError("cosnet_linear: weight, down_weight, mix_weight and up_weight must be matrices")
+    n, k = weight.shape
+    r = down_weight.shape[0]
+    expected = {"x": (x.shape[-1:] if x.ndim else (), (k,)), "down_weight": (down_weight.shape, (r, k)),
+                "mix_weight": (mix_weight.shape, (r, r)), "up_weight": (up_weight.shape, (n, r)),
+                "bias": (None if bias is None else bias.shape, (n,))}
+    for name, t in (("down_bias", down_bias), ("freq1", freq1), ("phase1", phase1), ("mix_bias", mix_bias),
+                    ("freq2", freq2), ("phase2", phase2)):
+        expected[name] = (None if t is None else t.shape, (r,))
+    for name, (got, want) in expected.items():
+        if got is not None and tuple(got) != want:
+            where = "last dimension of x" if name == "x" else name
+            raise ValueError(f"cosnet_linear: {where} has shape {tuple(got)}, expected {want} "
+                             f"(weight {n}x{k}, rank {r})")
+    tokens = x.numel() // max(1, k)
+    if max(tokens * max(k, n), weight.numel()) >= _INT32_LIMIT:
+        raise ValueError(f"cosnet_linear: {tokens} tokens x max(in, out) = {tokens * max(k, n)} elements reach the "
+                         "kernels' int32 offset limit (2^31); split the batch")
+
+
 def cosnet_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     down_weight: torch.Tensor, down_bias: Optional[torch.Tensor],
@@ -189,6 +218,11 @@ def cosnet_linear(
     mix_weight: (r, r); up_weight: (out, r); bias (out,), down_bias, freq*, phase*, mix_bias (r,); biases may be
     None. Returns (..., out) in the compute dtype (the autocast dtype under autocast, else x's dtype)."""
     gemm = gemm or default_gemm()
+    _check_shapes(x, weight, bias, down_weight, down_bias, freq1, phase1, mix_weight, mix_bias, freq2, phase2,
+                  up_weight)
+    # The kernels index per-channel vectors as ptr + i: give them unit stride (a no-op for parameters).
+    bias, down_bias, freq1, phase1, mix_bias, freq2, phase2 = (
+        None if t is None else t.contiguous() for t in (bias, down_bias, freq1, phase1, mix_bias, freq2, phase2))
     dt = _compute_dtype(x)
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)

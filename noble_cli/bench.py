@@ -31,6 +31,7 @@ from torch import nn
 
 from noble_cli.atomic import atomic_write_json
 from noble_cli.errors import NobleError
+from noble_cli.layers.activations import resolve_activation
 from noble_cli.train.run_folder import library_versions
 
 bench_app = typer.Typer(
@@ -217,6 +218,16 @@ def _use_fused(layers, variant: str, dev: torch.device) -> None:
             layer.forward = types.MethodType(_fused_forward(TRITON_VARIANTS[variant]), layer)
 
 
+def _fresh_compile(module: torch.nn.Module) -> torch.nn.Module:
+    """torch.compile with a clean dynamo cache and static shapes, for every compiled row.
+
+    All NobleLinear instances share one forward: across many rows (shapes x ranks x kernels) dynamo would hit its
+    recompile limit and silently run later rows eager, and after the first shape change it would mark inputs
+    dynamic, so rows would be timed with different kinds of graphs."""
+    torch._dynamo.reset()
+    return torch.compile(module, dynamic=False)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # noble bench layer
 
@@ -319,7 +330,7 @@ def layer(
                 try:
                     mod = _layer_module(variant, n_in, n_out, rank or 1, dev)
                     if mode == "compiled":
-                        mod = torch.compile(mod)
+                        mod = _fresh_compile(mod)
                     x = torch.randn(tokens, n_in, device=dev, requires_grad=True)
                     row["ms"], row["peak_mem_mb"] = _bench_layer(mod, x, dev, prec, warmup, iters)
                 except NobleError:
@@ -421,6 +432,10 @@ def step(
     base_cfg = C.resolve(recipe, overrides, set_)
     if base_cfg.task not in STEP_TASKS:
         raise NobleError(f"noble bench step supports tasks {', '.join(STEP_TASKS)}; {recipe} is {base_cfg.task}")
+    fused_wanted = [v for v in wanted if v in TRITON_VARIANTS]
+    if fused_wanted and resolve_activation(branch) != "cosnet":  # refused before anything is timed
+        raise NobleError(f"variants {', '.join(fused_wanted)} need --branch cosnet (the fused kernels' only "
+                         f"branch), not {branch}; for other branches use --variants baseline,noble-torch")
     rows: list[dict] = []
     flops_base: dict[str, float] = {}
 
@@ -450,7 +465,7 @@ def step(
                     _use_fused([m for _, m in noble_layers(module.model)], variant, dev)
                 opt = module.configure_optimizers()["optimizer"]
                 if mode == "compiled":
-                    module.model = torch.compile(module.model)
+                    module.model = _fresh_compile(module.model)
                 gen = torch.Generator().manual_seed(cfg.seed)
                 batch, items = _synthetic_batch(cfg.task, module, cfg.trainer.batch_size, dev, gen)
                 params = [p for g in opt.param_groups for p in g["params"]]

@@ -91,3 +91,11 @@ def test_bench_step_rejects_unknown_variant(tmp_path):
                                        "--out", str(tmp_path / "x.json")])
     assert result.exit_code != 0
     assert "unknown variant 'nope'" in str(result.exception)
+
+
+def test_bench_step_refuses_fused_variants_for_other_branches_before_timing(tmp_path):
+    result = runner.invoke(bench_app, ["step", "--recipe", "llm-tiny", "--branch", "gelu_net",
+                                       "--out", str(tmp_path / "x.json")])
+    assert result.exit_code != 0
+    assert "need --branch cosnet" in str(result.exception) and "not gelu_net" in str(result.exception)
+    assert not (tmp_path / "x.json").exists()

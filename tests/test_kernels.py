@@ -127,6 +127,18 @@ def test_fp32_matches_float64_reference(lead, k, n, r, bias):
     check(run_case(x, p, g, dtype=torch.float32), rtol=2e-5)
 
 
+@pytest.mark.parametrize("r", [5, 17])
+def test_rank_narrower_than_the_gemm_tiles(monkeypatch, r):
+    """32-wide tiles with r padded to 16 (r=5): the weight-gradient kernel's r-sized tiles (dW_up columns, dW_down
+    rows) are then narrower than its main tiles; r=17 pads to 32, the tiles' own width."""
+    if DEVICE != "cpu":
+        pytest.skip("interpreter tile sizes")
+    for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
+        monkeypatch.setitem(nk._common.INTERPRET_BLOCKS, key, 32)
+    x, p, g = make_inputs((45,), 40, 72, r, seed=11)
+    check(run_case(x, p, g, dtype=torch.float32), rtol=2e-5)
+
+
 def test_bf16_matches_float64_reference():
     x, p, g = make_inputs((37,), 48, 40, 5, seed=1)
     check(run_case(x, p, g, dtype=torch.bfloat16), rtol=3e-2)
@@ -160,6 +172,58 @@ def test_no_tokens():
     assert y.shape == (0, 20)
     y.sum().backward()
     assert x.grad.shape == (0, 24) and float(p["weight"].grad.abs().sum()) == 0.0
+
+
+def test_strided_operands():
+    """Views are read through their strides: a column-major weight, a transposed x, stride-2 vectors."""
+    x64, p64, g64 = make_inputs((19,), 24, 40, 7, seed=7)
+    want = run_case(x64, p64, g64, dtype=torch.float32)
+
+    x = x64.float().t().contiguous().t()  # a (19, 24) view with strides (1, 19)
+    p = {k: v.float() for k, v in p64.items()}
+    p["weight"] = p["weight"].t().contiguous().t()
+    for k in ("bias", "freq1", "phase2", "mix_bias"):
+        p[k] = torch.stack([p[k], torch.zeros_like(p[k])], -1)[:, 0]  # stride 2
+    assert not x.is_contiguous() and p["bias"].stride() == (2,)
+    x.requires_grad_(True)
+    for v in p.values():
+        v.requires_grad_(True)
+    with nk.poisoned():
+        y = nk.cosnet_linear(x, *(p[k] for k in PARAMS))
+        y.backward(g64.float())
+    torch.testing.assert_close(y.double(), want["y"][0].double(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), want["x"][0].double(), rtol=1e-5, atol=1e-5)
+    for k in PARAMS:
+        torch.testing.assert_close(p[k].grad.double(), want[k][0].double(), rtol=1e-5, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda x, p: (x[..., :-1], p), "last dimension of x has shape"),
+    (lambda x, p: (x, {**p, "up_weight": p["up_weight"][:, :-1]}), "up_weight has shape"),
+    (lambda x, p: (x, {**p, "freq2": p["freq2"][:-1]}), "freq2 has shape"),
+])
+def test_mismatched_shapes_are_refused(change, message):
+    """What F.linear would refuse is refused (the kernels would otherwise read out of bounds)."""
+    x64, p64, _ = make_inputs((5,), 24, 40, 7)
+    x, p = change(x64.float(), {k: v.float() for k, v in p64.items()})
+    with pytest.raises(ValueError, match=message):
+        nk.cosnet_linear(x, *(p[k] for k in PARAMS))
+
+
+def test_custom_ops_pass_opcheck():
+    """torch.library.opcheck: schema, fake kernels (shapes, dtypes, strides) and autograd registration agree with
+    the real ops, including a column-major weight whose gradient is still returned contiguous."""
+    x64, p64, g64 = make_inputs((11,), 24, 40, 7, seed=3)
+    x, g = x64.float(), g64.float()
+    p = {k: v.float() for k, v in p64.items()}
+    p["weight"] = p["weight"].t().contiguous().t()
+    fwd, bwd = torch.ops.noble_kernels.cosnet_linear_fwd.default, torch.ops.noble_kernels.cosnet_linear_bwd.default
+    args = [p[k] for k in PARAMS]
+    torch.library.opcheck(fwd, (x.requires_grad_(True), *[a.detach().requires_grad_(True) for a in args], "triton"))
+    _, h, c = fwd(x.detach(), *args, "triton")
+    torch.library.opcheck(bwd, (g, x.detach(), p["weight"], p["down_weight"], p["freq1"], p["phase1"],
+                                p["mix_weight"], p["mix_bias"], p["freq2"], p["phase2"], p["up_weight"], h, c,
+                                "triton"))
 
 
 def _noble_linear(kernel, in_f=48, out_f=40, rank=5, device=DEVICE):

@@ -19,6 +19,10 @@ from noble_cli.layers import LRMultipliers, apply_noble, count_parameters, param
 
 
 def resolved_kernel(noble: NobleConfig, on_cuda: bool) -> str:
+    """The branch implementation a run uses: "triton" only where the fused kernels apply (a CosNet branch; `auto`
+    picks them on CUDA), else "torch". This is what meta.json records."""
+    if noble.branch != "cosnet":
+        return "torch"
     if noble.kernel != "auto":
         return noble.kernel
     return "triton" if on_cuda else "torch"
