@@ -262,11 +262,24 @@ def validate(cfg: RunConfig) -> None:
 _NOT_HASHED = {"trainer": ("devices", "num_nodes", "strategy", "accelerator", "num_workers", "log_every")}
 
 
+def _noble_identity(n: NobleConfig) -> dict:
+    """The `noble` fields that change what a run computes. A plain baseline has no branch, so none of the others
+    do: `--set noble.mix_lr_power=0` on a sweep must not make (and train) a second, identical baseline. A
+    dense-matched baseline depends only on what its width is matched to."""
+    if n.enabled:
+        return dict(n.__dict__)
+    if n.dense_match:
+        return {"branch": "none", "dense_match": True, "match_branch": n.match_branch, "rank": n.rank,
+                "targets": n.targets}
+    return {"branch": "none"}
+
+
 def hashable_dict(cfg: RunConfig) -> dict:
     d = json.loads(json.dumps(cfg.to_dict(), default=str))
     for section, keys in _NOT_HASHED.items():
         for k in keys:
             d[section].pop(k, None)
+    d["noble"] = _noble_identity(cfg.noble)
     return d
 
 
@@ -279,16 +292,19 @@ def config_hash(cfg: RunConfig) -> str:
     return digest(hashable_dict(cfg))
 
 
-def pair_key(cfg: RunConfig) -> str:
-    """What a variant and its baseline share: everything but the branch, the seed and the label."""
+def pair_key(cfg: RunConfig, world_size: int = 1) -> str:
+    """What a variant and its baseline share: everything but the branch, the seed and the label. `batch_size` is
+    per device, so a run on several devices (known once the trainer is up) pairs only with the same world size."""
     d = hashable_dict(cfg)
     for k in ("noble", "seed", "name"):
         d.pop(k, None)
+    if world_size != 1:
+        d["world_size"] = int(world_size)
     return digest(d)
 
 
 def variant_key(cfg: RunConfig) -> str:
-    return digest([cfg.noble.__dict__, cfg.name])
+    return digest([_noble_identity(cfg.noble), cfg.name])
 
 
 def run_id(cfg: RunConfig) -> str:

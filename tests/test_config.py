@@ -23,6 +23,20 @@ def test_recipe_resolves_with_overrides_and_sets():
     assert cfg.variant == "cosnet r8"
 
 
+def test_branch_only_settings_do_not_make_a_second_baseline():
+    """noble.* settings that only a branch sees leave the baseline's identity alone (one run, trained once);
+    what a dense-matched baseline is matched to does not."""
+    base = C.resolve("llm-tiny")
+    tweaked = C.resolve("llm-tiny", sets=["noble.mix_lr_power=0", "noble.rank=16", "noble.kernel=torch"])
+    assert C.run_id(tweaked) == C.run_id(base) and C.variant_key(tweaked) == C.variant_key(base)
+    assert C.pair_key(tweaked) == C.pair_key(base)
+    cos = C.resolve("llm-tiny", {"noble.branch": "cosnet"})
+    assert C.run_id(C.resolve("llm-tiny", {"noble.branch": "cosnet"}, ["noble.mix_lr_power=0"])) != C.run_id(cos)
+    dense = [C.resolve("llm-tiny", {"noble.dense_match": True, "noble.rank": r}) for r in (8, 16)]
+    assert C.run_id(dense[0]) != C.run_id(dense[1])
+    assert C.pair_key(base, world_size=8) != C.pair_key(base) == C.pair_key(base, world_size=1)
+
+
 def test_variant_labels_name_targets_and_an_explicit_kernel():
     label = lambda **kw: C.resolve("llm-tiny", {"noble.branch": "cosnet", **kw}).variant  # noqa: E731
     assert label() == "cosnet r8"

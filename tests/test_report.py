@@ -202,6 +202,21 @@ def test_duplicate_keeps_newest(tmp_path: Path):
     assert [p.name for p, reason in skipped if "duplicate" in reason] == ["old"]
 
 
+def test_one_baseline_per_pair_and_seed_whatever_its_label(tmp_path: Path):
+    """Two baselines of one pair and seed (say a sweep's, named after its augmentation group, and a plain
+    `noble train` one): the variant's target comes from the newest, and the other is listed as a duplicate."""
+    r = tmp_path / "res"
+    write_run(r, "bA", variant="baseline", baseline=True, variant_key="base-a", evals=[4.0, 3.5, 3.2, 3.0],
+              created_at="2026-01-02")
+    write_run(r, "bB", variant="baseline | group", baseline=True, variant_key="base-b", evals=[4.0, 3.6, 3.4, 3.3],
+              created_at="2026-01-01")
+    write_run(r, "v", variant="cosnet r32", evals=[3.9, 3.3, 3.0, 2.9])
+    runs, _, skipped = build_report(r)
+    assert set(runs["run_id"]) == {"bA", "v"}
+    assert runs.set_index("run_id").loc["v", "baseline_run_id"] == "bA"
+    assert [p.name for p, reason in skipped if "duplicate of bA (same baseline" in reason] == ["bB"]
+
+
 def test_diverged_run_kept_with_finite_points(tmp_path: Path):
     r = tmp_path / "res"
     write_run(r, "b0", variant="baseline", baseline=True, evals=[4.0, 3.5, 3.2, 3.1])

@@ -62,7 +62,7 @@ def test_tiny_run_learns_and_fills_the_run_folder(tmp_path):
 
     meta = json.loads((run / "meta.json").read_text())
     for key in ("git_commit", "git_dirty", "versions", "device", "params_total", "params_branch", "recipe",
-                "variant", "seed", "pair_key", "variant_key"):
+                "variant", "seed", "pair_key", "variant_key", "world_size", "kernel"):
         assert key in meta, key
     assert meta["variant"] == "cosnet r4" and meta["is_baseline"] is False and meta["params_branch"] > 0
     assert {"torch", "lightning", "python"} <= set(meta["versions"])

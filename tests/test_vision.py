@@ -119,6 +119,15 @@ def test_image_folder_tree(tmp_path):
     val, _ = I.load_split(source, "val", I.classification_transform(source, 16, 1, train=False))
     assert len(val) == 2 and val[1][0].shape == (1, 16, 16)  # RGB photos to a grey model
 
+    # val/ without one of train/'s classes keeps train/'s label numbers; a class train/ lacks is refused
+    _png_tree(tmp_path / "gap" / "train", classes=("ant", "bee", "cat"), per_class=1)
+    _png_tree(tmp_path / "gap" / "val", classes=("ant", "cat"), per_class=1)
+    gap, _ = I.load_split(I.resolve_image_dataset(str(tmp_path / "gap")), "val")
+    assert [label for _, label in gap.samples] == [0, 2]
+    _png_tree(tmp_path / "gap" / "val", classes=("dog",), per_class=1)
+    with pytest.raises(NobleError, match="class folders that .* lacks: dog"):
+        I.load_split(I.resolve_image_dataset(str(tmp_path / "gap")), "val")
+
     _png_tree(tmp_path / "flat", per_class=10)  # one tree: split by a hash of the file path
     flat = I.resolve_image_dataset(str(tmp_path / "flat"))
     tr, _ = I.load_split(flat, "train")

@@ -229,6 +229,23 @@ def _hf_split(name: str, split: str):
     return datasets.load_dataset(name, split=chosen)
 
 
+def _aligned_folder(sub: Path, train_dir: Path):
+    """The val/ ImageFolder with train/'s class indices. Each ImageFolder numbers its own sorted class folders, so
+    a val/ missing one class would silently shift every later label by one."""
+    from torchvision.datasets import ImageFolder
+
+    classes, class_to_idx = ImageFolder.find_classes(None, train_dir)
+    extra = sorted(e.name for e in os.scandir(sub) if e.is_dir() and e.name not in class_to_idx)
+    if extra:
+        raise NobleError(f"{sub} has class folders that {train_dir} lacks: {', '.join(extra[:5])}")
+
+    class TrainClasses(ImageFolder):
+        def find_classes(self, directory):
+            return classes, class_to_idx
+
+    return TrainClasses(sub, allow_empty=True)
+
+
 def _folder_split(root: Path, split: str):
     from torchvision.datasets import ImageFolder
 
@@ -237,7 +254,9 @@ def _folder_split(root: Path, split: str):
         sub = next((root / n for n in named if (root / n).is_dir()), None)
         if sub is None:
             raise NobleError(f"image folder {root} has train/ but no val/, validation/ or test/ folder")
-        return ImageFolder(sub), None
+        if split == "train":
+            return ImageFolder(sub), None
+        return _aligned_folder(sub, root / "train"), None
     base = ImageFolder(root)
     keep = []
     for i, (path, _) in enumerate(base.samples):

@@ -242,13 +242,16 @@ def load_runs(root: Path, exclude: Path | None = None) -> tuple[list[Run], list[
 
     by_key: dict[tuple, list[Run]] = {}
     for r in runs:
-        by_key.setdefault((r.recipe, r.pair_key, r.variant_key, str(r.seed)), []).append(r)
+        # One baseline per pair and seed, whatever its label: two would make a variant's target ambiguous.
+        variant = "baseline" if r.is_baseline else r.variant_key
+        by_key.setdefault((r.recipe, r.pair_key, variant, str(r.seed)), []).append(r)
     kept: list[Run] = []
     for group in by_key.values():
         group.sort(key=lambda r: (r.created_at, str(r.path)))
         newest = group[-1]
         kept.append(newest)
+        what = "baseline" if newest.is_baseline else "variant"
         for r in group[:-1]:
-            skipped.append((r.path, f"duplicate of {newest.run_id} (same variant and seed); the newest is kept"))
+            skipped.append((r.path, f"duplicate of {newest.run_id} (same {what}, pair and seed); the newest is kept"))
     kept.sort(key=lambda r: (r.recipe, r.pair_key, not r.is_baseline, r.variant, str(r.seed)))
     return kept, skipped

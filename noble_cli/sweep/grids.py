@@ -6,8 +6,9 @@ the `noble:` section (and, for the vision sweeps, with the same augmentation set
 meta.json's `pair_key` and seed.
 
 Conventions (see docs/sweeps.md):
-- The baseline only sets `noble.branch=none` (and `noble.dense_match=false`); its other `noble.*` fields stay the
-  recipe's, so the baseline of every language sweep on a recipe is one and the same run (one run id, trained once).
+- The baseline only sets `noble.branch=none` (and `noble.dense_match=false`). Its other `noble.*` fields do not
+  enter its config hash (config._noble_identity), so the baseline of every language sweep on a recipe is one and the
+  same run (one run id, trained once), even with a `--set noble.*` that only the branches see.
 - A `--set` on a key that the sweep itself sets per run (the swept axis, `seed`, `name`, ...) is refused: it would
   silently turn every variant into the same run.
 - The sweep name is `<ablation>-<recipe>-<hash>`; the hash covers what every run shares (recipe, `--set`,

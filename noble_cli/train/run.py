@@ -162,7 +162,8 @@ def train(
     if trainer.is_global_zero:
         folder.write_config(cfg)
         if not meta:
-            meta = folder.write_meta(cfg, rid, module.params.total, module.params.branch, kernel=module.kernel)
+            meta = folder.write_meta(cfg, rid, module.params.total, module.params.branch,
+                                     world_size=trainer.world_size, kernel=module.kernel)
         atomic_write_text(folder.checkpoint_dir / "hyperparameters.yaml", to_yaml(cfg))
 
     with warnings.catch_warnings():
