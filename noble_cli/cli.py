@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from noble_cli import config as C
@@ -87,7 +88,7 @@ def train(
     result = run_training(cfg, out=out, resume=resume, overwrite=overwrite)
     s = result.summary
     if result.already_done:
-        console.print(f"[bold]already completed[/] {result.run_dir}; nothing to resume")
+        console.print(f"[bold]already completed[/] {escape(str(result.run_dir))}; nothing to resume")
     console.print(
         f"[bold green]done[/] {result.run_dir}  best eval loss {s.get('best_eval_loss')} at step "
         f"{s.get('best_step')}, median step {1000 * (s.get('median_step_time_s') or 0):.1f} ms"

@@ -6,6 +6,7 @@ import importlib
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 
 from noble_cli.errors import NobleError
 
@@ -30,14 +31,19 @@ def run_app(app, prog_name: str | None = None) -> None:
         if isinstance(code, int) and code:
             sys.exit(code)
     except NobleError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except _click_exceptions("NoArgsIsHelpError") as e:
         e.show()
         sys.exit(0)
     except _click_exceptions("UsageError") as e:
         hint = f" (see '{e.ctx.command_path} --help')" if e.ctx else ""
-        err_console.print(f"[bold red]error:[/] {e.format_message()}{hint}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(e.format_message() + hint)}", highlight=False,
+                          soft_wrap=True)
+        sys.exit(2)
+    except OSError as e:  # an --out that is a file, a read-only or vanished folder, a full disk
+        what = f"{e.strerror or type(e).__name__}: {e.filename}" if e.filename else str(e)
+        err_console.print(f"[bold red]error:[/] {escape(what)}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except _click_exceptions("Abort"):
         err_console.print("[bold red]aborted[/]")

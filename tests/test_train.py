@@ -95,7 +95,9 @@ KILLER = textwrap.dedent("""
 
 
 def test_resume_after_kill_reaches_the_same_losses(tmp_path):
-    overrides = {"noble.branch": "cosnet", "trainer.max_steps": 16, "trainer.eval_every": 5}
+    # gradient accumulation and dropout: the resumed run must land on the same micro-batch and draw the same masks
+    overrides = {"noble.branch": "cosnet", "trainer.max_steps": 16, "trainer.eval_every": 5,
+                 "trainer.accumulate": 2, "model.dropout": 0.2}
     script = tmp_path / "killed.py"
     script.write_text(KILLER.format(tests=str(Path(__file__).parent), kill_at=12, overrides=overrides,
                                     out=str(tmp_path / "a")))
@@ -180,6 +182,17 @@ def test_cli_bad_input_is_one_line_without_traceback(args, message, tmp_path):
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_unwritable_out_and_markup_in_messages_are_one_line_errors(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    for args in (["train", "llm-tiny", "--max-steps", "30", "--out", str(afile)],  # --out is a file
+                 ["ablate", "layers", "--targets", "[/x]", "--seeds", "0", "--dry-run", "--out", str(tmp_path)]):
+        proc = noble(*args)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "[/x]" in proc.stderr  # rich markup in a user's value is printed, not interpreted
 
 
 def test_dry_run_prints_the_resolved_config_and_trains_nothing(tmp_path):

@@ -94,9 +94,12 @@ class TrainBatches(IterableDataset):
             index += nworkers
 
     def __len__(self) -> int:
+        """The whole budget, however far a resumed iterator starts: Lightning restores its batch index within the
+        epoch and compares it with this length (stop - start would end the epoch early after a resume and force
+        a step on a partial gradient accumulation)."""
         if self.stop is None:
             raise TypeError("TrainBatches without stop is infinite")
-        return max(0, self.stop - self.start)
+        return self.stop
 
 
 class _PositionedLoader(DataLoader):

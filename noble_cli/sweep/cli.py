@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from noble_cli.errors import NobleError, choices_error
 from noble_cli.sweep import grids
@@ -83,20 +84,20 @@ def execute_plan(plan: grids.SweepPlan, *, out: Path, dry_run: bool = False, for
         raise NobleError("--no-isolate is for --launcher local")
     gpu_list = parse_gpus(gpus) if launcher == "gpus" and not dry_run else []
     for note in plan.notes:
-        con.print(f"[yellow]note:[/] {note}")
+        con.print(f"[yellow]note:[/] {escape(str(note))}")
     path = manifest_path(out, plan.name)
     if dry_run:
         show_dry_run(plan, path, con)
         return None
 
     path, m = sync_manifest(plan, out, force, sys.argv)
-    con.print(f"sweep [bold]{plan.name}[/]: {len(m['runs'])} runs, manifest {path}")
+    con.print(f"sweep [bold]{escape(plan.name)}[/]: {len(m['runs'])} runs, manifest {escape(str(path))}")
     if launcher == "slurm":
         script, array = write_slurm_script(path, slurm_opts)
-        con.print(f"wrote {script} (array {array or 'empty: every run is done'})")
+        con.print(f"wrote {escape(str(script))} (array {array or 'empty: every run is done'})")
         if array:
             submit_slurm(script, con)
-        con.print(f"follow it with the same command and --dry-run; then the report: [bold]noble report {out}[/]")
+        con.print(f"follow it with the same command and --dry-run; then the report: [bold]noble report {escape(str(out))}[/]")
         return None
 
     progress = sys.stdout.isatty()
@@ -111,7 +112,7 @@ def execute_plan(plan: grids.SweepPlan, *, out: Path, dry_run: bool = False, for
         con.print("[yellow]interrupted[/]: run the same command again to resume (finished runs are skipped)")
         raise SystemExit(130) from None  # not typer.Exit: app(standalone_mode=False) would return it as a value
     m = _final(path, con)
-    con.print(f"report: [bold]noble report {out}[/]")
+    con.print(f"report: [bold]noble report {escape(str(out))}[/]")
     if outcomes.get("busy"):
         con.print(f"[yellow]{len(outcomes['busy'])} run(s) are being trained by other processes[/]; run the same "
                   "command again later to pick them up")
@@ -138,14 +139,14 @@ def show_dry_run(plan: grids.SweepPlan, path: Path, con: Console) -> None:
                                         f"{c['running']} running, {c['failed']} failed, {c['left']} to train",
                          plan=True))
     if old is None:
-        con.print(f"no manifest yet; it would be written to {path}")
+        con.print(f"no manifest yet; it would be written to {escape(str(path))}")
     else:
         added, removed = compare(plan, old)
         if added or removed:
-            con.print(f"[yellow]the definition differs from {path}[/] (+{len(added)} / -{len(removed)} runs): "
+            con.print(f"[yellow]the definition differs from {escape(str(path))}[/] (+{len(added)} / -{len(removed)} runs): "
                       "running it needs --force")
         else:
-            con.print(f"manifest {path}")
+            con.print(f"manifest {escape(str(path))}")
     con.print("nothing trained (dry run)")
 
 

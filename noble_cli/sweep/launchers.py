@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console, Group
+from rich.markup import escape
 from rich.live import Live
 from rich.table import Table
 
@@ -131,7 +132,7 @@ def execute_entry(manifest: Path, index: int, train_fn: TrainFn | None = None, p
             s = read_summary(run_dir).get("status")
             if s == "diverged":
                 _finish(manifest, index, t0, status="done", outcome="diverged", error=_one_line(exc))
-                console.print(f"[yellow]diverged[/] {e['run_id']}: {_one_line(exc)}")
+                console.print(f"[yellow]diverged[/] {e['run_id']}: {escape(_one_line(exc))}")
                 return "done"
             if s == "interrupted" or (isinstance(exc, NobleError) and str(exc).startswith("interrupted")):
                 _finish(manifest, index, t0, status="pending", error="interrupted; resumes on the next run")
@@ -139,7 +140,7 @@ def execute_entry(manifest: Path, index: int, train_fn: TrainFn | None = None, p
             _finish(manifest, index, t0, status="failed", error=_one_line(exc))
             if not isinstance(exc, NobleError):
                 console.print(traceback.format_exc(), markup=False, highlight=False)
-            console.print(f"[bold red]failed[/] {e['run_id']}: {_one_line(exc)}", highlight=False)
+            console.print(f"[bold red]failed[/] {e['run_id']}: {escape(_one_line(exc))}", highlight=False)
             return "failed"
         summary = getattr(result, "summary", None) or {}
         outcome = summary.get("status") or read_summary(run_dir).get("status") or "completed"
@@ -311,7 +312,8 @@ def run_gpus(manifest: Path, gpus: list[str], console: Console | None = None, wa
             table.add_column(col)
         for gpu, (i, _, _, t0, log) in active.items():
             e = m["runs"][i]
-            table.add_row(gpu, str(i), e["variant"], str(e["seed"]), fmt_duration(time.time() - t0), str(log))
+            table.add_row(gpu, str(i), escape(str(e["variant"])), str(e["seed"]), fmt_duration(time.time() - t0),
+                          escape(str(log)))
         note = f"waiting for {len(busy)} run(s) locked by other processes" if busy and not queue else ""
         return Group(overview(manifest, m, parallel=len(gpus), note=note), table)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rich.console import Group
+from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
@@ -85,7 +86,7 @@ def runs_table(manifest: Path, m: dict, title: str = "runs", plan: bool = False)
     base_total = {(e.get("group"), e.get("seed")): e.get("params_total") for e in m["runs"] if e["role"] == "baseline"}
     for i, e in enumerate(m["runs"]):
         state, detail = observe(manifest, e)
-        row = [str(i), e["variant"], str(e["seed"]), f"[{STATE_STYLE.get(state, '')}]{state}[/]"]
+        row = [str(i), escape(str(e["variant"])), str(e["seed"]), f"[{STATE_STYLE.get(state, '')}]{state}[/]"]
         if plan:
             row += [_params(e, base_total), e["run_id"]]
         else:
@@ -93,5 +94,5 @@ def runs_table(manifest: Path, m: dict, title: str = "runs", plan: bool = False)
             best = s.get("best_eval_loss")
             row += [f"{best:.4f}" if isinstance(best, (int, float)) else "-", str(s.get("steps") or "-"),
                     fmt_duration(e.get("duration_s") or s.get("train_time_s"))]
-        table.add_row(*row, detail)
+        table.add_row(*row, escape(str(detail)) if detail else detail)
     return table

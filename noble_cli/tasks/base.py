@@ -66,6 +66,14 @@ def build_model(make: Callable, model_cfg, noble: NobleConfig, kernel: str = "to
     return make(model_cfg)
 
 
+def step_seed(seed: int, micro_batch: int, rank: int) -> int:
+    """A 63-bit seed for one micro-batch on one rank (splitmix-style mixing: neighbours get unrelated streams)."""
+    z = (seed * 0x9E3779B97F4A7C15 + micro_batch * 0xBF58476D1CE4E5B9 + rank * 0x94D049BB133111EB) % 2**64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+    return (z ^ (z >> 31)) >> 1
+
+
 def lr_factor(step: int, max_steps: int, warmup: int, decay: str, min_ratio: float) -> float:
     """Linear warm-up to 1, then cosine / linear decay to `min_ratio` at max_steps (or constant)."""
     if warmup > 0 and step < warmup:
@@ -125,6 +133,14 @@ class NobleTask(L.LightningModule):
         return None
 
     # --- shared Lightning plumbing ------------------------------------------------------------------------------
+    def on_train_batch_start(self, batch, batch_idx):
+        # The randomness inside a step (dropout, drop-path, VQGAN code restarts) is a pure function of the seed, the
+        # micro-batch and the rank: Lightning's checkpoints carry no RNG state, and seed_everything at start-up would
+        # make a resumed run replay step 1's draws instead of drawing what the uninterrupted run drew.
+        t = self.trainer
+        micro = t.global_step * t.accumulate_grad_batches + batch_idx % t.accumulate_grad_batches
+        torch.manual_seed(step_seed(self.cfg.seed, micro, t.global_rank))
+
     def training_step(self, batch, batch_idx):
         loss, logs = self.loss(batch)
         self.log("train_loss", loss.detach(), prog_bar=True)
