@@ -71,7 +71,7 @@ class TrainerConfig:
     accumulate: int = 1
     eval_every: int = 100
     eval_batches: int = 20
-    log_every: int = 1
+    log_every: int = 1  # metrics.csv gets a row every N steps (and step 1, and every evaluation)
     precision: str = "auto"  # auto (bf16-mixed on GPU, 32 on CPU) | 32 | bf16-mixed | 16-mixed
     compile: bool = False
     activation_checkpointing: bool = False
@@ -122,23 +122,41 @@ def variant_label(n: NobleConfig) -> str:
 
 def coerce(value: Any, type_name: str, where: str) -> Any:
     """Give a YAML or --set value the field's declared type (YAML reads 1e-3 as a string; flags arrive as text)."""
-    base = type_name.replace(" ", "").replace("|None", "").replace("Optional[", "").rstrip("]")
-    if value is None or not isinstance(value, (str, int, float, list)):
+    compact = type_name.replace(" ", "")
+    optional = "|None" in compact or "Optional[" in compact
+    base = compact.replace("|None", "").replace("Optional[", "").rstrip("]")
+    if value is None:
+        if optional or base == "Any":
+            return None
+        raise NobleError(f"{where} must be of type {base}, got null")
+    if not isinstance(value, (str, int, float, list, tuple)):
+        if base in ("str", "int", "float", "bool") or base.startswith("tuple"):
+            raise NobleError(f"{where} must be of type {base}, got {value!r}")
         return value
     try:
+        if base == "str":
+            if isinstance(value, (list, tuple)):
+                raise ValueError
+            return str(value)
         if base == "float" and not isinstance(value, bool):
             return float(value)
         if base == "int" and not isinstance(value, bool):
-            if isinstance(value, float) and not value.is_integer():
+            number = float(value) if isinstance(value, str) else value  # "1e3" from a --set is 1000
+            if isinstance(number, float) and not number.is_integer():
                 raise ValueError
-            return int(value)
+            return int(number)
         if base == "bool" and isinstance(value, str):
             if value.lower() not in ("true", "false", "yes", "no", "1", "0"):
                 raise ValueError
             return value.lower() in ("true", "yes", "1")
-        if base.startswith("tuple") and isinstance(value, list):
+        if base.startswith("tuple"):
+            if not isinstance(value, (list, tuple)):
+                raise ValueError
+            want = base.count(",") + 1 if "..." not in base else None
+            if want is not None and len(value) != want:
+                raise NobleError(f"{where} must be a list of {want} values, got {list(value)!r}")
             return tuple(float(v) for v in value) if "float" in base else tuple(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise NobleError(f"{where} must be of type {base}, got {value!r}") from None
     return value
 
@@ -161,6 +179,11 @@ def from_dict(d: dict) -> RunConfig:
     kwargs: dict[str, Any] = {k: d[k] for k in TOP_LEVEL if k in d}
     if "seed" in kwargs:
         kwargs["seed"] = coerce(kwargs["seed"], "int", "seed")
+    if "name" in kwargs:
+        kwargs["name"] = coerce(kwargs["name"], "str", "name")
+    for name in list(FREE_SECTIONS) + list(SECTIONS):
+        if not isinstance(d.get(name) or {}, dict):
+            raise NobleError(f"config section {name} must be a mapping of keys, got {d[name]!r}")
     for name in FREE_SECTIONS:
         kwargs[name] = dict(d.get(name) or {})
     for name, cls in SECTIONS.items():
@@ -250,12 +273,38 @@ def validate(cfg: RunConfig) -> None:
     if cfg.schedule.decay not in ("cosine", "linear", "constant"):
         raise choices_error("schedule.decay", cfg.schedule.decay, ("cosine", "linear", "constant"))
     t = cfg.trainer
-    for name in ("max_steps", "batch_size", "eval_every", "eval_batches", "accumulate"):
+    for name in ("max_steps", "batch_size", "eval_every", "eval_batches", "accumulate", "log_every"):
         if getattr(t, name) < 1:
             raise NobleError(f"trainer.{name} must be >= 1, got {getattr(t, name)}")
-    if cfg.optim.lr <= 0:
-        raise NobleError(f"optim.lr must be > 0, got {cfg.optim.lr}")
+    for name in ("num_workers", "kernel_warmup_steps"):
+        if getattr(t, name) < 0:
+            raise NobleError(f"trainer.{name} must be >= 0, got {getattr(t, name)}")
+    if t.precision not in PRECISIONS:
+        raise choices_error("trainer.precision", t.precision, PRECISIONS)
+    if not 0 <= cfg.seed < 2**32:
+        raise NobleError(f"seed must be in [0, 2^32), got {cfg.seed}")
+    _check_ranges(cfg)
     TASKS[cfg.task].check(cfg)
+
+
+PRECISIONS = ("auto", "32", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "64", "64-true")
+
+
+def _check_ranges(cfg: RunConfig) -> None:
+    """Values the optimizer or schedule would take silently and train wrongly with (or crash on mid-run)."""
+    o, s = cfg.optim, cfg.schedule
+    checks = [
+        ("optim.lr", o.lr, o.lr > 0, "> 0"),
+        ("optim.eps", o.eps, o.eps > 0, "> 0"),
+        ("optim.weight_decay", o.weight_decay, o.weight_decay >= 0, ">= 0"),
+        ("optim.grad_clip", o.grad_clip, o.grad_clip is None or o.grad_clip >= 0, ">= 0 (0 or null: no clipping)"),
+        ("optim.betas", list(o.betas), all(0 <= b < 1 for b in o.betas), "two values in [0, 1)"),
+        ("schedule.warmup_steps", s.warmup_steps, s.warmup_steps >= 0, ">= 0"),
+        ("schedule.min_lr_ratio", s.min_lr_ratio, 0 <= s.min_lr_ratio <= 1, "in [0, 1]"),
+    ]
+    for name, value, ok, rule in checks:
+        if not ok:
+            raise NobleError(f"{name} must be {rule}, got {value}")
 
 
 # Fields that change where or how fast a run goes, not what it computes: left out of the config hash.

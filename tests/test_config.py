@@ -46,6 +46,18 @@ def test_variant_labels_name_targets_and_an_explicit_kernel():
     assert C.resolve("llm-tiny", {"noble.kernel": "torch"}).variant == "baseline"
 
 
+def test_a_recipe_section_that_is_not_a_mapping_is_refused(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: causal_lm\noptim: 3\n")
+    with pytest.raises(NobleError, match="config section optim must be a mapping of keys, got 3"):
+        C.resolve(str(bad))
+
+
+def test_set_values_are_coerced_to_the_field_types():
+    cfg = C.resolve("llm-tiny", sets=["trainer.max_steps=1e3", "name=123", "noble.main_init_scale=null"])
+    assert cfg.trainer.max_steps == 1000 and cfg.name == "123" and cfg.noble.main_init_scale is None
+
+
 def test_saved_config_round_trips_to_the_same_hash(tmp_path):
     cfg = C.resolve("llm-tiny", {"noble.branch": "gelu_net"})
     path = tmp_path / "my.yaml"
@@ -79,7 +91,20 @@ def test_hash_and_pairing_keys():
         ("llm-tiny", {}, ["optimizer.lr=3"], "unknown config section 'optimizer'"),
         ("llm-tiny", {"noble.kernel": "cuda"}, [], "unknown kernel 'cuda'; valid: .*triton"),
         ("llm-tiny", {"trainer.max_steps": 0}, [], "trainer.max_steps must be >= 1"),
-        ("llm-tiny", {}, ["data.seq_len=4096"], "exceeds model.block_size"),
+        ("llm-tiny", {}, ["data.seq_len=4096"], r"data.seq_len must be in \[1, model.block_size = 64\]"),
+        ("llm-tiny", {}, ["optim.betas=0.9"], "optim.betas must be of type tuple"),
+        ("llm-tiny", {}, ["optim.betas=[0.9]"], "optim.betas must be a list of 2 values"),
+        ("llm-tiny", {}, ["optim.betas=[0.9, 1.5]"], r"optim.betas must be two values in \[0, 1\)"),
+        ("llm-tiny", {}, ["data.seq_len=null"], "data.seq_len must be of type int, got null"),
+        ("llm-tiny", {}, ["schedule.min_lr_ratio=2"], r"schedule.min_lr_ratio must be in \[0, 1\]"),
+        ("llm-tiny", {}, ["optim.grad_clip=-1"], "optim.grad_clip must be >= 0"),
+        ("llm-tiny", {}, ["trainer.precision=fp8"], "unknown trainer.precision 'fp8'; valid: .*bf16-mixed"),
+        ("llm-tiny", {}, ["trainer.log_every=0"], "trainer.log_every must be >= 1"),
+        ("llm-tiny", {"seed": -1}, [], r"seed must be in \[0, 2\^32\)"),
+        ("llm-tiny", {}, ["model.n_head=0"], "model.n_head must be >= 1"),
+        ("llm-tiny", {}, ["model.dropout=2"], r"model.dropout must be in \[0, 1\)"),
+        ("llm-tiny", {}, ["model.vocab_size=100"], "smaller than the GPT-2 vocabulary"),
+        ("llm-tiny", {}, ["data.dataset=nope"], "nope"),
     ],
 )
 def test_bad_input_names_what_is_valid(recipe, overrides, sets, message):

@@ -22,12 +22,31 @@ class DataConfig:
     cache_dir: str | None = None  # default: $NOBLE_DATA_DIR or ~/.cache/noble/data
 
 
-def check(cfg: RunConfig) -> None:
-    m, d = ModelConfig(**cfg.model), DataConfig(**cfg.data)
-    if d.seq_len > m.block_size:
-        raise NobleError(f"data.seq_len {d.seq_len} exceeds model.block_size {m.block_size}")
+def check_gpt_shape(m: GPTConfig) -> None:
+    """What GPT itself would fail on mid-run (or at build time with a Python error)."""
+    for name in ("n_layer", "n_head", "d_model", "block_size", "pad_vocab_to"):
+        if getattr(m, name) < 1:
+            raise NobleError(f"model.{name} must be >= 1, got {getattr(m, name)}")
     if m.d_model % m.n_head:
         raise NobleError(f"model.d_model {m.d_model} must be divisible by model.n_head {m.n_head}")
+    if m.mlp_ratio <= 0:
+        raise NobleError(f"model.mlp_ratio must be > 0, got {m.mlp_ratio}")
+    if not 0.0 <= m.dropout < 1.0:
+        raise NobleError(f"model.dropout must be in [0, 1), got {m.dropout}")
+
+
+def check(cfg: RunConfig) -> None:
+    from noble_cli.data.shards import resolve_dataset
+    from noble_cli.data.tokenizer import VOCAB_SIZE
+
+    m, d = ModelConfig(**cfg.model), DataConfig(**cfg.data)
+    check_gpt_shape(m)
+    if d.seq_len < 1 or d.seq_len > m.block_size:
+        raise NobleError(f"data.seq_len must be in [1, model.block_size = {m.block_size}], got {d.seq_len}")
+    if m.vocab_size < VOCAB_SIZE:
+        raise NobleError(f"model.vocab_size {m.vocab_size} is smaller than the GPT-2 vocabulary the text data is "
+                         f"tokenized with ({VOCAB_SIZE})")
+    resolve_dataset(d.dataset)  # an unknown name fails here, at --dry-run, not after the run folder exists
 
 
 class CausalLM(NobleTask):

@@ -31,9 +31,10 @@ class DataConfig:
 
 
 def check(cfg: RunConfig) -> None:
+    from noble_cli.tasks.causal_lm import check_gpt_shape
+
     m, d = ModelConfig(**cfg.model), DataConfig(**cfg.data)
-    if m.d_model % m.n_head:
-        raise NobleError(f"model.d_model {m.d_model} must be divisible by model.n_head {m.n_head}")
+    check_gpt_shape(m)
     if not str(d.vqgan_checkpoint).strip():
         raise NobleError("data.vqgan_checkpoint is empty; give a VQGAN run folder, a .ckpt file or recipe:NAME")
     if d.limit is not None and d.limit < 1:

@@ -23,15 +23,24 @@ from noble_cli.train.run_folder import RunFolder
 
 FLUSH_SECONDS = 30.0  # metrics.csv is rewritten at most this often (and at every evaluation and at the end)
 
-# Peak dense bf16 tensor-core throughput, for MFU. Cards not listed report no MFU.
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12, "4090": 165e12}
+# Peak dense bf16 tensor-core throughput (vendor datasheets, no sparsity), for MFU. Matched against
+# torch.cuda.get_device_name in this order, as whole words: "L4" must not catch "L40S", nor "A10" "A100", nor the
+# H100 SXM figure an "H100 PCIe". Cards not listed report no MFU.
+PEAK_BF16_FLOPS = {
+    r"H100\b.*\bPCIe": 756e12, r"H100": 989e12, r"H200": 989e12, r"A100": 312e12, r"L40S": 362e12,
+    r"L4": 121e12, r"A10": 125e12, r"4090": 165e12,
+}
 
 
-def peak_flops() -> float | None:
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name(0)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+def peak_flops(name: str | None = None) -> float | None:
+    """The card's peak bf16 FLOP/s (device 0 unless `name` is given), or None when unknown."""
+    import re
+
+    if name is None:
+        if not torch.cuda.is_available():
+            return None
+        name = torch.cuda.get_device_name(0)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if re.search(rf"\b{k}\b", name)), None)
 
 
 class DivergedError(NobleError):
@@ -79,9 +88,11 @@ def summarize(metrics: pd.DataFrame, warmup_steps: int, status: str) -> dict:
 class RunRecorder(L.Callback):
     """Times every optimizer step (evaluation excluded), logs throughput, writes metrics.csv and summary.json."""
 
-    def __init__(self, folder: RunFolder, warmup_steps: int = 5):
+    def __init__(self, folder: RunFolder, warmup_steps: int = 5, log_every: int = 1):
         self.folder = folder
         self.warmup_steps = warmup_steps
+        self.log_every = log_every
+        self._resumed = False
         self.rows: dict[int, dict] = {}
         self.wallclock = 0.0
         self.items = 0
@@ -94,8 +105,10 @@ class RunRecorder(L.Callback):
         self.status = "running"
 
     def setup(self, trainer, pl_module, stage):
-        # Once, before a strategy wraps (and FSDP shards) the model: its FLOPs per item do not change.
-        self._flops_per_item, self._peak = pl_module.flops_per_item(), peak_flops()
+        # Once, before a strategy wraps (and FSDP shards) the model: its FLOPs per item do not change. MFU is
+        # against the bf16 peak, so only for bf16 runs.
+        self._flops_per_item = pl_module.flops_per_item()
+        self._peak = peak_flops() if "bf16" in str(trainer.precision) else None
 
     # --- state across resumes ---------------------------------------------------------------------------------
     def on_train_start(self, trainer, pl_module):
@@ -105,6 +118,7 @@ class RunRecorder(L.Callback):
             old = old[old["step"] <= step]
             self.rows = {int(r["step"]): {k: v for k, v in r.items() if pd.notna(v)} for r in old.to_dict("records")}
             self.wallclock = float(old["wallclock_s"].max()) if "wallclock_s" in old and len(old) else 0.0
+            self._resumed = True
         self._flush(trainer, force=True)
 
     # --- timing -------------------------------------------------------------------------------------------------
@@ -133,15 +147,20 @@ class RunRecorder(L.Callback):
         dt = now - self._t0
         self._t0 = now
         step = trainer.global_step
-        train_loss, self._loss_sum = float(self._loss_sum), 0.0
+        loss_sum, self._loss_sum = self._loss_sum, 0.0
+        if trainer.world_size > 1:  # every rank logs, and decides divergence on, the same mean loss
+            loss_sum = trainer.strategy.reduce(torch.as_tensor(loss_sum, device=pl_module.device), reduce_op="mean")
+        train_loss = float(loss_sum)
         if not math.isfinite(train_loss):
             self.status = "diverged"
             raise DivergedError(
                 f"loss became {train_loss} at step {step}; stopped. The metrics so far and the last good checkpoint "
                 f"are in {self.folder.path}"
             )
-        self.wallclock += dt
+        self.wallclock += self._charged(dt)
         items, self.items = self.items, 0
+        if step % self.log_every and step != 1:
+            return  # not a logged step: its time still counts in the wall-clock
         row = self.rows.setdefault(step, {"step": step})
         row.update(train_loss=train_loss, lr=self._lr, step_time_s=dt, wallclock_s=self.wallclock)
         for k, v in trainer.callback_metrics.items():  # a task's extra train_* logs (accuracy, PSNR, ...)
@@ -156,6 +175,16 @@ class RunRecorder(L.Callback):
         if now - self._last_flush_time >= FLUSH_SECONDS:
             self._flush(trainer)
             self._t0 = time.perf_counter()  # the rewrite is bookkeeping, not the next step's time
+
+    def _charged(self, dt: float) -> float:
+        """Wall-clock charged for a step. The first step after a resume recompiles (torch.compile, Triton
+        autotuning) what the run already compiled once: it is charged at most the median step so far, so an
+        interrupted run's wall-clock stays comparable with an uninterrupted one."""
+        if not self._resumed:
+            return dt
+        self._resumed = False
+        times = [r["step_time_s"] for r in self.rows.values() if r.get("step_time_s") is not None]
+        return min(dt, float(pd.Series(times).median())) if times else dt
 
     # --- evaluation ------------------------------------------------------------------------------------------------
     def on_validation_epoch_end(self, trainer, pl_module):

@@ -89,6 +89,28 @@ def prepare_folder(cfg: RunConfig, folder: RunFolder, resume: bool, overwrite: b
     return "resume"
 
 
+def trainer_or_error(**kwargs) -> L.Trainer:
+    """L.Trainer, with Lightning's own refusals of a device, strategy or precision as one-line errors."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        return L.Trainer(**kwargs)
+    except (MisconfigurationException, ValueError, TypeError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise NobleError(f"invalid trainer settings (accelerator={kwargs.get('accelerator')!r}, devices="
+                         f"{kwargs.get('devices')!r}, num_nodes={kwargs.get('num_nodes')!r}, strategy="
+                         f"{kwargs.get('strategy')!r}, precision={kwargs.get('precision')!r}): {first}") from None
+
+
+def check_trainer_options(cfg: RunConfig) -> None:
+    """Lightning's checks of accelerator/devices/strategy/precision, before anything touches the run folder."""
+    t = cfg.trainer
+    on_gpu = t.accelerator in ("gpu", "cuda") or (t.accelerator == "auto" and torch.cuda.is_available())
+    trainer_or_error(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
+                     precision=precision_for(cfg, on_gpu), logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False)
+
+
 def build_trainer(cfg: RunConfig, module, folder: RunFolder, recorder: RunRecorder, progress: bool,
                   extra_callbacks=()) -> L.Trainer:
     t = cfg.trainer
@@ -101,7 +123,7 @@ def build_trainer(cfg: RunConfig, module, folder: RunFolder, recorder: RunRecord
     callbacks += list(extra_callbacks)
     if progress:
         callbacks.append(StepProgressBar(leave=True))
-    return L.Trainer(
+    return trainer_or_error(
         max_steps=t.max_steps, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
         strategy=strategy_for(cfg, module), precision=precision_for(cfg, on_gpu),
         # under manual optimization (the VQGAN) the task clips its own gradients: Lightning refuses to
@@ -133,8 +155,13 @@ def train(
     callbacks=(),
 ) -> TrainResult:
     """Train one run into `<out>/runs/<run-id>/` (or `run_dir`), resuming or refusing to overwrite as asked."""
+    if resume and overwrite:
+        raise NobleError("--resume and --overwrite contradict each other: continue the run, or start it again")
     rid = run_id(cfg)
     folder = RunFolder(run_dir or out / "runs" / rid)
+    # Lightning's start-up banner (GPU/TPU available, tips) is noise next to our own summary line.
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    check_trainer_options(cfg)
     if rank_zero_only.rank == 0:
         state = prepare_folder(cfg, folder, resume, overwrite)
     else:  # a DDP/FSDP worker started after rank 0 has already prepared (or refused) the folder
@@ -143,8 +170,6 @@ def train(
         return TrainResult(folder.path, folder.read_json(folder.summary_path), folder.read_json(folder.meta_path),
                            already_done=True)
 
-    # Lightning's start-up banner (GPU/TPU available, tips) is noise next to our own summary line.
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     task = get_task(cfg.task).load()
     module = task.build_module(cfg)
@@ -156,9 +181,13 @@ def train(
     if cfg.trainer.compile:
         module.model.compile()  # in place: parameter names (and checkpoints) stay those of the plain model
 
-    recorder = RunRecorder(folder, warmup_steps=cfg.trainer.kernel_warmup_steps)
+    recorder = RunRecorder(folder, warmup_steps=cfg.trainer.kernel_warmup_steps, log_every=cfg.trainer.log_every)
     trainer = build_trainer(cfg, module, folder, recorder, progress, callbacks)
     meta = folder.read_json(folder.meta_path)
+    if state == "resume" and meta.get("world_size", 1) != trainer.world_size:
+        raise NobleError(  # batch_size is per device: another device count would train on other batches
+            f"cannot resume {folder.path} on {trainer.world_size} device(s): it was started on "
+            f"{meta.get('world_size', 1)}; resume with the same --devices/--num-nodes")
     if trainer.is_global_zero:
         folder.write_config(cfg)
         if not meta:
