@@ -192,6 +192,18 @@ def test_skipped_with_reasons(results: Path):
     assert set(runs["run_id"]) == {"b0", "b1", "b2", "c0", "c1", "c2", "g0", "g1", "t0", "t1"}
 
 
+def test_report_written_into_the_results_folder_itself(tmp_path: Path):
+    """`noble report R --out R`: the output folder is the results folder, and its runs are still found."""
+    from noble_cli.report.runs import load_runs
+
+    r = tmp_path / "res"
+    write_run(r, "b0", variant="baseline", baseline=True, evals=[4.0, 3.5, 3.2, 3.1])
+    (r / "report.md").write_text("an older report")
+    runs, _ = load_runs(r, exclude=r)
+    assert [x.run_id for x in runs] == ["b0"]
+    assert [x.run_id for x in load_runs(tmp_path, exclude=r)[0]] == []  # a separate output folder is skipped
+
+
 def test_duplicate_keeps_newest(tmp_path: Path):
     r = tmp_path / "res"
     write_run(r, "b0", variant="baseline", baseline=True, evals=[4.0, 3.5, 3.2, 3.1])

@@ -195,6 +195,19 @@ def test_bad_input_is_one_line_noble_error():
 
 
 # --- manifest, resume, definitions ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "is unreadable"),
+    ('{"name": "x"}', "has no 'runs' list"),
+    ('{"runs": [{}]}', "entry 0 is malformed .*missing index, run_id"),
+    ('{"runs": [1, 2]}', "entry 0 is malformed"),
+])
+def test_a_broken_manifest_is_one_clear_error(tmp_path, content, message):
+    path = tmp_path / "manifest.json"
+    path.write_text(content)
+    with pytest.raises(NobleError, match=message):
+        read_manifest(path)
+
+
 def test_manifest_written_before_first_run(tmp_path, fake):
     plan = plan_activations(seeds=(0, 1))
     seen = []

@@ -276,6 +276,70 @@ def test_vit_tiny_trains(tmp_path):
     assert result.summary["best_eval_top1"] == pytest.approx(evals["eval_top1"].max())
 
 
+class _Jittered(torch.utils.data.Dataset):
+    """Item i = (i + random noise, i): its randomness stands in for an image's random augmentations."""
+
+    def __len__(self):
+        return 10
+
+    def __getitem__(self, i):
+        return torch.tensor([float(i)]) + torch.rand(1), i
+
+
+def _mix_collate(items):  # stands in for Mixup: a random draw per batch
+    x, y = torch.utils.data.default_collate(items)
+    return x + torch.rand(1), y
+
+
+@pytest.mark.parametrize("world, rank", [(1, 0), (2, 1)])
+def test_resumable_loader_restarts_at_any_position_with_the_same_draws(world, rank):
+    """Batches (order, per-sample and per-batch randomness) from position p on are those of an uninterrupted
+    iteration, across epoch ends; each epoch is a new permutation; every rank gets its own share."""
+    from noble_cli.data.resumable import resumable_train_loader
+
+    def loader(at):
+        return resumable_train_loader(_Jittered(), batch_size=2, seed=5, rank=rank, world=world,
+                                      position=lambda: at, collate=_mix_collate)
+
+    per_epoch = len(loader(0))
+    assert per_epoch == 10 // world // 2
+    stream = []  # what an uninterrupted run sees: epochs one after the other
+    for epoch in range(3):
+        stream += list(loader(epoch * per_epoch))
+    for at in (1, per_epoch, per_epoch + 1, 2 * per_epoch + per_epoch - 1):
+        resumed = list(loader(at))  # the rest of the epoch `at` falls in
+        want = stream[at: (at // per_epoch + 1) * per_epoch]
+        assert len(resumed) == len(want) and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+                                                 for a, b in zip(resumed, want)), at
+    labels = [torch.cat([b[1] for b in stream[e * per_epoch:(e + 1) * per_epoch]]).tolist() for e in range(3)]
+    assert labels[0] != labels[1] and len(set(labels[0])) == len(labels[0])
+    assert len({float(b[0][0, 0]) for b in stream}) == len(stream)  # the noise differs batch to batch
+
+
+@needs_fashion
+def test_vit_resume_after_interruption_reaches_the_same_losses(tmp_path):
+    """Mixup/CutMix, RandAugment, random erasing, drop-path and a loader worker: an interrupted and resumed run
+    trains on the same batches, with the same draws, as an uninterrupted one."""
+    import lightning as L
+
+    cfg = C.resolve("vit-tiny", {"noble.branch": "cosnet"}, FAST + [
+        "trainer.max_steps=8", "trainer.eval_every=4", "trainer.batch_size=16", "schedule.warmup_steps=2",
+        "model.drop_path=0.1", "trainer.num_workers=1"])
+
+    class StopAt6(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 6:
+                raise KeyboardInterrupt
+
+    straight = metrics(train(cfg, out=tmp_path / "a", progress=False).run_dir)
+    with pytest.raises(NobleError, match="interrupted at step 6"):
+        train(cfg, out=tmp_path / "b", progress=False, callbacks=[StopAt6()])
+    resumed = metrics(train(cfg, out=tmp_path / "b", resume=True, progress=False).run_dir)  # from step 4
+    pd.testing.assert_series_equal(resumed.set_index("step")["train_loss"], straight.set_index("step")["train_loss"],
+                                   rtol=1e-5, atol=0)
+    pd.testing.assert_series_equal(resumed["eval_loss"].dropna(), straight["eval_loss"].dropna(), rtol=1e-5, atol=0)
+
+
 @pytest.fixture(scope="module")
 def vqgan_run(tmp_path_factory):
     if not HAVE_FASHION:

@@ -268,8 +268,16 @@ class ImageTokenDataModule(L.LightningDataModule):
                           pin_memory=torch.cuda.is_available())
 
     def train_dataloader(self) -> DataLoader:
+        """Shuffled per epoch, each rank its share; the order resumes exactly (data/resumable.py)."""
+        from torch.utils.data import default_collate
+
+        from noble_cli.data.resumable import resumable_train_loader, trainer_position
+
         self.setup()
-        return self._loader(self.train_set, True)
+        world, rank = self._world()
+        return resumable_train_loader(self.train_set, batch_size=self.batch_size, seed=self.seed, rank=rank,
+                                      world=world, position=lambda: trainer_position(self), collate=default_collate,
+                                      num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
 
     def val_dataloader(self) -> DataLoader:
         self.setup()

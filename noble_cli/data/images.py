@@ -14,7 +14,9 @@ Data sets (`data.dataset`):
 Every data set yields (image, label) with the image transformed by a torchvision v2 pipeline. Batch-level Mixup and
 CutMix (`BatchMixer`) run in the training collate function, so they run in the loader workers; when both are on, one
 of them is picked per batch (`v2.RandomChoice`, as DeiT does). Training targets are always class-probability
-vectors (one-hot when mixing is off), so the loss treats both cases alike.
+vectors (one-hot when mixing is off), so the loss treats both cases alike. Every random draw of the training data
+(order, per-image transforms, Mixup/CutMix) is seeded by the run's seed and the sample's position, so a resumed run
+sees exactly the batches of an uninterrupted one (`noble_cli/data/resumable.py`).
 
 The evaluation set is a fixed random subset of the validation split (`eval_batches * batch_size` images, drawn with a
 constant seed), the same for every run and seed, so that eval metrics of paired runs compare the same images.
@@ -479,9 +481,15 @@ class ImageDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        """Shuffled per epoch, each rank its share; order and augmentations resume exactly (data/resumable.py)."""
+        from noble_cli.data.resumable import resumable_train_loader, trainer_position
+
         self.setup()
         collate = self.train_collate_factory(self.num_classes) if self.train_collate_factory else plain_collate
-        return self._loader(self.train_set, True, collate)
+        world, rank = self._world()
+        return resumable_train_loader(self.train_set, batch_size=self.batch_size, seed=self.seed, rank=rank,
+                                      world=world, position=lambda: trainer_position(self), collate=collate,
+                                      num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
 
     def val_dataloader(self) -> DataLoader:
         self.setup()

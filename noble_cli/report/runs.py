@@ -83,6 +83,8 @@ def find_run_dirs(root: Path, exclude: Path | None = None) -> list[Path]:
     """
     root = Path(root)
     exclude_resolved = Path(exclude).resolve() if exclude is not None else None
+    if exclude_resolved == root.resolve():  # `noble report R --out R`: the report's files sit among the runs
+        exclude_resolved = None
     found: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
         d = Path(dirpath)

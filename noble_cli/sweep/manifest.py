@@ -63,7 +63,16 @@ def read_manifest(path: Path) -> dict:
                          "(finished runs are kept in their run folders and will be skipped)") from None
     if not isinstance(m, dict) or not isinstance(m.get("runs"), list):
         raise NobleError(f"sweep manifest {path} has no 'runs' list; delete it to start the sweep again")
+    for i, e in enumerate(m["runs"]):
+        missing = [k for k in ENTRY_KEYS if not isinstance(e, dict) or k not in e]
+        if missing or not isinstance(e.get("config"), dict):
+            raise NobleError(f"sweep manifest {path}: entry {i} is malformed (missing {', '.join(missing) or 'config'}"
+                             "); delete the manifest to start the sweep again (finished runs are kept and skipped)")
     return m
+
+
+# What every manifest entry must hold for sweeps, launchers and the progress view to read it.
+ENTRY_KEYS = ("index", "run_id", "variant", "role", "seed", "run_dir", "status", "config")
 
 
 def _lock_path(path: Path) -> Path:

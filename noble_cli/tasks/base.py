@@ -16,6 +16,7 @@ from torch import nn
 
 from noble_cli.config import NobleConfig, RunConfig
 from noble_cli.layers import LRMultipliers, apply_noble, count_parameters, param_groups
+from noble_cli.seeding import derive_seed
 
 
 def resolved_kernel(noble: NobleConfig, on_cuda: bool) -> str:
@@ -64,14 +65,6 @@ def build_model(make: Callable, model_cfg, noble: NobleConfig, kernel: str = "to
     if noble.dense_match:
         model_cfg = dense_matched_config(make, model_cfg, noble)
     return make(model_cfg)
-
-
-def step_seed(seed: int, micro_batch: int, rank: int) -> int:
-    """A 63-bit seed for one micro-batch on one rank (splitmix-style mixing: neighbours get unrelated streams)."""
-    z = (seed * 0x9E3779B97F4A7C15 + micro_batch * 0xBF58476D1CE4E5B9 + rank * 0x94D049BB133111EB) % 2**64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
-    return (z ^ (z >> 31)) >> 1
 
 
 def lr_factor(step: int, max_steps: int, warmup: int, decay: str, min_ratio: float) -> float:
@@ -139,7 +132,7 @@ class NobleTask(L.LightningModule):
         # make a resumed run replay step 1's draws instead of drawing what the uninterrupted run drew.
         t = self.trainer
         micro = t.global_step * t.accumulate_grad_batches + batch_idx % t.accumulate_grad_batches
-        torch.manual_seed(step_seed(self.cfg.seed, micro, t.global_rank))
+        torch.manual_seed(derive_seed(self.cfg.seed, micro, t.global_rank))
 
     def training_step(self, batch, batch_idx):
         loss, logs = self.loss(batch)
