@@ -78,6 +78,31 @@ def test_tiny_run_learns_and_fills_the_run_folder(tmp_path):
         train(cfg, out=tmp_path, progress=False)
 
 
+def test_every_rank_decides_the_folder_state_alike_and_only_rank_0_deletes(tmp_path, monkeypatch):
+    """Under srun every process starts at once: all must reach rank 0's decision (a rank resuming a completed run
+    while rank 0 returns would wait for it forever), and only rank 0 may change the folder."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from noble_cli.train import run as R
+    from noble_cli.train.run_folder import RunFolder
+
+    cfg = tiny_cfg(**{"trainer.max_steps": 4, "trainer.eval_every": 2})
+    done = RunFolder(train(cfg, out=tmp_path, progress=False).run_dir)
+    assert R.folder_state(cfg, RunFolder(tmp_path / "none"), resume=True, overwrite=False) == "new"
+    assert R.folder_state(cfg, done, resume=True, overwrite=False) == "done"
+    assert R.folder_state(cfg, done, resume=False, overwrite=True) == "overwrite"
+    with pytest.raises(NobleError, match="already exists"):
+        R.folder_state(cfg, done, resume=False, overwrite=False)
+    other = tiny_cfg(**{"trainer.max_steps": 4, "trainer.eval_every": 2, "optim.lr": 1e-3})
+    with pytest.raises(NobleError, match="config differs"):
+        R.folder_state(other, done, resume=True, overwrite=False)
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    assert R.prepare_folder(cfg, done, resume=False, overwrite=True) == "new"
+    assert done.path.exists(), "a rank other than 0 never deletes"
+    monkeypatch.setattr(rank_zero_only, "rank", 0)
+    assert R.prepare_folder(cfg, done, resume=False, overwrite=True) == "new" and not done.path.exists()
+
+
 def test_log_every_thins_the_rows_not_the_clock(tmp_path):
     cfg = tiny_cfg(**{"trainer.max_steps": 10, "trainer.eval_every": 5, "trainer.log_every": 4})
     metrics = pd.read_csv(train(cfg, out=tmp_path, progress=False).run_dir / "metrics.csv")

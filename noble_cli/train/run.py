@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -57,13 +58,14 @@ def strategy_for(cfg: RunConfig, module):
     return name
 
 
-def prepare_folder(cfg: RunConfig, folder: RunFolder, resume: bool, overwrite: bool) -> str:
-    """What to do with the run folder: "new", "resume" (from checkpoints/last.ckpt) or "done" (already completed)."""
+def folder_state(cfg: RunConfig, folder: RunFolder, resume: bool, overwrite: bool) -> str:
+    """What to do with the run folder, decided read-only (so every rank of a multi-process launch decides alike):
+    "new", "overwrite" (delete, then new), "restart" (killed before its first checkpoint: delete, then new),
+    "resume" (from checkpoints/last.ckpt) or "done" (already completed). Refusals raise NobleError."""
     if not folder.exists():
         return "new"
     if overwrite:
-        shutil.rmtree(folder.path)
-        return "new"
+        return "overwrite"
     summary = folder.read_json(folder.summary_path)
     if not resume:
         raise NobleError(
@@ -81,12 +83,23 @@ def prepare_folder(cfg: RunConfig, folder: RunFolder, resume: bool, overwrite: b
     if summary.get("status") == "completed":
         return "done"
     if not folder.last_checkpoint.exists():  # killed before its first checkpoint: nothing worth keeping
+        return "restart"
+    return "resume"
+
+
+def prepare_folder(cfg: RunConfig, folder: RunFolder, resume: bool, overwrite: bool) -> str:
+    """`folder_state`, then (global rank 0 only) its side effects; returns "new", "resume" or "done"."""
+    state = folder_state(cfg, folder, resume, overwrite)
+    if rank_zero_only.rank != 0:
+        return "new" if state in ("overwrite", "restart") else state
+    if state in ("overwrite", "restart"):
         shutil.rmtree(folder.path)
         return "new"
-    for leftover in folder.checkpoint_dir.iterdir():  # a checkpoint write cut off by a kill (can be gigabytes)
-        if is_stale_temp(leftover):
-            leftover.unlink()
-    return "resume"
+    if state == "resume":
+        for leftover in folder.checkpoint_dir.iterdir():  # a checkpoint write cut off by a kill (can be gigabytes)
+            if is_stale_temp(leftover):
+                leftover.unlink()
+    return state
 
 
 def trainer_or_error(**kwargs) -> L.Trainer:
@@ -162,9 +175,11 @@ def train(
     # Lightning's start-up banner (GPU/TPU available, tips) is noise next to our own summary line.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     check_trainer_options(cfg)
-    if rank_zero_only.rank == 0:
+    if rank_zero_only.rank == 0 or "LOCAL_RANK" not in os.environ:
+        # rank 0, or any rank of a launch that starts every process at once (srun, torchrun): the same read-only
+        # decision everywhere, the side effects on rank 0
         state = prepare_folder(cfg, folder, resume, overwrite)
-    else:  # a DDP/FSDP worker started after rank 0 has already prepared (or refused) the folder
+    else:  # a process Lightning spawned after rank 0 had prepared (or refused) the folder and written into it
         state = "resume" if resume and folder.last_checkpoint.exists() else "new"
     if state == "done":
         return TrainResult(folder.path, folder.read_json(folder.summary_path), folder.read_json(folder.meta_path),
