@@ -341,14 +341,17 @@ def config_hash(cfg: RunConfig) -> str:
     return digest(hashable_dict(cfg))
 
 
-def pair_key(cfg: RunConfig, world_size: int = 1) -> str:
+def pair_key(cfg: RunConfig, world_size: int = 1, data_identity: dict | None = None) -> str:
     """What a variant and its baseline share: everything but the branch, the seed and the label. `batch_size` is
-    per device, so a run on several devices (known once the trainer is up) pairs only with the same world size."""
+    per device, so a run on several devices (known once the trainer is up) pairs only with the same world size;
+    `data_identity` is what the data depends on beyond the config (the task's `data_identity()`)."""
     d = hashable_dict(cfg)
     for k in ("noble", "seed", "name"):
         d.pop(k, None)
     if world_size != 1:
         d["world_size"] = int(world_size)
+    if data_identity:
+        d["data_identity"] = data_identity
     return digest(d)
 
 

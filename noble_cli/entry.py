@@ -32,7 +32,7 @@ def run_app(app, prog_name: str | None = None) -> None:
             sys.exit(code)
     except NobleError as e:
         err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        sys.exit(e.exit_code)  # 2; 130 for an interrupted run
     except _click_exceptions("NoArgsIsHelpError") as e:
         e.show()
         sys.exit(0)

@@ -8,6 +8,14 @@ that names what was wrong and what is valid. The CLI prints that line and exits 
 class NobleError(Exception):
     """A mistake in the user's input or environment, reported as one line."""
 
+    exit_code = 2
+
+
+class InterruptedRun(NobleError):
+    """A run stopped by Ctrl-C (or SIGTERM) after Lightning's graceful shutdown: resumable, exit status 130."""
+
+    exit_code = 130
+
 
 def choices_error(what: str, given: object, valid: list[str] | tuple[str, ...]) -> NobleError:
     """`unknown activation 'foo'; valid: a, b, c`."""

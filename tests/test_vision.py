@@ -415,6 +415,10 @@ def test_image_lm_trains_on_the_codes(vqgan_run, tmp_path):
     result = train(cfg, out=tmp_path, progress=False)
     evals = metrics(result.run_dir).dropna(subset=["eval_loss"])
     assert evals["eval_loss"].iloc[-1] < math.log(257) - 0.5  # well below uniform over the codes
+    # which VQGAN made the codes is part of the run's identity; FLOPs count the codes per image
+    fingerprint = result.meta["data_identity"]["vqgan_checkpoint"]
+    assert len(fingerprint) == 12 and result.meta["pair_key"] != C.pair_key(cfg)
+    assert module.seq_len == 49  # 28 px at patch 4 -> 7 x 7 codes
 
     with pytest.raises(NobleError, match="model.vocab_size=257"):
         image_lm.build_datamodule(C.resolve("image-lm-tiny", sets=sets + ["model.vocab_size=300"]))

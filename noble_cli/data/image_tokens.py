@@ -63,6 +63,21 @@ def resolve_checkpoint(spec: str | os.PathLike, results: str | os.PathLike = "re
                      f"checkpoints/last.ckpt){hint}")
 
 
+def checkpoint_fingerprint(path: str | os.PathLike) -> str:
+    """A short content id of a checkpoint file (its size and its first and last MiB): a retrained VQGAN gets a new
+    one even at the same path, a copied file keeps it."""
+    import hashlib
+
+    path = Path(path)
+    size = path.stat().st_size
+    h = hashlib.sha1(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    return h.hexdigest()[:12]
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)

@@ -33,7 +33,7 @@ from rich.table import Table
 
 from noble_cli import config as C
 from noble_cli.atomic import atomic_write_text
-from noble_cli.errors import NobleError
+from noble_cli.errors import InterruptedRun, NobleError
 from noble_cli.sweep.locks import HOST, RunLock, describe_holder, now_iso
 from noble_cli.sweep.manifest import (
     FINISHED,
@@ -134,7 +134,7 @@ def execute_entry(manifest: Path, index: int, train_fn: TrainFn | None = None, p
                 _finish(manifest, index, t0, status="done", outcome="diverged", error=_one_line(exc))
                 console.print(f"[yellow]diverged[/] {e['run_id']}: {escape(_one_line(exc))}")
                 return "done"
-            if s == "interrupted" or (isinstance(exc, NobleError) and str(exc).startswith("interrupted")):
+            if s == "interrupted" or isinstance(exc, InterruptedRun):
                 _finish(manifest, index, t0, status="pending", error="interrupted; resumes on the next run")
                 raise KeyboardInterrupt from exc
             _finish(manifest, index, t0, status="failed", error=_one_line(exc))

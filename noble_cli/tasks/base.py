@@ -121,6 +121,11 @@ class NobleTask(L.LightningModule):
 
         return {type(m) for m in self.model.modules() if any(isinstance(c, SelfAttention) for c in m.children())}
 
+    def data_identity(self) -> dict:
+        """What the run's data depends on beyond its config (e.g. the VQGAN checkpoint behind image codes). It
+        goes into meta.json and `pair_key`, and a resume into a folder whose data identity differs is refused."""
+        return {}
+
     def flops_per_item(self) -> float | None:
         """Training FLOPs per counted item, for MFU; None where not worked out."""
         return None

@@ -9,6 +9,8 @@ checkpoint before training. eval_loss is the cross-entropy per code (nats).
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 
 from noble_cli.config import RunConfig
@@ -64,7 +66,22 @@ class ImageLM(CausalLM):
 
     @property
     def seq_len(self) -> int:
-        return self.model.cfg.block_size  # the recipes set it to the codes per image (checked to hold them)
+        """Tokens per sequence (for FLOPs): the codes per image when the checkpoint is at hand, else block_size
+        (the recipes set it to the codes per image; `noble bench` runs without a checkpoint)."""
+        return self._codes_per_image or self.model.cfg.block_size
+
+    @functools.cached_property
+    def _codes_per_image(self) -> int | None:  # reads the checkpoint: once
+        try:
+            return check_against_checkpoint(self.cfg)["seq_len"]
+        except NobleError:
+            return None
+
+    def data_identity(self) -> dict:
+        """Which VQGAN made the codes: runs on different codebooks must not pair (or resume into each other)."""
+        from noble_cli.data.image_tokens import checkpoint_fingerprint, resolve_checkpoint
+
+        return {"vqgan_checkpoint": checkpoint_fingerprint(resolve_checkpoint(self.data_cfg.vqgan_checkpoint))}
 
 
 def build_module(cfg: RunConfig) -> ImageLM:

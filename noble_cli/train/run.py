@@ -17,7 +17,7 @@ from rich.console import Console
 
 from noble_cli.atomic import atomic_write_text, is_stale_temp
 from noble_cli.config import RunConfig, config_hash, from_dict, run_id, to_yaml
-from noble_cli.errors import NobleError
+from noble_cli.errors import InterruptedRun, NobleError
 from noble_cli.tasks import get_task
 from noble_cli.train.recorder import AtomicCheckpointIO, DivergedError, RunRecorder
 from noble_cli.train.run_folder import RunFolder
@@ -199,15 +199,20 @@ def train(
     recorder = RunRecorder(folder, warmup_steps=cfg.trainer.kernel_warmup_steps, log_every=cfg.trainer.log_every)
     trainer = build_trainer(cfg, module, folder, recorder, progress, callbacks)
     meta = folder.read_json(folder.meta_path)
+    data_identity = module.data_identity()
     if state == "resume" and meta.get("world_size", 1) != trainer.world_size:
         raise NobleError(  # batch_size is per device: another device count would train on other batches
             f"cannot resume {folder.path} on {trainer.world_size} device(s): it was started on "
             f"{meta.get('world_size', 1)}; resume with the same --devices/--num-nodes")
+    if state == "resume" and meta and meta.get("data_identity", {}) != data_identity:
+        raise NobleError(f"cannot resume {folder.path}: its data changed since it started ({meta.get('data_identity')}"
+                         f" then, {data_identity} now); use --overwrite to start it again")
     if trainer.is_global_zero:
         folder.write_config(cfg)
         if not meta:
             meta = folder.write_meta(cfg, rid, module.params.total, module.params.branch,
-                                     world_size=trainer.world_size, kernel=module.kernel)
+                                     world_size=trainer.world_size, data_identity=data_identity,
+                                     kernel=module.kernel)
         atomic_write_text(folder.checkpoint_dir / "hyperparameters.yaml", to_yaml(cfg))
 
     with warnings.catch_warnings():
@@ -220,7 +225,7 @@ def train(
         except DivergedError:
             raise
         except SystemExit:  # Lightning turns Ctrl-C into exit(1) after its graceful shutdown
-            raise NobleError(
+            raise InterruptedRun(
                 f"interrupted at step {trainer.global_step}; continue with the same command and --resume "
                 f"(run folder {folder.path})"
             ) from None

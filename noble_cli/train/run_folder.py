@@ -107,12 +107,12 @@ class RunFolder:
         atomic_write_text(self.config_path, to_yaml(cfg))
 
     def write_meta(self, cfg: RunConfig, run_id: str, params_total: int, params_branch: int, world_size: int = 1,
-                   **extra) -> dict:
+                   data_identity: dict | None = None, **extra) -> dict:
         commit, dirty = git_state()
         meta = {
             "run_id": run_id, "recipe": cfg.recipe, "task": cfg.task, "variant": cfg.variant,
-            "variant_key": variant_key(cfg), "pair_key": pair_key(cfg, world_size), "seed": cfg.seed,
-            "world_size": world_size,
+            "variant_key": variant_key(cfg), "pair_key": pair_key(cfg, world_size, data_identity), "seed": cfg.seed,
+            "world_size": world_size, "data_identity": data_identity or {},
             "is_baseline": not cfg.noble.enabled and not cfg.noble.dense_match, "max_steps": cfg.trainer.max_steps,
             "git_commit": commit, "git_dirty": dirty, "versions": library_versions(), "device": device_description(),
             "params_total": params_total, "params_branch": params_branch,
