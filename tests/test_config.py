@@ -46,6 +46,13 @@ def test_variant_labels_name_targets_and_an_explicit_kernel():
     assert C.resolve("llm-tiny", {"noble.kernel": "torch"}).variant == "baseline"
 
 
+def test_a_vocabulary_smaller_than_the_tokenizer_is_refused_with_the_data():
+    from noble_cli.tasks import causal_lm
+
+    with pytest.raises(NobleError, match="smaller than the GPT-2 vocabulary"):
+        causal_lm.build_datamodule(C.resolve("llm-tiny", sets=["model.vocab_size=100"]))
+
+
 def test_a_recipe_section_that_is_not_a_mapping_is_refused(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("task: causal_lm\noptim: 3\n")
@@ -103,7 +110,6 @@ def test_hash_and_pairing_keys():
         ("llm-tiny", {"seed": -1}, [], r"seed must be in \[0, 2\^32\)"),
         ("llm-tiny", {}, ["model.n_head=0"], "model.n_head must be >= 1"),
         ("llm-tiny", {}, ["model.dropout=2"], r"model.dropout must be in \[0, 1\)"),
-        ("llm-tiny", {}, ["model.vocab_size=100"], "smaller than the GPT-2 vocabulary"),
         ("llm-tiny", {}, ["data.dataset=nope"], "nope"),
     ],
 )
