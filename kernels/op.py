@@ -203,9 +203,11 @@ def _check_shapes(x, weight, bias, down_weight, down_bias, freq1, phase1, mix_we
             raise ValueError(f"cosnet_linear: {where} has shape {tuple(got)}, expected {want} "
                              f"(weight {n}x{k}, rank {r})")
     tokens = x.numel() // max(1, k)
-    if max(tokens * max(k, n), weight.numel()) >= _INT32_LIMIT:
-        raise ValueError(f"cosnet_linear: {tokens} tokens x max(in, out) = {tokens * max(k, n)} elements reach the "
-                         "kernels' int32 offset limit (2^31); split the batch")
+    # the largest offset a kernel forms: the output/gradient extents, and x's own extent through its strides
+    x_extent = sum((size - 1) * abs(stride) for size, stride in zip(x.shape, x.stride())) + 1 if x.numel() else 0
+    if max(tokens * max(k, n), weight.numel(), x_extent) >= _INT32_LIMIT:
+        raise ValueError(f"cosnet_linear: {tokens} tokens x max(in, out) = {tokens * max(k, n)} elements (x spans "
+                         f"{x_extent}) reach the kernels' int32 offset limit (2^31); split the batch")
 
 
 def cosnet_linear(

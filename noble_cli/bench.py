@@ -194,7 +194,8 @@ def _interpret_note(rows: list[dict]) -> str | None:
 
 
 def _fused_forward(gemm: str):
-    """A NobleLinear forward that always calls the fused op (NobleLinear itself dispatches only on CUDA)."""
+    """A NobleLinear forward that always calls the fused op with the given GEMM backend (NobleLinear's own dispatch
+    uses the default backend)."""
     nk = import_noble_kernels()
 
     def forward(self, x):
@@ -432,8 +433,12 @@ def step(
     base_cfg = C.resolve(recipe, overrides, set_)
     if base_cfg.task not in STEP_TASKS:
         raise NobleError(f"noble bench step supports tasks {', '.join(STEP_TASKS)}; {recipe} is {base_cfg.task}")
+    # the branch is checked before anything is timed: a late refusal would throw the finished rows away
+    if branch.strip().lower() == "none":
+        raise NobleError("--branch none would time the baseline against itself; give a branch such as cosnet")
+    branch = resolve_activation(branch)
     fused_wanted = [v for v in wanted if v in TRITON_VARIANTS]
-    if fused_wanted and resolve_activation(branch) != "cosnet":  # refused before anything is timed
+    if fused_wanted and branch != "cosnet":
         raise NobleError(f"variants {', '.join(fused_wanted)} need --branch cosnet (the fused kernels' only "
                          f"branch), not {branch}; for other branches use --variants baseline,noble-torch")
     rows: list[dict] = []

@@ -99,3 +99,6 @@ def test_bench_step_refuses_fused_variants_for_other_branches_before_timing(tmp_
     assert result.exit_code != 0
     assert "need --branch cosnet" in str(result.exception) and "not gelu_net" in str(result.exception)
     assert not (tmp_path / "x.json").exists()
+    result = runner.invoke(bench_app, ["step", "--recipe", "llm-tiny", "--branch", "none", "--variants",
+                                       "baseline,noble-torch", "--out", str(tmp_path / "x.json")])
+    assert "baseline against itself" in str(result.exception)

@@ -127,14 +127,15 @@ def test_fp32_matches_float64_reference(lead, k, n, r, bias):
     check(run_case(x, p, g, dtype=torch.float32), rtol=2e-5)
 
 
-@pytest.mark.parametrize("r", [5, 17])
-def test_rank_narrower_than_the_gemm_tiles(monkeypatch, r):
+@pytest.mark.parametrize("r, bm, bn", [(5, 32, 32), (17, 32, 32), (5, 16, 32), (5, 32, 16)])
+def test_rank_narrower_than_the_gemm_tiles(monkeypatch, r, bm, bn):
     """32-wide tiles with r padded to 16 (r=5): the weight-gradient kernel's r-sized tiles (dW_up columns, dW_down
-    rows) are then narrower than its main tiles; r=17 pads to 32, the tiles' own width."""
+    rows) are then narrower than its main tiles; r=17 pads to 32, the tiles' own width; and unequal BLOCK_M and
+    BLOCK_N, as in the 256x128 and 64x128 autotune configs."""
     if DEVICE != "cpu":
         pytest.skip("interpreter tile sizes")
-    for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
-        monkeypatch.setitem(nk._common.INTERPRET_BLOCKS, key, 32)
+    for key, value in (("BLOCK_M", bm), ("BLOCK_N", bn), ("BLOCK_K", 32)):
+        monkeypatch.setitem(nk._common.INTERPRET_BLOCKS, key, value)
     x, p, g = make_inputs((45,), 40, 72, r, seed=11)
     check(run_case(x, p, g, dtype=torch.float32), rtol=2e-5)
 

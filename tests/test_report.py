@@ -229,6 +229,25 @@ def test_one_baseline_per_pair_and_seed_whatever_its_label(tmp_path: Path):
     assert [p.name for p, reason in skipped if "duplicate of bA (same baseline" in reason] == ["bB"]
 
 
+def test_a_completed_baseline_wins_over_a_newer_diverged_one_and_labels_merge(tmp_path: Path):
+    r = tmp_path / "res"
+    write_run(r, "bOK", variant="baseline", baseline=True, variant_key="base-a", evals=[4.0, 3.5, 3.2, 3.0],
+              created_at="2026-01-01")
+    write_run(r, "bDIV", variant="baseline", baseline=True, variant_key="base-a",
+              evals=[4.0, 3.6, float("nan"), float("nan")], status="diverged", created_at="2026-01-02")
+    write_run(r, "b1", variant="baseline | group", baseline=True, variant_key="base-b", seed=1,
+              evals=[4.0, 3.5, 3.2, 3.0])
+    for seed in (0, 1):
+        write_run(r, f"v{seed}", variant="cosnet r32", seed=seed, evals=[3.9, 3.5, 3.3, 3.2])
+    runs, summary, skipped = build_report(r)
+    assert runs.set_index("run_id").loc["v0", "baseline_run_id"] == "bOK"  # not the diverged run's easy target
+    assert not runs.set_index("run_id").loc["v0", "reached"]
+    assert [p.name for p, reason in skipped if "duplicate of bOK" in reason] == ["bDIV"]
+    base = summary[summary["is_baseline"].astype(bool)]
+    assert len(base) == 1 and int(base["n"].iloc[0]) == 2  # seeds 0 and 1 under one baseline row
+    assert base["variant"].iloc[0] == "baseline"  # two labels ("baseline", "baseline | group") become one
+
+
 def test_diverged_run_kept_with_finite_points(tmp_path: Path):
     r = tmp_path / "res"
     write_run(r, "b0", variant="baseline", baseline=True, evals=[4.0, 3.5, 3.2, 3.1])

@@ -113,6 +113,17 @@ def test_log_every_thins_the_rows_not_the_clock(tmp_path):
     assert metrics["wallclock_s"].iloc[-1] > metrics["step_time_s"].sum()
 
 
+def test_meta_records_the_kernel_that_runs(monkeypatch):
+    from noble_cli.tasks.base import resolved_kernel
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    noble = tiny_cfg(**{"noble.branch": "cosnet", "noble.kernel": "triton"}).noble
+    assert resolved_kernel(noble, on_cuda=True) == "triton"
+    assert resolved_kernel(noble, on_cuda=False) == "torch"  # NobleLinear falls back off CUDA: say so
+    gelu = tiny_cfg(**{"noble.branch": "gelu_net", "noble.kernel": "triton"}).noble
+    assert resolved_kernel(gelu, on_cuda=True) == "torch"  # the fused kernels are CosNet's only
+
+
 def test_mfu_peak_table_matches_whole_card_names():
     from noble_cli.train.recorder import peak_flops
 

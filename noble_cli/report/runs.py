@@ -226,11 +226,27 @@ def load_run(path: Path) -> Run:
     return run
 
 
+def _one_baseline_label(runs: list[Run]) -> None:
+    """The baselines of one pair (recipe, pair_key) under one variant key and label, so that tables and plots show
+    one baseline row and curve even when seeds' baselines were labelled differently (a sweep's group name, a plain
+    `noble train`)."""
+    labels: dict[tuple, set[str]] = {}
+    for r in runs:
+        if r.is_baseline:
+            labels.setdefault((r.recipe, r.pair_key), set()).add(r.variant)
+    for r in runs:
+        if r.is_baseline:
+            names = labels[(r.recipe, r.pair_key)]
+            r.variant_key = f"baseline-{r.pair_key}"
+            r.variant = next(iter(names)) if len(names) == 1 else "baseline"
+
+
 def load_runs(root: Path, exclude: Path | None = None) -> tuple[list[Run], list[tuple[Path, str]]]:
     """All usable runs under `root`, and the skipped folders with their reasons.
 
-    Duplicates (same recipe, pair_key, variant_key and seed, e.g. a rerun) keep the newest by created_at (then
-    by folder name); the others are skipped as duplicates.
+    Duplicates (same recipe, pair_key, variant_key and seed, e.g. a rerun; for baselines any label: one baseline
+    per pair and seed) keep a completed run over a diverged one, then the newest by created_at (then by folder
+    name); the others are skipped as duplicates.
     """
     runs: list[Run] = []
     skipped: list[tuple[Path, str]] = []
@@ -249,11 +265,15 @@ def load_runs(root: Path, exclude: Path | None = None) -> tuple[list[Run], list[
         by_key.setdefault((r.recipe, r.pair_key, variant, str(r.seed)), []).append(r)
     kept: list[Run] = []
     for group in by_key.values():
-        group.sort(key=lambda r: (r.created_at, str(r.path)))
-        newest = group[-1]
-        kept.append(newest)
-        what = "baseline" if newest.is_baseline else "variant"
+        # a completed run before a diverged one (a diverged baseline's truncated curve would be an easy target),
+        # then the newest
+        group.sort(key=lambda r: (r.status == "completed", r.created_at, str(r.path)))
+        chosen = group[-1]
+        kept.append(chosen)
+        what = "baseline" if chosen.is_baseline else "variant"
         for r in group[:-1]:
-            skipped.append((r.path, f"duplicate of {newest.run_id} (same {what}, pair and seed); the newest is kept"))
+            skipped.append((r.path, f"duplicate of {chosen.run_id} (same {what}, pair and seed); a completed run "
+                                    "is kept over a diverged one, then the newest"))
+    _one_baseline_label(kept)
     kept.sort(key=lambda r: (r.recipe, r.pair_key, not r.is_baseline, r.variant, str(r.seed)))
     return kept, skipped

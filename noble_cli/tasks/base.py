@@ -20,13 +20,20 @@ from noble_cli.seeding import derive_seed
 
 
 def resolved_kernel(noble: NobleConfig, on_cuda: bool) -> str:
-    """The branch implementation a run uses: "triton" only where the fused kernels apply (a CosNet branch; `auto`
-    picks them on CUDA), else "torch". This is what meta.json records."""
-    if noble.branch != "cosnet":
+    """The branch implementation a run uses: "triton" only where the fused kernels apply and can run (a CosNet
+    branch, on CUDA or under TRITON_INTERPRET=1 on the CPU; `auto` picks them on CUDA only), else "torch", which is
+    also what NobleLinear falls back to. This is what meta.json records."""
+    if noble.branch != "cosnet" or noble.kernel == "torch":
         return "torch"
-    if noble.kernel != "auto":
-        return noble.kernel
-    return "triton" if on_cuda else "torch"
+    if on_cuda:
+        return "triton"
+    if noble.kernel == "auto":
+        return "torch"
+    try:
+        from noble_kernels import available
+    except ImportError:
+        return "torch"
+    return "triton" if available("cpu") else "torch"
 
 
 def _with_branches(make: Callable, model_cfg, noble: NobleConfig, branch: str, kernel: str = "torch") -> nn.Module:
