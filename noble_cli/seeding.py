@@ -16,3 +16,7 @@ def derive_seed(*parts: int) -> int:
         z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
         z ^= z >> 31
     return z >> 1
+
+
+# Domain tags: the first part after the run's seed, so that streams of different uses never coincide.
+DATA_ORDER, SAMPLE_AUGMENT, BATCH_AUGMENT, STEP = 1, 2, 3, 4

@@ -294,26 +294,52 @@ def _mix_collate(items):  # stands in for Mixup: a random draw per batch
 @pytest.mark.parametrize("world, rank", [(1, 0), (2, 1)])
 def test_resumable_loader_restarts_at_any_position_with_the_same_draws(world, rank):
     """Batches (order, per-sample and per-batch randomness) from position p on are those of an uninterrupted
-    iteration, across epoch ends; each epoch is a new permutation; every rank gets its own share."""
+    iteration, across the ends of passes over the data; each pass is a new permutation; every rank its share."""
     from noble_cli.data.resumable import resumable_train_loader
 
-    def loader(at):
+    def loader(at, total=12):
         return resumable_train_loader(_Jittered(), batch_size=2, seed=5, rank=rank, world=world,
-                                      position=lambda: at, collate=_mix_collate)
+                                      total_batches=total, position=lambda: at, collate=_mix_collate)
 
-    per_epoch = len(loader(0))
-    assert per_epoch == 10 // world // 2
-    stream = []  # what an uninterrupted run sees: epochs one after the other
-    for epoch in range(3):
-        stream += list(loader(epoch * per_epoch))
-    for at in (1, per_epoch, per_epoch + 1, 2 * per_epoch + per_epoch - 1):
-        resumed = list(loader(at))  # the rest of the epoch `at` falls in
-        want = stream[at: (at // per_epoch + 1) * per_epoch]
-        assert len(resumed) == len(want) and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-                                                 for a, b in zip(resumed, want)), at
-    labels = [torch.cat([b[1] for b in stream[e * per_epoch:(e + 1) * per_epoch]]).tolist() for e in range(3)]
-    assert labels[0] != labels[1] and len(set(labels[0])) == len(labels[0])
+    per_pass = 10 // world // 2
+    stream = list(loader(0))  # what an uninterrupted run sees
+    assert len(stream) == len(loader(0)) == 12
+    for at in (1, per_pass, per_pass + 1, 7, 11):
+        resumed = list(loader(at))
+        assert len(resumed) == 12 - at and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+                                               for a, b in zip(resumed, stream[at:])), at
+    passes = [torch.cat([b[1] for b in stream[p * per_pass:(p + 1) * per_pass]]).tolist() for p in range(2)]
+    assert passes[0] != passes[1] and len(set(passes[0])) == len(passes[0])
     assert len({float(b[0][0, 0]) for b in stream}) == len(stream)  # the noise differs batch to batch
+    other = [torch.cat([b[1] for b in resumable_train_loader(
+        _Jittered(), batch_size=2, seed=5, rank=r, world=2, total_batches=2, position=lambda: 0,
+        collate=_mix_collate)]) for r in (0, 1)]
+    assert not set(other[0].tolist()) & set(other[1].tolist())  # ranks never share a sample within a pass
+
+
+def test_image_run_resumes_exactly_when_passes_do_not_divide_by_the_accumulation(tmp_path):
+    """7 batches per pass over the data, 4 micro-batches per step: a pass ends mid-step, which must neither force a
+    step nor shift the data (a per-epoch loader would hang or skip batches here); resume after a stop is exact."""
+    import lightning as L
+
+    _png_tree(tmp_path / "tree" / "train", classes=("a", "b"), per_class=7)
+    _png_tree(tmp_path / "tree" / "val", classes=("a", "b"), per_class=1)
+    cfg = C.resolve("vit-tiny", {"noble.branch": "cosnet"}, FAST + [
+        f"data.dataset={tmp_path / 'tree'}", "model.num_classes=2", "trainer.max_steps=6", "trainer.eval_every=3",
+        "trainer.batch_size=2", "trainer.accumulate=4", "trainer.eval_batches=1", "schedule.warmup_steps=1"])
+
+    class StopAt4(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 4:
+                raise KeyboardInterrupt
+
+    straight = metrics(train(cfg, out=tmp_path / "a", progress=False).run_dir)
+    assert list(straight["step"]) == [1, 2, 3, 4, 5, 6]
+    with pytest.raises(NobleError, match="interrupted at step 4"):
+        train(cfg, out=tmp_path / "b", progress=False, callbacks=[StopAt4()])
+    resumed = metrics(train(cfg, out=tmp_path / "b", resume=True, progress=False).run_dir)  # from step 3
+    pd.testing.assert_series_equal(resumed.set_index("step")["train_loss"], straight.set_index("step")["train_loss"],
+                                   rtol=1e-5, atol=0)
 
 
 @needs_fashion

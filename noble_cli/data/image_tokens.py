@@ -240,8 +240,9 @@ class ImageTokenDataModule(L.LightningDataModule):
 
     def __init__(self, checkpoint: str, batch_size: int, eval_batches: int, seed: int, dataset: str | None = None,
                  root: str | None = None, limit: int | None = None, cache_dir: str | None = None,
-                 encode_batch_size: int = 256, num_workers: int = 0):
+                 encode_batch_size: int = 256, num_workers: int = 0, max_batches: int | None = None):
         super().__init__()
+        self.max_batches = max_batches  # micro-batches in the run's budget (default: one pass over the data)
         self.checkpoint_spec, self.dataset, self.root, self.limit = checkpoint, dataset, root, limit
         self.cache_dir, self.encode_batch_size = cache_dir, encode_batch_size
         self.batch_size, self.eval_batches, self.seed, self.num_workers = batch_size, eval_batches, seed, num_workers
@@ -290,9 +291,11 @@ class ImageTokenDataModule(L.LightningDataModule):
 
         self.setup()
         world, rank = self._world()
+        total = self.max_batches or len(self.train_set) // world // self.batch_size
         return resumable_train_loader(self.train_set, batch_size=self.batch_size, seed=self.seed, rank=rank,
-                                      world=world, position=lambda: trainer_position(self), collate=default_collate,
-                                      num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
+                                      world=world, total_batches=total, position=lambda: trainer_position(self),
+                                      collate=default_collate, num_workers=self.num_workers,
+                                      pin_memory=torch.cuda.is_available())
 
     def val_dataloader(self) -> DataLoader:
         self.setup()

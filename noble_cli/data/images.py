@@ -438,8 +438,9 @@ class ImageDataModule(L.LightningDataModule):
     def __init__(self, dataset: str, root: str | None, batch_size: int, eval_batches: int, seed: int,
                  train_transform: Callable, eval_transform: Callable, num_workers: int = 0,
                  train_collate: Callable[[int], Callable] | None = None, download: bool = True,
-                 expect_classes: int | None = None):
+                 expect_classes: int | None = None, max_batches: int | None = None):
         super().__init__()
+        self.max_batches = max_batches  # micro-batches in the run's budget (default: one pass over the data)
         self.source = resolve_image_dataset(dataset, root)
         self.batch_size, self.eval_batches, self.seed = batch_size, eval_batches, seed
         self.train_transform, self.eval_transform = train_transform, eval_transform
@@ -487,9 +488,11 @@ class ImageDataModule(L.LightningDataModule):
         self.setup()
         collate = self.train_collate_factory(self.num_classes) if self.train_collate_factory else plain_collate
         world, rank = self._world()
+        total = self.max_batches or len(self.train_set) // world // self.batch_size
         return resumable_train_loader(self.train_set, batch_size=self.batch_size, seed=self.seed, rank=rank,
-                                      world=world, position=lambda: trainer_position(self), collate=collate,
-                                      num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
+                                      world=world, total_batches=total, position=lambda: trainer_position(self),
+                                      collate=collate, num_workers=self.num_workers,
+                                      pin_memory=torch.cuda.is_available())
 
     def val_dataloader(self) -> DataLoader:
         self.setup()

@@ -1,12 +1,14 @@
 """Training loaders over map-style datasets (images, image-token sequences) that resume exactly.
 
-The language-model batches are a pure function of (seed, batch index) already (`lm_datamodule.TrainBatches`). Here
-the same property is given to a shuffled map-style dataset:
+The language-model batches are a pure function of (seed, batch index) already (`lm_datamodule.TrainBatches`), and
+the whole budget is one Lightning "epoch". The same is done here for a shuffled map-style dataset:
 
-- the order: `ResumableSampler` is a DistributedSampler (a permutation per epoch from the seed, each rank its share)
-  that can start an epoch part-way; `ResumingLoader` sets the epoch and the offset from the trainer's position
-  (optimizer steps x accumulation = micro-batches consumed) every time an iterator starts;
-- the augmentations: the sampler yields *codes* `epoch * n + index`, and `SeededSamples` draws each sample's random
+- the order: `BudgetSampler` yields the whole run's samples as one stream, pass after pass over the data (a fresh
+  seeded permutation per pass, each rank its share, the tail that does not fill a batch dropped), and can start at
+  any batch of that stream. `ResumingLoader` starts it at the trainer's position (optimizer steps x accumulation =
+  micro-batches consumed) every time an iterator starts. Passes are not Lightning epochs, so Lightning never ends an
+  epoch on a partial gradient accumulation (which would force a step and break the position arithmetic);
+- the augmentations: the sampler yields *codes* `pass * n + index`, and `SeededSamples` draws each sample's random
   transforms (crops, flips, RandAugment, random erasing) from a seed derived from (seed, code); `SeededCollate` does
   the same for the batch's Mixup/CutMix, from the batch's first code. Both fork the RNG, so nothing else's stream
   moves, and both are plain classes, so loader workers can pickle them.
@@ -19,13 +21,13 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-from noble_cli.seeding import derive_seed
+from noble_cli.seeding import BATCH_AUGMENT, DATA_ORDER, SAMPLE_AUGMENT, derive_seed
 
 
 class SeededSamples(Dataset):
-    """`base[i]` drawn with its random transforms seeded by (seed, epoch, i); indexed by code = epoch * n + i.
+    """`base[i]` drawn with its random transforms seeded by (seed, pass, i); indexed by code = pass * n + i.
     Returns the base item's fields plus the code (for `SeededCollate`)."""
 
     def __init__(self, base: Dataset, seed: int):
@@ -37,7 +39,7 @@ class SeededSamples(Dataset):
     def __getitem__(self, code: int):
         epoch, index = divmod(int(code), len(self.base))
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(self.seed, epoch, index))
+            torch.manual_seed(derive_seed(self.seed, SAMPLE_AUGMENT, epoch, index))
             item = self.base[index]
         return (*item, int(code))
 
@@ -49,58 +51,75 @@ class SeededCollate:
         self.collate, self.seed = collate, int(seed)
 
     def __call__(self, items):
-        code = items[0][-1]
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(self.seed, code, 1))  # 1: not the stream of sample `code` itself
+            torch.manual_seed(derive_seed(self.seed, BATCH_AUGMENT, items[0][-1]))
             return self.collate([item[:-1] for item in items])
 
 
-class ResumableSampler(DistributedSampler):
-    """Shuffled, seeded, per-rank (drop_last) sample codes of one epoch; `skip` codes are dropped from the start of
-    the next iteration only. Its length stays the full epoch's, which is what Lightning counts batches against."""
+class BudgetSampler(Sampler):
+    """The codes of `total_batches` batches of this rank, pass after pass over `n` samples.
 
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        self.skip = 0
+    Pass p is a permutation seeded by (seed, p); rank r takes every world-th of its first n // world * world
+    entries (as DistributedSampler with drop_last), and each pass keeps only whole batches. `start_batch` is where
+    the next iteration begins. Its length is the whole budget's, which is what Lightning counts batches against.
+    """
+
+    def __init__(self, n: int, num_replicas: int, rank: int, seed: int, batch_size: int, total_batches: int):
+        self.n, self.world, self.rank, self.seed = int(n), int(num_replicas), int(rank), int(seed)
+        self.batch_size, self.total_batches = int(batch_size), int(total_batches)
+        self.per_pass = (self.n // self.world) // self.batch_size  # whole batches per pass, per rank
+        if self.per_pass < 1:
+            raise ValueError(f"{self.n} samples over {self.world} device(s) do not fill one batch of "
+                             f"{self.batch_size}")
+        self.start_batch = 0
+
+    def __len__(self) -> int:
+        return self.total_batches * self.batch_size
+
+    def pass_codes(self, p: int) -> list[int]:
+        g = torch.Generator().manual_seed(derive_seed(self.seed, DATA_ORDER, p))
+        order = torch.randperm(self.n, generator=g)[: self.n // self.world * self.world]
+        share = order[self.rank:: self.world][: self.per_pass * self.batch_size]
+        return (share + p * self.n).tolist()
 
     def __iter__(self):
-        n = len(self.dataset)
-        codes = [self.epoch * n + i for i in super().__iter__()]
-        skip, self.skip = self.skip, 0
-        return iter(codes[skip:])
+        batch = self.start_batch
+        while batch < self.total_batches:
+            p, offset = divmod(batch, self.per_pass)
+            end = min(self.per_pass, offset + self.total_batches - batch)
+            yield from self.pass_codes(p)[offset * self.batch_size: end * self.batch_size]
+            batch += end - offset
 
 
 class ResumingLoader(DataLoader):
-    """A DataLoader over a ResumableSampler whose every new iterator starts at `position()` micro-batches into the
-    run: epoch = position // batches per epoch, offset = the rest."""
+    """A DataLoader over a BudgetSampler whose every new iterator starts at `position()` micro-batches."""
 
     def __init__(self, position: Callable[[], int], *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._position = position
 
     def __iter__(self):
-        per_epoch = len(self)
-        if per_epoch:
-            epoch, offset = divmod(self._position(), per_epoch)
-            self.sampler.set_epoch(epoch)  # after Lightning's own set_epoch: the trainer's position is the truth
-            self.sampler.skip = offset * self.batch_size
+        self.sampler.start_batch = self._position()  # in the main process: workers only receive the indices
         return super().__iter__()
 
 
 def resumable_train_loader(dataset: Dataset, *, batch_size: int, seed: int, rank: int, world: int,
-                           position: Callable[[], int], collate: Callable, num_workers: int = 0,
-                           pin_memory: bool = False) -> ResumingLoader:
-    """The training loader of a map-style dataset: exact resume of order and augmentations (module docstring)."""
+                           total_batches: int, position: Callable[[], int], collate: Callable,
+                           num_workers: int = 0, pin_memory: bool = False) -> ResumingLoader:
+    """The training loader of a map-style dataset for a budget of `total_batches` micro-batches per rank: exact
+    resume of order and augmentations (module docstring)."""
     samples = SeededSamples(dataset, seed)
+    sampler = BudgetSampler(len(samples), world, rank, seed, batch_size, total_batches)
     return ResumingLoader(
-        position, samples, batch_size=batch_size, sampler=ResumableSampler(samples, world, rank, seed),
-        drop_last=True, collate_fn=SeededCollate(collate, seed), num_workers=num_workers,
-        persistent_workers=num_workers > 0, pin_memory=pin_memory,
+        position, samples, batch_size=batch_size, sampler=sampler, drop_last=True,
+        collate_fn=SeededCollate(collate, seed), num_workers=num_workers, persistent_workers=num_workers > 0,
+        pin_memory=pin_memory,
     )
 
 
 def trainer_position(datamodule) -> int:
-    """Micro-batches consumed so far by the datamodule's trainer (0 without one): optimizer steps x accumulation."""
+    """Micro-batches consumed so far by the datamodule's trainer (0 without one): optimizer steps x accumulation.
+    Exact because the whole budget is one Lightning epoch: every accumulation window is complete."""
     trainer = getattr(datamodule, "trainer", None)
     if trainer is None:
         return 0

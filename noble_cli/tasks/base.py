@@ -16,7 +16,7 @@ from torch import nn
 
 from noble_cli.config import NobleConfig, RunConfig
 from noble_cli.layers import LRMultipliers, apply_noble, count_parameters, param_groups
-from noble_cli.seeding import derive_seed
+from noble_cli.seeding import STEP, derive_seed
 
 
 def resolved_kernel(noble: NobleConfig, on_cuda: bool) -> str:
@@ -144,7 +144,7 @@ class NobleTask(L.LightningModule):
         # make a resumed run replay step 1's draws instead of drawing what the uninterrupted run drew.
         t = self.trainer
         micro = t.global_step * t.accumulate_grad_batches + batch_idx % t.accumulate_grad_batches
-        torch.manual_seed(derive_seed(self.cfg.seed, micro, t.global_rank))
+        torch.manual_seed(derive_seed(self.cfg.seed, STEP, micro, t.global_rank))
 
     def training_step(self, batch, batch_idx):
         loss, logs = self.loss(batch)

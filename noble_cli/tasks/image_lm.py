@@ -96,7 +96,7 @@ def build_datamodule(cfg: RunConfig):
     return ImageTokenDataModule(
         d.vqgan_checkpoint, batch_size=cfg.trainer.batch_size, eval_batches=cfg.trainer.eval_batches, seed=cfg.seed,
         dataset=d.dataset, root=d.root, limit=d.limit, cache_dir=d.cache_dir, encode_batch_size=d.encode_batch_size,
-        num_workers=cfg.trainer.num_workers,
+        num_workers=cfg.trainer.num_workers, max_batches=cfg.trainer.max_steps * cfg.trainer.accumulate,
     )
 
 

@@ -121,7 +121,7 @@ def build_datamodule(cfg: RunConfig):
                                                  d.random_erasing, d.randaugment_ops, d.randaugment_magnitude),
         eval_transform=classification_transform(source, m.image_size, m.in_channels, False),
         num_workers=cfg.trainer.num_workers, train_collate=collate, download=d.download,
-        expect_classes=m.num_classes,
+        expect_classes=m.num_classes, max_batches=cfg.trainer.max_steps * cfg.trainer.accumulate,
     )
 
 

@@ -192,6 +192,7 @@ def build_datamodule(cfg: RunConfig):
         train_transform=reconstruction_transform(source, m.image_size, m.in_channels, True, d.flip),
         eval_transform=reconstruction_transform(source, m.image_size, m.in_channels, False),
         num_workers=cfg.trainer.num_workers, download=d.download,
+        max_batches=cfg.trainer.max_steps * cfg.trainer.accumulate,
     )
 
 
