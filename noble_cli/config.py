@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -54,7 +55,7 @@ class OptimConfig:
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
-    grad_clip: float = 1.0
+    grad_clip: float | None = 1.0  # 0 or null: no clipping
 
 
 @dataclass
@@ -117,7 +118,7 @@ def variant_label(n: NobleConfig) -> str:
         label += f" {n.targets}"
     # An explicit kernel is part of the label: `--kernel torch` vs `--kernel triton` is a wall-clock comparison,
     # and the two must not show up in a report as two rows of the same name.
-    return label if n.kernel == "auto" else f"{label} [{n.kernel}]"
+    return label if n.kernel == "auto" or n.branch != "cosnet" else f"{label} [{n.kernel}]"
 
 
 def coerce(value: Any, type_name: str, where: str) -> Any:
@@ -138,17 +139,24 @@ def coerce(value: Any, type_name: str, where: str) -> Any:
             if isinstance(value, (list, tuple)):
                 raise ValueError
             return str(value)
-        if base == "float" and not isinstance(value, bool):
-            return float(value)
-        if base == "int" and not isinstance(value, bool):
+        if base in ("float", "int") and isinstance(value, bool):
+            raise ValueError  # YAML's true/false are not numbers here
+        if base == "float":
+            number = float(value)
+            if not math.isfinite(number):
+                raise ValueError
+            return number
+        if base == "int":
             number = float(value) if isinstance(value, str) else value  # "1e3" from a --set is 1000
             if isinstance(number, float) and not number.is_integer():
                 raise ValueError
             return int(number)
-        if base == "bool" and isinstance(value, str):
-            if value.lower() not in ("true", "false", "yes", "no", "1", "0"):
+        if base == "bool":
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+                return value.lower() in ("true", "yes", "1")
+            if not isinstance(value, bool) and value not in (0, 1):
                 raise ValueError
-            return value.lower() in ("true", "yes", "1")
+            return bool(value)
         if base.startswith("tuple"):
             if not isinstance(value, (list, tuple)):
                 raise ValueError
@@ -316,7 +324,10 @@ def _noble_identity(n: NobleConfig) -> dict:
     do: `--set noble.mix_lr_power=0` on a sweep must not make (and train) a second, identical baseline. A
     dense-matched baseline depends only on what its width is matched to."""
     if n.enabled:
-        return dict(n.__dict__)
+        d = dict(n.__dict__)
+        if n.branch != "cosnet":  # the fused kernels are CosNet's only: any other branch runs the torch path
+            d["kernel"] = "auto"
+        return d
     if n.dense_match:
         return {"branch": "none", "dense_match": True, "match_branch": n.match_branch, "rank": n.rank,
                 "targets": n.targets}

@@ -44,6 +44,8 @@ def test_variant_labels_name_targets_and_an_explicit_kernel():
     torch_, triton_ = label(**{"noble.kernel": "torch"}), label(**{"noble.kernel": "triton"})
     assert (torch_, triton_) == ("cosnet r8 [torch]", "cosnet r8 [triton]")  # two rows of a report, not one name
     assert C.resolve("llm-tiny", {"noble.kernel": "torch"}).variant == "baseline"
+    gelu = [C.resolve("llm-tiny", {"noble.branch": "gelu_net", "noble.kernel": k}) for k in ("auto", "triton")]
+    assert gelu[1].variant == "gelu_net r8" and C.run_id(gelu[0]) == C.run_id(gelu[1])  # no fused gelu: same run
 
 
 def test_a_vocabulary_smaller_than_the_tokenizer_is_refused_with_the_data():
@@ -61,8 +63,14 @@ def test_a_recipe_section_that_is_not_a_mapping_is_refused(tmp_path):
 
 
 def test_set_values_are_coerced_to_the_field_types():
-    cfg = C.resolve("llm-tiny", sets=["trainer.max_steps=1e3", "name=123", "noble.main_init_scale=null"])
+    cfg = C.resolve("llm-tiny", sets=["trainer.max_steps=1e3", "name=123", "noble.main_init_scale=null",
+                                      "optim.grad_clip=null", "trainer.compile=1"])
     assert cfg.trainer.max_steps == 1000 and cfg.name == "123" and cfg.noble.main_init_scale is None
+    assert cfg.optim.grad_clip is None and cfg.trainer.compile is True
+    for bad in ("optim.lr=true", "trainer.max_steps=false", "optim.lr=inf", "noble.up_init_scale=nan",
+                "trainer.compile=2"):
+        with pytest.raises(NobleError, match="must be of type"):
+            C.resolve("llm-tiny", sets=[bad])
 
 
 def test_saved_config_round_trips_to_the_same_hash(tmp_path):

@@ -175,6 +175,36 @@ def test_resume_after_kill_reaches_the_same_losses(tmp_path):
     assert resumed.summary["status"] == "completed"
 
 
+TERMINATOR = textwrap.dedent("""
+    import os, signal, sys
+    from pathlib import Path
+    import lightning as L
+    sys.path.insert(0, {tests!r})
+    from test_train import tiny_cfg
+    from noble_cli.errors import InterruptedRun
+    from noble_cli.train.run import train
+
+    class TermAt(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 3:
+                os.kill(os.getpid(), signal.SIGTERM)  # what a scheduler sends before preempting a job
+
+    try:
+        train(tiny_cfg(**{{"trainer.max_steps": 10}}), out=Path({out!r}), progress=False, callbacks=[TermAt()])
+    except InterruptedRun as e:
+        sys.exit(e.exit_code)
+""")
+
+
+def test_sigterm_leaves_an_interrupted_resumable_run(tmp_path):
+    script = tmp_path / "terminated.py"
+    script.write_text(TERMINATOR.format(tests=str(Path(__file__).parent), out=str(tmp_path)))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    (run,) = (tmp_path / "runs").iterdir()
+    assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"
+
+
 class PoisonAt(L.Callback):
     """Makes every weight NaN before step `step`, as a blown-up update would."""
 

@@ -27,8 +27,8 @@ FLUSH_SECONDS = 30.0  # metrics.csv is rewritten at most this often (and at ever
 # torch.cuda.get_device_name in this order, as whole words: "L4" must not catch "L40S", nor "A10" "A100", nor the
 # H100 SXM figure an "H100 PCIe". Cards not listed report no MFU.
 PEAK_BF16_FLOPS = {
-    r"H100\b.*\bPCIe": 756e12, r"H100": 989e12, r"H200": 989e12, r"A100": 312e12, r"L40S": 362e12,
-    r"L4": 121e12, r"A10": 125e12, r"4090": 165e12,
+    r"H100\b.*\bPCIe": 756e12, r"H100\b.*\bNVL": 835e12, r"H100": 989e12, r"G?H200": 989e12, r"A100": 312e12,
+    r"L40S": 362e12, r"L4": 121e12, r"A10": 125e12, r"4090": 165e12,
 }
 
 
@@ -208,7 +208,8 @@ class RunRecorder(L.Callback):
 
     def on_exception(self, trainer, pl_module, exception):
         if self.status == "running":
-            self.status = "interrupted" if isinstance(exception, KeyboardInterrupt) else "failed"
+            # Ctrl-C, or SIGTERM (Lightning raises SystemExit for it, as a scheduler's preemption would send)
+            self.status = "interrupted" if isinstance(exception, (KeyboardInterrupt, SystemExit)) else "failed"
         self.finish(trainer)
 
     def finish(self, trainer) -> dict:

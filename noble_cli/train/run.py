@@ -200,11 +200,12 @@ def train(
     trainer = build_trainer(cfg, module, folder, recorder, progress, callbacks)
     meta = folder.read_json(folder.meta_path)
     data_identity = module.data_identity()
-    if state == "resume" and meta.get("world_size", 1) != trainer.world_size:
+    # (folders from before these keys existed in meta.json are not checked)
+    if state == "resume" and meta.get("world_size", trainer.world_size) != trainer.world_size:
         raise NobleError(  # batch_size is per device: another device count would train on other batches
             f"cannot resume {folder.path} on {trainer.world_size} device(s): it was started on "
             f"{meta.get('world_size', 1)}; resume with the same --devices/--num-nodes")
-    if state == "resume" and meta and meta.get("data_identity", {}) != data_identity:
+    if state == "resume" and "data_identity" in meta and meta["data_identity"] != data_identity:
         raise NobleError(f"cannot resume {folder.path}: its data changed since it started ({meta.get('data_identity')}"
                          f" then, {data_identity} now); use --overwrite to start it again")
     if trainer.is_global_zero:
@@ -216,7 +217,10 @@ def train(
         atomic_write_text(folder.checkpoint_dir / "hyperparameters.yaml", to_yaml(cfg))
 
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*(does not have many workers|IterableDataset|exists and is not empty|LeafSpec).*")
+        # Lightning's warnings that do not apply here; among them "dataloader is not resumable": ours are, by
+        # position (the batches are a function of the seed and the step), not by a state_dict.
+        warnings.filterwarnings("ignore", message=".*(does not have many workers|IterableDataset|exists and is not "
+                                                  "empty|LeafSpec|dataloader is not resumable).*")
         try:
             trainer.fit(module, datamodule=datamodule,
                         ckpt_path=str(folder.last_checkpoint) if state == "resume" else None)
