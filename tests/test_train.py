@@ -102,6 +102,20 @@ def test_every_rank_decides_the_folder_state_alike_and_only_rank_0_deletes(tmp_p
     monkeypatch.setattr(rank_zero_only, "rank", 0)
     assert R.prepare_folder(cfg, done, resume=False, overwrite=True) == "new" and not done.path.exists()
 
+    # srun: rank 0 marks the new folder with its launch before writing into it; a later rank of the same launch
+    # then takes the written folder as new, where a rank of another launch would be told it already exists
+    assert R.prepare_folder(cfg, done, resume=False, overwrite=False, launch="slurm-7-0-0") == "new"
+    assert (done.path / R.LAUNCH_FILE).read_text() == "slurm-7-0-0"
+    done.write_config(cfg)
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    assert R.prepare_folder(cfg, done, resume=False, overwrite=False, launch="slurm-7-0-0") == "new"
+    with pytest.raises(NobleError, match="already exists"):
+        R.prepare_folder(cfg, done, resume=False, overwrite=False, launch="slurm-8-0-0")
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert R.launch_id() == "slurm-7--1"  # a requeued job is another launch
+
 
 def test_log_every_thins_the_rows_not_the_clock(tmp_path):
     cfg = tiny_cfg(**{"trainer.max_steps": 10, "trainer.eval_every": 5, "trainer.log_every": 4})

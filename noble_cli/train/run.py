@@ -87,14 +87,40 @@ def folder_state(cfg: RunConfig, folder: RunFolder, resume: bool, overwrite: boo
     return "resume"
 
 
-def prepare_folder(cfg: RunConfig, folder: RunFolder, resume: bool, overwrite: bool) -> str:
-    """`folder_state`, then (global rank 0 only) its side effects; returns "new", "resume" or "done"."""
-    state = folder_state(cfg, folder, resume, overwrite)
+PREPARED_ENV = "NOBLE_PREPARED_RUN"  # set while a run trains: the processes Lightning spawns see it in their env
+LAUNCH_FILE = ".launch"
+
+
+def launch_id() -> str | None:
+    """An id every process of one multi-process launch shares (srun with several tasks, torchrun), including its
+    restart count (a requeued job is a new launch); None for a single process."""
+    env = os.environ
+    if "TORCHELASTIC_RUN_ID" in env:
+        return f"torchrun-{env['TORCHELASTIC_RUN_ID']}-{env.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    if "SLURM_JOB_ID" in env and env.get("SLURM_NTASKS", "1").isdigit() and int(env.get("SLURM_NTASKS", "1")) > 1:
+        return (f"slurm-{env['SLURM_JOB_ID']}-{env.get('SLURM_STEP_ID', '')}-"
+                f"{env.get('SLURM_RESTART_COUNT', '0')}")
+    return None
+
+
+def prepare_folder(cfg: RunConfig, folder: RunFolder, resume: bool, overwrite: bool,
+                   launch: str | None = None) -> str:
+    """`folder_state`, then (global rank 0 only) its side effects; returns "new", "resume" or "done".
+
+    Under a multi-process launch rank 0 first marks a new folder with the launch id: a later rank that finds the
+    folder already written by its own launch's rank 0 then knows it is new, not "already exists"."""
+    marker = folder.path / LAUNCH_FILE
     if rank_zero_only.rank != 0:
+        if launch and marker.is_file() and marker.read_text() == launch:
+            return "new"
+        state = folder_state(cfg, folder, resume, overwrite)
         return "new" if state in ("overwrite", "restart") else state
+    state = folder_state(cfg, folder, resume, overwrite)
     if state in ("overwrite", "restart"):
         shutil.rmtree(folder.path)
-        return "new"
+        state = "new"
+    if state == "new" and launch:
+        atomic_write_text(marker, launch)  # before config.yaml / meta.json, which make the folder "exist"
     if state == "resume":
         for leftover in folder.checkpoint_dir.iterdir():  # a checkpoint write cut off by a kill (can be gigabytes)
             if is_stale_temp(leftover):
@@ -175,16 +201,26 @@ def train(
     # Lightning's start-up banner (GPU/TPU available, tips) is noise next to our own summary line.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     check_trainer_options(cfg)
-    if rank_zero_only.rank == 0 or "LOCAL_RANK" not in os.environ:
-        # rank 0, or any rank of a launch that starts every process at once (srun, torchrun): the same read-only
-        # decision everywhere, the side effects on rank 0
-        state = prepare_folder(cfg, folder, resume, overwrite)
-    else:  # a process Lightning spawned after rank 0 had prepared (or refused) the folder and written into it
+    spawned = os.environ.get(PREPARED_ENV) == str(folder.path)
+    if spawned:  # a process Lightning's DDP launcher started after this run's first process prepared the folder
         state = "resume" if resume and folder.last_checkpoint.exists() else "new"
+    else:  # the first process, or any rank of a launch that starts all at once (srun, torchrun): decide alike
+        state = prepare_folder(cfg, folder, resume, overwrite, launch_id())
     if state == "done":
         return TrainResult(folder.path, folder.read_json(folder.summary_path), folder.read_json(folder.meta_path),
                            already_done=True)
+    if not spawned:
+        os.environ[PREPARED_ENV] = str(folder.path)  # inherited by the processes Lightning spawns in fit
+    try:
+        return _train_prepared(cfg, folder, rid, state, progress, callbacks)
+    finally:
+        if not spawned:
+            os.environ.pop(PREPARED_ENV, None)
 
+
+def _train_prepared(cfg: RunConfig, folder: RunFolder, rid: str, state: str, progress: bool,
+                    callbacks) -> TrainResult:
+    """The run itself, once the folder's state is decided: build, fit, finish the end, summarise."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     task = get_task(cfg.task).load()
     module = task.build_module(cfg)
