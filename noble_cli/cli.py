@@ -86,11 +86,15 @@ def train(
     from noble_cli.train.run import train as run_training
 
     result = run_training(cfg, out=out, resume=resume, overwrite=overwrite)
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if rank_zero_only.rank != 0:  # the other processes of a multi-device run: rank 0 reports
+        return
     s = result.summary
     if result.already_done:
         console.print(f"[bold]already completed[/] {escape(str(result.run_dir))}; nothing to resume")
     console.print(
-        f"[bold green]done[/] {result.run_dir}  best eval loss {s.get('best_eval_loss')} at step "
+        f"[bold green]done[/] {escape(str(result.run_dir))}  best eval loss {s.get('best_eval_loss')} at step "
         f"{s.get('best_step')}, median step {1000 * (s.get('median_step_time_s') or 0):.1f} ms"
     )
 

@@ -114,7 +114,12 @@ def test_every_rank_decides_the_folder_state_alike_and_only_rank_0_deletes(tmp_p
     monkeypatch.setenv("SLURM_JOB_ID", "7")
     monkeypatch.setenv("SLURM_NTASKS", "4")
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
-    assert R.launch_id() == "slurm-7--1"  # a requeued job is another launch
+    assert R.launch_id().startswith("slurm-7--1-call")  # a requeued job is another launch; so is the next train()
+    for name in ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_RESTART_COUNT"):
+        monkeypatch.delenv(name)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # torchrun's static rendezvous: no id to go by
+    assert R.launch_id() is None
 
 
 def test_log_every_thins_the_rows_not_the_clock(tmp_path):

@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from noble_cli.errors import NobleError
 from noble_cli.seeding import BATCH_AUGMENT, DATA_ORDER, SAMPLE_AUGMENT, derive_seed
 
 
@@ -69,8 +70,8 @@ class BudgetSampler(Sampler):
         self.batch_size, self.total_batches = int(batch_size), int(total_batches)
         self.per_pass = (self.n // self.world) // self.batch_size  # whole batches per pass, per rank
         if self.per_pass < 1:
-            raise ValueError(f"{self.n} samples over {self.world} device(s) do not fill one batch of "
-                             f"{self.batch_size}")
+            raise NobleError(f"the training set has {self.n} samples: over {self.world} device(s) they do not fill "
+                             f"one batch of {self.batch_size}; lower trainer.batch_size")
         self.start_batch = 0
 
     def __len__(self) -> int:

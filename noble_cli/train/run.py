@@ -19,15 +19,26 @@ from noble_cli.atomic import atomic_write_text, is_stale_temp
 from noble_cli.config import RunConfig, config_hash, from_dict, run_id, to_yaml
 from noble_cli.errors import InterruptedRun, NobleError
 from noble_cli.tasks import get_task
+from noble_cli.train import PREPARED_ENV
 from noble_cli.train.recorder import AtomicCheckpointIO, DivergedError, RunRecorder
 from noble_cli.train.run_folder import RunFolder
 
 
 class StepProgressBar(RichProgressBar):
-    """Lightning's rich bar, labelled by steps: runs here are step-budgeted, so "Epoch 0/-2" would mislead."""
+    """Lightning's rich bar, counting optimizer steps of the budget: runs here are step-budgeted, so "Epoch 0/-2"
+    would mislead, and Lightning's own count mixes micro-batches (done) with steps (total) under accumulation."""
 
     def _get_train_description(self, current_epoch: int) -> str:
         return "train"
+
+    @property
+    def total_train_batches(self) -> int:
+        return self.trainer.max_steps
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self._update(self.train_progress_bar_id, trainer.global_step)
+        self.refresh()
 
 
 @dataclass
@@ -87,20 +98,29 @@ def folder_state(cfg: RunConfig, folder: RunFolder, resume: bool, overwrite: boo
     return "resume"
 
 
-PREPARED_ENV = "NOBLE_PREPARED_RUN"  # set while a run trains: the processes Lightning spawns see it in their env
 LAUNCH_FILE = ".launch"
+# How training draws its data and randomness (batch order, augmentations, per-step seeds), recorded in meta.json:
+# 2 = positions seeded by (seed, position) with whole-budget loaders (noble_cli/seeding.py, data/resumable.py).
+DATA_STREAM = 2
+
+
+_TRAIN_CALLS = [0]  # train() calls in this process: every process of a launch makes the same sequence of calls
 
 
 def launch_id() -> str | None:
-    """An id every process of one multi-process launch shares (srun with several tasks, torchrun), including its
-    restart count (a requeued job is a new launch); None for a single process."""
+    """An id every process of one multi-process launch shares, and no other launch: srun with several tasks,
+    torchrun with a rendezvous id, or (from a process's second `train()` on) the processes Lightning's DDP launcher
+    spawned in the first, which share its MASTER_ADDR:MASTER_PORT. It includes the restart count (a requeued job is
+    a new launch) and the number of this `train()` call in the process. None for a single process."""
     env = os.environ
-    if "TORCHELASTIC_RUN_ID" in env:
-        return f"torchrun-{env['TORCHELASTIC_RUN_ID']}-{env.get('TORCHELASTIC_RESTART_COUNT', '0')}"
-    if "SLURM_JOB_ID" in env and env.get("SLURM_NTASKS", "1").isdigit() and int(env.get("SLURM_NTASKS", "1")) > 1:
-        return (f"slurm-{env['SLURM_JOB_ID']}-{env.get('SLURM_STEP_ID', '')}-"
-                f"{env.get('SLURM_RESTART_COUNT', '0')}")
-    return None
+    base = None
+    if env.get("TORCHELASTIC_RUN_ID", "none") != "none":  # static rendezvous sets "none": no id to go by
+        base = f"torchrun-{env['TORCHELASTIC_RUN_ID']}-{env.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    elif "SLURM_JOB_ID" in env and env.get("SLURM_NTASKS", "1").isdigit() and int(env.get("SLURM_NTASKS", "1")) > 1:
+        base = f"slurm-{env['SLURM_JOB_ID']}-{env.get('SLURM_STEP_ID', '')}-{env.get('SLURM_RESTART_COUNT', '0')}"
+    elif "MASTER_PORT" in env:
+        base = f"lightning-{env.get('MASTER_ADDR', '')}:{env['MASTER_PORT']}"
+    return None if base is None else f"{base}-call{_TRAIN_CALLS[0]}"
 
 
 def prepare_folder(cfg: RunConfig, folder: RunFolder, resume: bool, overwrite: bool,
@@ -201,21 +221,23 @@ def train(
     # Lightning's start-up banner (GPU/TPU available, tips) is noise next to our own summary line.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     check_trainer_options(cfg)
+    _TRAIN_CALLS[0] += 1
     spawned = os.environ.get(PREPARED_ENV) == str(folder.path)
+    launch = None if spawned else launch_id()
     if spawned:  # a process Lightning's DDP launcher started after this run's first process prepared the folder
         state = "resume" if resume and folder.last_checkpoint.exists() else "new"
     else:  # the first process, or any rank of a launch that starts all at once (srun, torchrun): decide alike
-        state = prepare_folder(cfg, folder, resume, overwrite, launch_id())
+        state = prepare_folder(cfg, folder, resume, overwrite, launch)
     if state == "done":
         return TrainResult(folder.path, folder.read_json(folder.summary_path), folder.read_json(folder.meta_path),
                            already_done=True)
-    if not spawned:
-        os.environ[PREPARED_ENV] = str(folder.path)  # inherited by the processes Lightning spawns in fit
+    os.environ[PREPARED_ENV] = str(folder.path)  # inherited by the processes Lightning spawns in fit
     try:
         return _train_prepared(cfg, folder, rid, state, progress, callbacks)
     finally:
-        if not spawned:
-            os.environ.pop(PREPARED_ENV, None)
+        os.environ.pop(PREPARED_ENV, None)  # in every process: a later train() decides afresh
+        if launch and rank_zero_only.rank == 0:  # every rank is past its decision once fit has run (or failed)
+            (folder.path / LAUNCH_FILE).unlink(missing_ok=True)
 
 
 def _train_prepared(cfg: RunConfig, folder: RunFolder, rid: str, state: str, progress: bool,
@@ -241,6 +263,10 @@ def _train_prepared(cfg: RunConfig, folder: RunFolder, rid: str, state: str, pro
         raise NobleError(  # batch_size is per device: another device count would train on other batches
             f"cannot resume {folder.path} on {trainer.world_size} device(s): it was started on "
             f"{meta.get('world_size', 1)}; resume with the same --devices/--num-nodes")
+    if state == "resume" and meta.get("data_stream") != DATA_STREAM and rank_zero_only.rank == 0:
+        Console(stderr=True).print(
+            f"[yellow]note:[/] {folder.path} was started by an older noble whose batches, augmentations and "
+            "dropout were drawn differently: from here on the run sees different draws than it would have")
     if state == "resume" and "data_identity" in meta and meta["data_identity"] != data_identity:
         raise NobleError(f"cannot resume {folder.path}: its data changed since it started ({meta.get('data_identity')}"
                          f" then, {data_identity} now); use --overwrite to start it again")
@@ -249,7 +275,7 @@ def _train_prepared(cfg: RunConfig, folder: RunFolder, rid: str, state: str, pro
         if not meta:
             meta = folder.write_meta(cfg, rid, module.params.total, module.params.branch,
                                      world_size=trainer.world_size, data_identity=data_identity,
-                                     kernel=module.kernel)
+                                     kernel=module.kernel, data_stream=DATA_STREAM)
         atomic_write_text(folder.checkpoint_dir / "hyperparameters.yaml", to_yaml(cfg))
 
     with warnings.catch_warnings():
