@@ -436,3 +436,19 @@ def test_end_to_end_ranks_sweep(tmp_path, monkeypatch):
     again = CliRunner().invoke(ablate_app, args, env={"COLUMNS": "200"})  # everything done: nothing retrained
     assert again.exit_code == 0 and "2 done" in again.output
     assert [(r / "summary.json").stat().st_mtime_ns for r in runs] == stamps
+
+
+def test_a_sweep_of_multi_device_runs_trains_them(tmp_path):
+    """With --devices 2 each run's second process (spawned by Lightning's DDP launcher) re-runs the sweep's entry
+    command: it must train alongside the first, not find the run locked by it and give up."""
+    args = ["ranks", "--recipe", "llm-tiny", "--ranks", "4", "--seeds", "0", "--max-steps", "2", "--out",
+            str(tmp_path)]
+    for s in ("trainer.devices=2", "trainer.strategy=ddp", "trainer.accelerator=cpu", "trainer.eval_every=1",
+              "schedule.warmup_steps=1", "model.d_model=32", "model.block_size=32", "data.seq_len=32"):
+        args += ["--set", s]
+    proc = subprocess.run([sys.executable, "-m", "noble_cli", "ablate", *args], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    statuses = [json.loads(p.read_text())["status"] for p in sorted((tmp_path / "runs").glob("*/summary.json"))]
+    assert statuses == ["completed", "completed"]
+    assert all(json.loads(p.read_text())["world_size"] == 2 for p in (tmp_path / "runs").glob("*/meta.json"))
