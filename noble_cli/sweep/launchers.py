@@ -27,8 +27,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console, Group
-from rich.markup import escape
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 from noble_cli import config as C

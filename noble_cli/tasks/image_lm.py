@@ -10,7 +10,6 @@ checkpoint before training. eval_loss is the cross-entropy per code (nats).
 from __future__ import annotations
 
 import functools
-
 from dataclasses import dataclass
 
 from noble_cli.config import RunConfig
