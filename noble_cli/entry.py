@@ -8,7 +8,7 @@ import sys
 from rich.console import Console
 from rich.markup import escape
 
-from noble_cli.errors import NobleError
+from noble_cli.errors import InterruptedRun, NobleError
 
 
 def _click_exceptions(name: str) -> tuple[type, ...]:
@@ -22,6 +22,13 @@ def _click_exceptions(name: str) -> tuple[type, ...]:
     return tuple(found)
 
 
+def _secondary_process() -> bool:
+    """A process of a multi-device run other than global rank 0 (Lightning is imported by then)."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return rank_zero_only.rank != 0
+
+
 def run_app(app, prog_name: str | None = None) -> None:
     """Run a Typer app: user errors become one line on stderr and a non-zero exit, never a traceback."""
     err_console = Console(stderr=True)
@@ -31,6 +38,8 @@ def run_app(app, prog_name: str | None = None) -> None:
         if isinstance(code, int) and code:
             sys.exit(code)
     except NobleError as e:
+        if isinstance(e, InterruptedRun) and _secondary_process():
+            sys.exit(0)  # rank 0 reports it; a non-zero exit here would make Lightning kill rank 0 mid-shutdown
         err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)  # 2; 130 for an interrupted run
     except _click_exceptions("NoArgsIsHelpError") as e:

@@ -109,8 +109,16 @@ def test_every_rank_decides_the_folder_state_alike_and_only_rank_0_deletes(tmp_p
     done.write_config(cfg)
     monkeypatch.setattr(rank_zero_only, "rank", 1)
     assert R.prepare_folder(cfg, done, resume=False, overwrite=False, launch="slurm-7-0-0") == "new"
+    monkeypatch.setattr(R, "FOLLOWER_WAIT_S", 0.5)
     with pytest.raises(NobleError, match="already exists"):
         R.prepare_folder(cfg, done, resume=False, overwrite=False, launch="slurm-8-0-0")
+    # a marker left by a killed launch never beats the folder's own state: a completed run stays done
+    done.write_summary({"status": "completed"})
+    assert R.prepare_folder(cfg, done, resume=True, overwrite=False, launch="slurm-7-0-0") == "done"
+    monkeypatch.setattr(rank_zero_only, "rank", 0)
+    assert R.prepare_folder(cfg, done, resume=True, overwrite=False, launch="slurm-9-0-0") == "done"
+    assert not (done.path / R.LAUNCH_FILE).exists(), "rank 0 clears a stale marker"
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
     monkeypatch.setenv("SLURM_JOB_ID", "7")
     monkeypatch.setenv("SLURM_NTASKS", "4")
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")

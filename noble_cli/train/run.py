@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +36,18 @@ class StepProgressBar(RichProgressBar):
     def total_train_batches(self) -> int:
         return self.trainer.max_steps
 
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        if self.progress is not None and self.train_progress_bar_id is not None:  # a resumed run starts part-way
+            self.progress.reset(self.train_progress_bar_id, total=trainer.max_steps, completed=trainer.global_step)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        # not the parent's: it would first set the count to the micro-batch index, and rich would take the jump
+        # back to the step count for progress (a rate several times too high under accumulation)
+        if not self.is_disabled and self.train_progress_bar_id is None:
+            self._initialize_train_progress_bar_id()
         self._update(self.train_progress_bar_id, trainer.global_step)
+        self._update_metrics(trainer, pl_module)
         self.refresh()
 
 
@@ -131,21 +141,46 @@ def prepare_folder(cfg: RunConfig, folder: RunFolder, resume: bool, overwrite: b
     folder already written by its own launch's rank 0 then knows it is new, not "already exists"."""
     marker = folder.path / LAUNCH_FILE
     if rank_zero_only.rank != 0:
-        if launch and marker.is_file() and marker.read_text() == launch:
-            return "new"
+        return _follower_state(cfg, folder, resume, overwrite, launch)
+    try:
         state = folder_state(cfg, folder, resume, overwrite)
-        return "new" if state in ("overwrite", "restart") else state
-    state = folder_state(cfg, folder, resume, overwrite)
+    except NobleError:
+        marker.unlink(missing_ok=True)  # a marker left by a killed launch must not send other ranks into "new"
+        raise
     if state in ("overwrite", "restart"):
         shutil.rmtree(folder.path)
         state = "new"
     if state == "new" and launch:
         atomic_write_text(marker, launch)  # before config.yaml / meta.json, which make the folder "exist"
+    else:
+        marker.unlink(missing_ok=True)
     if state == "resume":
         for leftover in folder.checkpoint_dir.iterdir():  # a checkpoint write cut off by a kill (can be gigabytes)
             if is_stale_temp(leftover):
                 leftover.unlink()
     return state
+
+
+FOLLOWER_WAIT_S = 10.0  # how long a rank other than 0 waits for rank 0's marker before refusing
+
+
+def _follower_state(cfg: RunConfig, folder: RunFolder, resume: bool, overwrite: bool, launch: str | None) -> str:
+    """A rank other than 0 decides from the folder as rank 0 does. The folder's own state wins ("resume",
+    "done"); a marker of this launch only turns a refusal into "new": rank 0 has just created (or deleted and
+    re-created) the folder. A refusal may also be a folder rank 0 is deleting at this moment, so it waits a little
+    for rank 0's marker before giving up."""
+    marker = folder.path / LAUNCH_FILE
+    deadline = time.monotonic() + (FOLLOWER_WAIT_S if launch else 0.0)
+    while True:
+        try:
+            state = folder_state(cfg, folder, resume, overwrite)
+            return "new" if state in ("overwrite", "restart") else state
+        except NobleError:
+            if launch and marker.is_file() and marker.read_text() == launch:
+                return "new"
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.5)
 
 
 def trainer_or_error(**kwargs) -> L.Trainer:
