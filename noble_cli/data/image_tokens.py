@@ -284,18 +284,13 @@ class ImageTokenDataModule(L.LightningDataModule):
                           pin_memory=torch.cuda.is_available())
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled per epoch, each rank its share; the order resumes exactly (data/resumable.py)."""
+        """Shuffled passes over the codes, each rank its share; the order resumes exactly (data/resumable.py)."""
         from torch.utils.data import default_collate
 
-        from noble_cli.data.resumable import resumable_train_loader, trainer_position
+        from noble_cli.data.resumable import datamodule_train_loader
 
         self.setup()
-        world, rank = self._world()
-        total = self.max_batches or len(self.train_set) // world // self.batch_size
-        return resumable_train_loader(self.train_set, batch_size=self.batch_size, seed=self.seed, rank=rank,
-                                      world=world, total_batches=total, position=lambda: trainer_position(self),
-                                      collate=default_collate, num_workers=self.num_workers,
-                                      pin_memory=torch.cuda.is_available())
+        return datamodule_train_loader(self, self.train_set, default_collate)
 
     def val_dataloader(self) -> DataLoader:
         self.setup()

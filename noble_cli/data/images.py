@@ -482,17 +482,13 @@ class ImageDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled per epoch, each rank its share; order and augmentations resume exactly (data/resumable.py)."""
-        from noble_cli.data.resumable import resumable_train_loader, trainer_position
+        """Shuffled passes over the data, each rank its share; order and augmentations resume exactly
+        (data/resumable.py)."""
+        from noble_cli.data.resumable import datamodule_train_loader
 
         self.setup()
         collate = self.train_collate_factory(self.num_classes) if self.train_collate_factory else plain_collate
-        world, rank = self._world()
-        total = self.max_batches or len(self.train_set) // world // self.batch_size
-        return resumable_train_loader(self.train_set, batch_size=self.batch_size, seed=self.seed, rank=rank,
-                                      world=world, total_batches=total, position=lambda: trainer_position(self),
-                                      collate=collate, num_workers=self.num_workers,
-                                      pin_memory=torch.cuda.is_available())
+        return datamodule_train_loader(self, self.train_set, collate)
 
     def val_dataloader(self) -> DataLoader:
         self.setup()

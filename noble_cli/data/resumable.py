@@ -118,6 +118,17 @@ def resumable_train_loader(dataset: Dataset, *, batch_size: int, seed: int, rank
     )
 
 
+def datamodule_train_loader(datamodule, dataset: Dataset, collate: Callable) -> ResumingLoader:
+    """The training loader of an image or image-token data module (its batch_size, seed, num_workers, max_batches
+    and `_world()`): the run's budget of micro-batches (default: one pass), resuming at the trainer's position."""
+    world, rank = datamodule._world()
+    total = datamodule.max_batches or len(dataset) // world // datamodule.batch_size
+    return resumable_train_loader(dataset, batch_size=datamodule.batch_size, seed=datamodule.seed, rank=rank,
+                                  world=world, total_batches=total, position=lambda: trainer_position(datamodule),
+                                  collate=collate, num_workers=datamodule.num_workers,
+                                  pin_memory=torch.cuda.is_available())
+
+
 def trainer_position(datamodule) -> int:
     """Micro-batches consumed so far by the datamodule's trainer (0 without one): optimizer steps x accumulation.
     Exact because the whole budget is one Lightning epoch: every accumulation window is complete."""
