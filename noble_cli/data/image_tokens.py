@@ -26,7 +26,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 from noble_cli.atomic import atomic_write_json
 from noble_cli.config import digest
@@ -88,26 +88,26 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     return ckpt
 
 
-def checkpoint_config(path: str | os.PathLike):
-    """The resolved RunConfig a checkpoint was trained with; it must be a VQGAN's."""
+def _vqgan_config(ckpt: dict, path: str | os.PathLike):
     from noble_cli.config import from_dict
 
-    cfg = from_dict(read_checkpoint(path)["hyper_parameters"]["config"])
+    cfg = from_dict(ckpt["hyper_parameters"]["config"])
     if cfg.task != "vqgan":
         raise NobleError(f"{path} is a {cfg.task!r} checkpoint, not a VQGAN's (task vqgan)")
     return cfg
 
 
+def checkpoint_config(path: str | os.PathLike):
+    """The resolved RunConfig a checkpoint was trained with; it must be a VQGAN's."""
+    return _vqgan_config(read_checkpoint(path), path)
+
+
 def load_vqgan(path: str | os.PathLike, device: str | torch.device = "cpu"):
     """The VQGAN task module rebuilt from a checkpoint (its config, NOBLE branches included), in eval mode."""
-    from noble_cli.config import from_dict
     from noble_cli.tasks import get_task
 
     ckpt = read_checkpoint(path)
-    cfg = from_dict(ckpt["hyper_parameters"]["config"])
-    if cfg.task != "vqgan":
-        raise NobleError(f"{path} is a {cfg.task!r} checkpoint, not a VQGAN's (task vqgan)")
-    module = get_task("vqgan").load().build_module(cfg)
+    module = get_task("vqgan").load().build_module(_vqgan_config(ckpt, path))
     module.load_state_dict(ckpt["state_dict"])
     return module.to(device).eval()
 
@@ -271,27 +271,15 @@ class ImageTokenDataModule(L.LightningDataModule):
         order = torch.randperm(len(val), generator=torch.Generator().manual_seed(1234))[:n]
         self.val_set = Subset(val, sorted(order.tolist()))
 
-    def _world(self) -> tuple[int, int]:
-        trainer = getattr(self, "trainer", None)
-        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-
-    def _loader(self, ds, train: bool) -> DataLoader:
-        world, rank = self._world()
-        sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=train, seed=self.seed,
-                                     drop_last=train)
-        return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, drop_last=train,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                          pin_memory=torch.cuda.is_available())
-
     def train_dataloader(self) -> DataLoader:
         """Shuffled passes over the codes, each rank its share; the order resumes exactly (data/resumable.py)."""
-        from torch.utils.data import default_collate
-
         from noble_cli.data.resumable import datamodule_train_loader
 
         self.setup()
         return datamodule_train_loader(self, self.train_set, default_collate)
 
     def val_dataloader(self) -> DataLoader:
+        from noble_cli.data.resumable import datamodule_eval_loader
+
         self.setup()
-        return self._loader(self.val_set, False)
+        return datamodule_eval_loader(self, self.val_set, default_collate)

@@ -35,13 +35,7 @@ from typing import Callable
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import (
-    DataLoader,
-    Dataset,
-    DistributedSampler,
-    Subset,
-    default_collate,
-)
+from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 from noble_cli.errors import NobleError
 
@@ -102,9 +96,7 @@ def resolve_image_dataset(dataset: str, root: str | os.PathLike | None = None) -
 
 
 def _data_root() -> Path:
-    from noble_cli.data.shards import (
-        data_root,  # $NOBLE_DATA_DIR or ~/.cache/noble/data, as for text
-    )
+    from noble_cli.data.shards import data_root  # $NOBLE_DATA_DIR or ~/.cache/noble/data, as for text
 
     return data_root()
 
@@ -467,20 +459,6 @@ class ImageDataModule(L.LightningDataModule):
         order = torch.randperm(len(val), generator=torch.Generator().manual_seed(EVAL_SEED))[:n]
         self.val_set = Subset(val, sorted(order.tolist()))
 
-    def _world(self) -> tuple[int, int]:
-        trainer = getattr(self, "trainer", None)
-        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-
-    def _loader(self, ds, train: bool, collate) -> DataLoader:
-        world, rank = self._world()
-        sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=train, seed=self.seed,
-                                     drop_last=train)
-        return DataLoader(
-            ds, batch_size=self.batch_size, sampler=sampler, drop_last=train, collate_fn=collate,
-            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
-
     def train_dataloader(self) -> DataLoader:
         """Shuffled passes over the data, each rank its share; order and augmentations resume exactly
         (data/resumable.py)."""
@@ -491,5 +469,7 @@ class ImageDataModule(L.LightningDataModule):
         return datamodule_train_loader(self, self.train_set, collate)
 
     def val_dataloader(self) -> DataLoader:
+        from noble_cli.data.resumable import datamodule_eval_loader
+
         self.setup()
-        return self._loader(self.val_set, False, plain_collate)
+        return datamodule_eval_loader(self, self.val_set, plain_collate)

@@ -13,7 +13,8 @@ the whole budget is one Lightning "epoch". The same is done here for a shuffled 
   the same for the batch's Mixup/CutMix, from the batch's first code. Both fork the RNG, so nothing else's stream
   moves, and both are plain classes, so loader workers can pickle them.
 
-A resumed run thus sees the same batches with the same augmentations as the uninterrupted run.
+A resumed run thus sees the same batches with the same augmentations as the uninterrupted run. The matching
+evaluation loader (`datamodule_eval_loader`) is here too: both serve the image and image-token data modules.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from noble_cli.errors import NobleError
 from noble_cli.seeding import BATCH_AUGMENT, DATA_ORDER, SAMPLE_AUGMENT, derive_seed
@@ -118,15 +119,30 @@ def resumable_train_loader(dataset: Dataset, *, batch_size: int, seed: int, rank
     )
 
 
+def _world_rank(datamodule) -> tuple[int, int]:
+    trainer = getattr(datamodule, "trainer", None)
+    return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+
 def datamodule_train_loader(datamodule, dataset: Dataset, collate: Callable) -> ResumingLoader:
-    """The training loader of an image or image-token data module (its batch_size, seed, num_workers, max_batches
-    and `_world()`): the run's budget of micro-batches (default: one pass), resuming at the trainer's position."""
-    world, rank = datamodule._world()
+    """The training loader of an image or image-token data module (its batch_size, seed, num_workers and
+    max_batches): the run's budget of micro-batches (default: one pass), resuming at the trainer's position."""
+    world, rank = _world_rank(datamodule)
     total = datamodule.max_batches or len(dataset) // world // datamodule.batch_size
     return resumable_train_loader(dataset, batch_size=datamodule.batch_size, seed=datamodule.seed, rank=rank,
                                   world=world, total_batches=total, position=lambda: trainer_position(datamodule),
                                   collate=collate, num_workers=datamodule.num_workers,
                                   pin_memory=torch.cuda.is_available())
+
+
+def datamodule_eval_loader(datamodule, dataset: Dataset, collate: Callable) -> DataLoader:
+    """The evaluation loader of the same data modules: the fixed eval set in order, each rank its share
+    (DistributedSampler pads the last share with repeats so that the ranks' means average to the set's)."""
+    world, rank = _world_rank(datamodule)
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
+    return DataLoader(dataset, batch_size=datamodule.batch_size, sampler=sampler, collate_fn=collate,
+                      num_workers=datamodule.num_workers, persistent_workers=datamodule.num_workers > 0,
+                      pin_memory=torch.cuda.is_available())
 
 
 def trainer_position(datamodule) -> int:
