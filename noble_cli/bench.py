@@ -170,17 +170,9 @@ def triton_skip_reason(dev: torch.device) -> str | None:
     return "triton not installed"
 
 
-def _versions() -> dict:
-    return library_versions()
-
-
 def _default_out(kind: str, dev: torch.device, extra: str = "") -> Path:
     stamp = _dt.datetime.now().strftime("%Y-%m-%d-%H%M%S")
     return Path("results") / "bench" / f"{kind}{extra}-{_device_slug(dev)}-{stamp}.json"
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    atomic_write_json(path, payload)
 
 
 def _fmt(v, spec: str, none: str = "-") -> str:
@@ -348,11 +340,11 @@ def layer(
 
     payload = {
         "kind": "layer", "device": _device_name(dev), "date": _dt.datetime.now().isoformat(timespec="seconds"),
-        "versions": _versions(), "precision": prec, "tokens": tokens, "warmup": warmup, "iters": iters,
+        "versions": library_versions(), "precision": prec, "tokens": tokens, "warmup": warmup, "iters": iters,
         "note": _interpret_note(rows), "rows": rows,
     }
     path = out or _default_out("layer", dev)
-    _write_json(path, payload)
+    atomic_write_json(path, payload)
 
     table = Table(title=f"noble bench layer — {_device_name(dev)}, {tokens} tokens, {_prec_label(prec)}, "
                         "forward + backward")
@@ -518,14 +510,14 @@ def step(
     t = base_cfg.trainer
     payload = {
         "kind": "step", "recipe": base_cfg.recipe, "task": base_cfg.task, "device": _device_name(dev),
-        "date": _dt.datetime.now().isoformat(timespec="seconds"), "versions": _versions(), "precision": prec,
+        "date": _dt.datetime.now().isoformat(timespec="seconds"), "versions": library_versions(), "precision": prec,
         "batch_size": t.batch_size, "seq_len": base_cfg.data.get("seq_len"), "model": base_cfg.model,
         "branch": branch, "rank": base_cfg.noble.rank, "targets": base_cfg.noble.targets, "warmup": warmup,
         "iters": iters, "optimizer": "AdamW" + (" (fused)" if dev.type == "cuda" else ""),
         "note": _interpret_note(rows), "rows": rows,
     }
     path = out or _default_out("step", dev, f"-{re.sub(r'[^A-Za-z0-9_.-]+', '-', base_cfg.recipe)}")
-    _write_json(path, payload)
+    atomic_write_json(path, payload)
 
     table = Table(title=f"noble bench step — {base_cfg.recipe}, {_device_name(dev)}, batch {t.batch_size}, "
                         f"{_prec_label(prec)}, "

@@ -22,14 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, get_worker_info
 
-from noble_cli.data.shards import (
-    describe,
-    load_tokens,
-    prepare,
-    read_meta,
-    resolve_dataset,
-    shard_dir,
-)
+from noble_cli.data.shards import describe, load_tokens, prepare, read_meta, resolve_dataset, shard_dir
 from noble_cli.errors import NobleError
 
 __all__ = ["LMDataModule", "TrainBatches", "ValWindows", "batch_seed", "describe"]

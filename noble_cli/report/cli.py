@@ -32,9 +32,7 @@ def write_report(rep: Report, out: Path, formats: list[str], plots: bool = True)
     out.mkdir(parents=True, exist_ok=True)
     pngs: list[Path] = []
     if plots:
-        from noble_cli.report.plots import (
-            make_plots,  # matplotlib is imported only when plotting
-        )
+        from noble_cli.report.plots import make_plots  # matplotlib is imported only when plotting
 
         pngs = make_plots(rep, out)
     if "csv" in formats:

@@ -24,14 +24,7 @@ from noble_cli.sweep.launchers import (
     submit_slurm,
     write_slurm_script,
 )
-from noble_cli.sweep.manifest import (
-    build_manifest,
-    compare,
-    counts,
-    manifest_path,
-    read_manifest,
-    sync_manifest,
-)
+from noble_cli.sweep.manifest import build_manifest, compare, counts, manifest_path, read_manifest, sync_manifest
 from noble_cli.sweep.progress import runs_table
 
 ablate_app = typer.Typer(
@@ -97,7 +90,8 @@ def execute_plan(plan: grids.SweepPlan, *, out: Path, dry_run: bool = False, for
         con.print(f"wrote {escape(str(script))} (array {array or 'empty: every run is done'})")
         if array:
             submit_slurm(script, con)
-        con.print(f"follow it with the same command and --dry-run; then the report: [bold]noble report {escape(str(out))}[/]")
+        con.print("follow it with the same command and --dry-run; then the report: "
+                  f"[bold]noble report {escape(str(out))}[/]")
         return None
 
     progress = sys.stdout.isatty()
@@ -143,8 +137,8 @@ def show_dry_run(plan: grids.SweepPlan, path: Path, con: Console) -> None:
     else:
         added, removed = compare(plan, old)
         if added or removed:
-            con.print(f"[yellow]the definition differs from {escape(str(path))}[/] (+{len(added)} / -{len(removed)} runs): "
-                      "running it needs --force")
+            con.print(f"[yellow]the definition differs from {escape(str(path))}[/] "
+                      f"(+{len(added)} / -{len(removed)} runs): running it needs --force")
         else:
             con.print(f"manifest {escape(str(path))}")
     con.print("nothing trained (dry run)")

@@ -81,7 +81,8 @@ def build_datamodule(cfg: RunConfig):
 
     d = DataConfig(**cfg.data)
     vocab = ModelConfig(**cfg.model).vocab_size
-    if vocab < VOCAB_SIZE:  # checked with the data, not in `check`: `noble bench` runs small vocabularies on random ids
+    # checked with the data, not in `check`: `noble bench` runs small vocabularies on random ids
+    if vocab < VOCAB_SIZE:
         raise NobleError(f"model.vocab_size {vocab} is smaller than the GPT-2 vocabulary the text data is "
                          f"tokenized with ({VOCAB_SIZE})")
     t = cfg.trainer
