@@ -324,7 +324,8 @@ def _noble_identity(n: NobleConfig) -> dict:
     do: `--set noble.mix_lr_power=0` on a sweep must not make (and train) a second, identical baseline. A
     dense-matched baseline depends only on what its width is matched to."""
     if n.enabled:
-        d = dict(n.__dict__)
+        d = _json(n.__dict__)
+        _drop_added_defaults(d, NobleConfig)
         if n.branch != "cosnet":  # the fused kernels are CosNet's only: any other branch runs the torch path
             d["kernel"] = "auto"
         return d
@@ -334,11 +335,42 @@ def _noble_identity(n: NobleConfig) -> dict:
     return {"branch": "none"}
 
 
+def added_field(default: Any, **kwargs) -> Any:
+    """A config field added after run folders already existed: left out of the config hash (and so of run ids and
+    pair keys) while it keeps its default, so that adding it does not orphan every earlier result."""
+    return field(default=default, metadata={"added": True}, **kwargs)
+
+
+def _json(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def _drop_added_defaults(d: dict, cls) -> None:
+    for f in fields(cls):
+        if f.metadata.get("added") and f.name in d:
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            if d[f.name] == _json(default):
+                del d[f.name]
+
+
+def _section_classes(cfg: RunConfig) -> dict:
+    from noble_cli.tasks import TASKS
+
+    classes = dict(SECTIONS)
+    if cfg.task in TASKS:
+        task = TASKS[cfg.task].load()
+        classes.update(model=task.ModelConfig, data=task.DataConfig)
+    return classes
+
+
 def hashable_dict(cfg: RunConfig) -> dict:
-    d = json.loads(json.dumps(cfg.to_dict(), default=str))
+    d = _json(cfg.to_dict())
     for section, keys in _NOT_HASHED.items():
         for k in keys:
             d[section].pop(k, None)
+    for section, cls in _section_classes(cfg).items():
+        if section != "noble":
+            _drop_added_defaults(d[section], cls)
     d["noble"] = _noble_identity(cfg.noble)
     return d
 

@@ -379,3 +379,19 @@ def test_existing_configs_keep_their_run_id_and_pair_key(config, run_id, pair_ke
     assert C.run_id(cfg) == run_id
     assert C.pair_key(cfg) == pair_key
 
+
+
+def test_an_added_field_stays_out_of_the_hash_while_at_its_default():
+    from dataclasses import dataclass
+
+    @dataclass
+    class Section:
+        old: int = 1
+        new: tuple[int, int] = C.added_field((2, 3))
+
+    at_default = {"old": 1, "new": [2, 3]}
+    C._drop_added_defaults(at_default, Section)
+    assert at_default == {"old": 1}
+    changed = {"old": 1, "new": [2, 4]}
+    C._drop_added_defaults(changed, Section)
+    assert changed == {"old": 1, "new": [2, 4]}
