@@ -78,11 +78,11 @@ def test_tiny_run_learns_and_fills_the_run_folder(tmp_path):
         train(cfg, out=tmp_path, progress=False)
 
 
-def test_every_rank_decides_the_folder_state_alike_and_only_rank_0_deletes(tmp_path, monkeypatch):
-    """Under srun every process starts at once: all must reach rank 0's decision (a rank resuming a completed run
-    while rank 0 returns would wait for it forever), and only rank 0 may change the folder."""
-    from lightning.pytorch.utilities import rank_zero_only
-
+def test_rank_0_decides_the_folder_and_spawned_processes_inherit_its_decision(tmp_path, monkeypatch):
+    """The folder's state is decided read-only and acted on by rank 0 alone; a process that Lightning's launcher
+    spawned for the run takes its first process's decision from the environment instead of looking again (by then
+    rank 0 has written into the folder, which would read as "already exists")."""
+    from noble_cli.train import decided_by_parent, mark_decided
     from noble_cli.train import run as R
     from noble_cli.train.run_folder import RunFolder
 
@@ -96,38 +96,45 @@ def test_every_rank_decides_the_folder_state_alike_and_only_rank_0_deletes(tmp_p
     other = tiny_cfg(**{"trainer.max_steps": 4, "trainer.eval_every": 2, "optim.lr": 1e-3})
     with pytest.raises(NobleError, match="config differs"):
         R.folder_state(other, done, resume=True, overwrite=False)
-    monkeypatch.setattr(rank_zero_only, "rank", 1)
-    assert R.prepare_folder(cfg, done, resume=False, overwrite=True) == "new"
-    assert done.path.exists(), "a rank other than 0 never deletes"
-    monkeypatch.setattr(rank_zero_only, "rank", 0)
+
+    monkeypatch.delenv(R.PREPARED_ENV, raising=False)
+    assert decided_by_parent(done.path) is None
+    mark_decided(done.path, "new")
+    assert decided_by_parent(done.path) == "new" and decided_by_parent(tmp_path / "other") is None
+    # a spawned process trains alongside its first process: no refusal although the folder exists
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False)
+    assert R.decide_folder(trainer, cfg, done, resume=False, overwrite=False) == "new"
+    monkeypatch.delenv(R.PREPARED_ENV)
+    with pytest.raises(NobleError, match="already exists"):
+        R.decide_folder(trainer, cfg, done, resume=False, overwrite=False)
     assert R.prepare_folder(cfg, done, resume=False, overwrite=True) == "new" and not done.path.exists()
 
-    # srun: rank 0 marks the new folder with its launch before writing into it; a later rank of the same launch
-    # then takes the written folder as new, where a rank of another launch would be told it already exists
-    assert R.prepare_folder(cfg, done, resume=False, overwrite=False, launch="slurm-7-0-0") == "new"
-    assert (done.path / R.LAUNCH_FILE).read_text() == "slurm-7-0-0"
-    done.write_config(cfg)
-    monkeypatch.setattr(rank_zero_only, "rank", 1)
-    assert R.prepare_folder(cfg, done, resume=False, overwrite=False, launch="slurm-7-0-0") == "new"
-    monkeypatch.setattr(R, "FOLLOWER_WAIT_S", 0.5)
-    with pytest.raises(NobleError, match="already exists"):
-        R.prepare_folder(cfg, done, resume=False, overwrite=False, launch="slurm-8-0-0")
-    # a marker left by a killed launch never beats the folder's own state: a completed run stays done
-    done.write_summary({"status": "completed"})
-    assert R.prepare_folder(cfg, done, resume=True, overwrite=False, launch="slurm-7-0-0") == "done"
-    monkeypatch.setattr(rank_zero_only, "rank", 0)
-    assert R.prepare_folder(cfg, done, resume=True, overwrite=False, launch="slurm-9-0-0") == "done"
-    assert not (done.path / R.LAUNCH_FILE).exists(), "rank 0 clears a stale marker"
-    monkeypatch.setattr(rank_zero_only, "rank", 1)
-    monkeypatch.setenv("SLURM_JOB_ID", "7")
-    monkeypatch.setenv("SLURM_NTASKS", "4")
-    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
-    assert R.launch_id().startswith("slurm-7--1-call")  # a requeued job is another launch; so is the next train()
-    for name in ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_RESTART_COUNT"):
-        monkeypatch.delenv(name)
-    monkeypatch.delenv("MASTER_PORT", raising=False)
-    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # torchrun's static rendezvous: no id to go by
-    assert R.launch_id() is None
+
+def torchrun(*args, timeout=300):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "noble_cli",
+           *args]
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR")}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_torchrun_ranks_follow_rank_0s_decision(tmp_path):
+    """All processes of a torchrun (or srun) launch start at once. Rank 0 decides and the others follow through
+    Lightning's broadcast: a refusal and a completed run end every rank at once (none left waiting for rank 0 in
+    a collective), and a new run trains on both."""
+    args = ["train", "llm-tiny", "--devices", "2", "--strategy", "ddp", "--max-steps", "4", "--out", str(tmp_path),
+            "--set", "trainer.accelerator=cpu", "--set", "trainer.eval_every=2"]
+    for s in TINY:
+        args += ["--set", s]
+    first = torchrun(*args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    (run,) = (tmp_path / "runs").iterdir()
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+    assert json.loads((run / "meta.json").read_text())["world_size"] == 2
+    again = torchrun(*args, timeout=120)
+    assert again.returncode != 0 and again.stderr.count("already exists") == 2, again.stderr[-3000:]
+    resumed = torchrun(*args, "--resume", timeout=120)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert len(pd.read_csv(run / "metrics.csv")) == 4, "a completed run is left alone"
 
 
 def test_log_every_thins_the_rows_not_the_clock(tmp_path):
@@ -318,13 +325,16 @@ def test_dry_run_prints_the_resolved_config_and_trains_nothing(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+SLOW_EVAL_S = 3.0
+
+
 class SlowAfterEval(L.Callback):
     """Stands in for a slow evaluation tail (a large checkpoint): must not count as training time."""
 
     def on_validation_end(self, trainer, pl_module):
         import time
 
-        time.sleep(1.5)
+        time.sleep(SLOW_EVAL_S)
 
 
 def test_an_uneven_budget_ends_evaluated_and_checkpointed_and_resume_leaves_it_alone(tmp_path):
@@ -338,7 +348,9 @@ def test_an_uneven_budget_ends_evaluated_and_checkpointed_and_resume_leaves_it_a
     best = torch.load(first.run_dir / "checkpoints" / "best.ckpt", weights_only=False)
     assert best["global_step"] == first.summary["best_step"]
     step_times = pd.read_csv(first.run_dir / "metrics.csv").set_index("step")["step_time_s"]
-    assert step_times[6] < 1.0, "the time after an evaluation is not the next step's"
+    # (against the other steps, not a fixed time: a loaded machine makes every step slow)
+    assert step_times[6] < step_times.drop(6).median() + SLOW_EVAL_S * 2 / 3, "the time after an evaluation is " \
+        "not the next step's"
 
     again = train(cfg, out=tmp_path, resume=True, progress=False)
     assert again.already_done and again.summary == first.summary

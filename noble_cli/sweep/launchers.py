@@ -46,7 +46,7 @@ from noble_cli.sweep.manifest import (
     update_entry,
 )
 from noble_cli.sweep.progress import fmt_duration, overview
-from noble_cli.train import PREPARED_ENV
+from noble_cli.train import decided_by_parent
 from noble_cli.train.run_folder import RunFolder
 
 TRAIN_ENV = "NOBLE_SWEEP_TRAIN"  # module:function to train with instead of noble_cli.train.run.train
@@ -103,7 +103,7 @@ def execute_entry(manifest: Path, index: int, train_fn: TrainFn | None = None, p
             return True
         return False
 
-    if os.environ.get(PREPARED_ENV) == str(run_dir):
+    if decided_by_parent(run_dir):
         # a process Lightning's DDP launcher spawned from this entry's own run: the lock and the manifest are the
         # first process's; this one only trains alongside it
         (train_fn or default_train())(C.from_dict(e["config"]), out=out, resume=True, run_dir=run_dir,

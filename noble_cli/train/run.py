@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from noble_cli.atomic import atomic_write_text, is_stale_temp
 from noble_cli.config import RunConfig, config_hash, from_dict, run_id, to_yaml
 from noble_cli.errors import InterruptedRun, NobleError
 from noble_cli.tasks import get_task
-from noble_cli.train import PREPARED_ENV
+from noble_cli.train import PREPARED_ENV, decided_by_parent, mark_decided
 from noble_cli.train.recorder import AtomicCheckpointIO, DivergedError, RunRecorder
 from noble_cli.train.run_folder import RunFolder
 
@@ -80,8 +79,7 @@ def strategy_for(cfg: RunConfig, module):
 
 
 def folder_state(cfg: RunConfig, folder: RunFolder, resume: bool, overwrite: bool) -> str:
-    """What to do with the run folder, decided read-only (so every rank of a multi-process launch decides alike):
-    "new", "overwrite" (delete, then new), "restart" (killed before its first checkpoint: delete, then new),
+    """What to do with the run folder, decided read-only: "new", "overwrite" (delete, then new), "restart" (killed before its first checkpoint: delete, then new),
     "resume" (from checkpoints/last.ckpt) or "done" (already completed). Refusals raise NobleError."""
     if not folder.exists():
         return "new"
@@ -108,52 +106,17 @@ def folder_state(cfg: RunConfig, folder: RunFolder, resume: bool, overwrite: boo
     return "resume"
 
 
-LAUNCH_FILE = ".launch"
 # How training draws its data and randomness (batch order, augmentations, per-step seeds), recorded in meta.json:
 # 2 = positions seeded by (seed, position) with whole-budget loaders (noble_cli/seeding.py, data/resumable.py).
 DATA_STREAM = 2
 
 
-_TRAIN_CALLS = [0]  # train() calls in this process: every process of a launch makes the same sequence of calls
-
-
-def launch_id() -> str | None:
-    """An id every process of one multi-process launch shares, and no other launch: srun with several tasks,
-    torchrun with a rendezvous id, or (from a process's second `train()` on) the processes Lightning's DDP launcher
-    spawned in the first, which share its MASTER_ADDR:MASTER_PORT. It includes the restart count (a requeued job is
-    a new launch) and the number of this `train()` call in the process. None for a single process."""
-    env = os.environ
-    base = None
-    if env.get("TORCHELASTIC_RUN_ID", "none") != "none":  # static rendezvous sets "none": no id to go by
-        base = f"torchrun-{env['TORCHELASTIC_RUN_ID']}-{env.get('TORCHELASTIC_RESTART_COUNT', '0')}"
-    elif "SLURM_JOB_ID" in env and env.get("SLURM_NTASKS", "1").isdigit() and int(env.get("SLURM_NTASKS", "1")) > 1:
-        base = f"slurm-{env['SLURM_JOB_ID']}-{env.get('SLURM_STEP_ID', '')}-{env.get('SLURM_RESTART_COUNT', '0')}"
-    elif "MASTER_PORT" in env:
-        base = f"lightning-{env.get('MASTER_ADDR', '')}:{env['MASTER_PORT']}"
-    return None if base is None else f"{base}-call{_TRAIN_CALLS[0]}"
-
-
-def prepare_folder(cfg: RunConfig, folder: RunFolder, resume: bool, overwrite: bool,
-                   launch: str | None = None) -> str:
-    """`folder_state`, then (global rank 0 only) its side effects; returns "new", "resume" or "done".
-
-    Under a multi-process launch rank 0 first marks a new folder with the launch id: a later rank that finds the
-    folder already written by its own launch's rank 0 then knows it is new, not "already exists"."""
-    marker = folder.path / LAUNCH_FILE
-    if rank_zero_only.rank != 0:
-        return _follower_state(cfg, folder, resume, overwrite, launch)
-    try:
-        state = folder_state(cfg, folder, resume, overwrite)
-    except NobleError:
-        marker.unlink(missing_ok=True)  # a marker left by a killed launch must not send other ranks into "new"
-        raise
+def prepare_folder(cfg: RunConfig, folder: RunFolder, resume: bool, overwrite: bool) -> str:
+    """`folder_state` and its side effects (global rank 0 only): returns "new", "resume" or "done"."""
+    state = folder_state(cfg, folder, resume, overwrite)
     if state in ("overwrite", "restart"):
         shutil.rmtree(folder.path)
         state = "new"
-    if state == "new" and launch:
-        atomic_write_text(marker, launch)  # before config.yaml / meta.json, which make the folder "exist"
-    else:
-        marker.unlink(missing_ok=True)
     if state == "resume":
         for leftover in folder.checkpoint_dir.iterdir():  # a checkpoint write cut off by a kill (can be gigabytes)
             if is_stale_temp(leftover):
@@ -161,26 +124,31 @@ def prepare_folder(cfg: RunConfig, folder: RunFolder, resume: bool, overwrite: b
     return state
 
 
-FOLLOWER_WAIT_S = 10.0  # how long a rank other than 0 waits for rank 0's marker before refusing
+def decide_folder(trainer: L.Trainer, cfg: RunConfig, folder: RunFolder, resume: bool, overwrite: bool) -> str:
+    """Global rank 0 decides what happens to the run folder (and acts on it); every other process follows.
 
-
-def _follower_state(cfg: RunConfig, folder: RunFolder, resume: bool, overwrite: bool, launch: str | None) -> str:
-    """A rank other than 0 decides from the folder as rank 0 does. The folder's own state wins ("resume",
-    "done"); a marker of this launch only turns a refusal into "new": rank 0 has just created (or deleted and
-    re-created) the folder. A refusal may also be a folder rank 0 is deleting at this moment, so it waits a little
-    for rank 0's marker before giving up."""
-    marker = folder.path / LAUNCH_FILE
-    deadline = time.monotonic() + (FOLLOWER_WAIT_S if launch else 0.0)
-    while True:
+    Processes that Lightning's launcher spawns inherit the first process's decision (`PREPARED_ENV`). The ranks
+    of a launch that starts all processes at once (srun, torchrun) get it through Lightning's broadcast: the
+    process group that `fit` would set up is set up here instead, so a refusal, "done" or "resume" is the same on
+    every rank and no rank looks at a folder that rank 0 may be changing."""
+    inherited = decided_by_parent(folder.path)
+    if inherited:
+        return inherited
+    together = trainer.world_size > 1 and trainer.strategy.cluster_environment.creates_processes_externally
+    if together:
+        trainer.strategy.setup_environment()
+    outcome: tuple[str, str] = ("", "")
+    if trainer.is_global_zero:
         try:
-            state = folder_state(cfg, folder, resume, overwrite)
-            return "new" if state in ("overwrite", "restart") else state
-        except NobleError:
-            if launch and marker.is_file() and marker.read_text() == launch:
-                return "new"
-            if time.monotonic() >= deadline:
-                raise
-            time.sleep(0.5)
+            outcome = (prepare_folder(cfg, folder, resume, overwrite), "")
+        except NobleError as refusal:
+            outcome = ("refused", str(refusal))
+    if together:
+        outcome = trainer.strategy.broadcast(outcome)
+    state, refusal = outcome
+    if refusal:
+        raise NobleError(refusal)
+    return state
 
 
 def trainer_or_error(**kwargs) -> L.Trainer:
@@ -256,31 +224,25 @@ def train(
     # Lightning's start-up banner (GPU/TPU available, tips) is noise next to our own summary line.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     check_trainer_options(cfg)
-    _TRAIN_CALLS[0] += 1
-    spawned = os.environ.get(PREPARED_ENV) == str(folder.path)
-    launch = None if spawned else launch_id()
-    if spawned:  # a process Lightning's DDP launcher started after this run's first process prepared the folder
-        state = "resume" if resume and folder.last_checkpoint.exists() else "new"
-    else:  # the first process, or any rank of a launch that starts all at once (srun, torchrun): decide alike
-        state = prepare_folder(cfg, folder, resume, overwrite, launch)
-    if state == "done":
-        return TrainResult(folder.path, folder.read_json(folder.summary_path), folder.read_json(folder.meta_path),
-                           already_done=True)
-    os.environ[PREPARED_ENV] = str(folder.path)  # inherited by the processes Lightning spawns in fit
-    try:
-        return _train_prepared(cfg, folder, rid, state, progress, callbacks)
-    finally:
-        os.environ.pop(PREPARED_ENV, None)  # in every process: a later train() decides afresh
-        if launch and rank_zero_only.rank == 0:  # every rank is past its decision once fit has run (or failed)
-            (folder.path / LAUNCH_FILE).unlink(missing_ok=True)
-
-
-def _train_prepared(cfg: RunConfig, folder: RunFolder, rid: str, state: str, progress: bool,
-                    callbacks) -> TrainResult:
-    """The run itself, once the folder's state is decided: build, fit, finish the end, summarise."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     task = get_task(cfg.task).load()
     module = task.build_module(cfg)
+    recorder = RunRecorder(folder, warmup_steps=cfg.trainer.kernel_warmup_steps, log_every=cfg.trainer.log_every)
+    trainer = build_trainer(cfg, module, folder, recorder, progress, callbacks)
+    state = decide_folder(trainer, cfg, folder, resume, overwrite)
+    if state == "done":
+        return TrainResult(folder.path, folder.read_json(folder.summary_path), folder.read_json(folder.meta_path),
+                           already_done=True)
+    mark_decided(folder.path, state)  # inherited by the processes that fit spawns
+    try:
+        return _train_prepared(cfg, task, module, trainer, recorder, folder, rid, state)
+    finally:
+        os.environ.pop(PREPARED_ENV, None)  # a later train() in this process decides afresh
+
+
+def _train_prepared(cfg: RunConfig, task, module, trainer: L.Trainer, recorder: RunRecorder, folder: RunFolder,
+                    rid: str, state: str) -> TrainResult:
+    """The run itself, once the folder's state is decided: fit, finish the end, summarise."""
     datamodule = task.build_datamodule(cfg)
     if cfg.schedule.warmup_steps >= cfg.trainer.max_steps and rank_zero_only.rank == 0:
         Console(stderr=True).print(
@@ -288,9 +250,6 @@ def _train_prepared(cfg: RunConfig, folder: RunFolder, rid: str, state: str, pro
             f"({cfg.trainer.max_steps}): this run never leaves the learning-rate warm-up")
     if cfg.trainer.compile:
         module.model.compile()  # in place: parameter names (and checkpoints) stay those of the plain model
-
-    recorder = RunRecorder(folder, warmup_steps=cfg.trainer.kernel_warmup_steps, log_every=cfg.trainer.log_every)
-    trainer = build_trainer(cfg, module, folder, recorder, progress, callbacks)
     meta = folder.read_json(folder.meta_path)
     data_identity = module.data_identity()
     # (folders from before these keys existed in meta.json are not checked)
