@@ -265,7 +265,7 @@ def test_killed_subprocess_is_recorded_and_retried(tmp_path, fake, monkeypatch):
     m = read_manifest(manifest_path(tmp_path, plan.name))
     assert [e["status"] for e in m["runs"]] == ["failed", "done"]
     assert "exited with code -9" in m["runs"][0]["error"]
-    assert RunLock(tmp_path / "runs" / plan.run_ids[0]).path.exists()  # its lock is left behind, stale
+    assert RunLock(tmp_path / "runs" / plan.run_ids[0]).holder() is None  # the OS freed its lock
     execute_plan(plan, out=tmp_path, con=quiet())
     calls = fake.calls()
     assert [c["run_id"] for c in calls] == [plan.run_ids[0], plan.run_ids[1], plan.run_ids[0]]
@@ -348,14 +348,14 @@ def test_slurm_script_and_one_array_task(tmp_path, fake, monkeypatch):
 def test_lock_prevents_double_training(tmp_path, fake):
     plan = plan_activations(acts=("cosnet",))
     run_dir = tmp_path / "runs" / plan.run_ids[0]
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    run_dir.parent.mkdir(parents=True)
+    hold = ("import sys, time\nfrom noble_cli.sweep.locks import RunLock\nlock = RunLock(sys.argv[1])\nassert lock.acquire('test')\n"
+            "print('held', flush=True)\ntime.sleep(60)")
+    other = subprocess.Popen([sys.executable, "-c", hold, str(run_dir)], stdout=subprocess.PIPE, text=True)
     try:
-        lock = RunLock(run_dir)
-        lock.path.parent.mkdir(parents=True)
-        from noble_cli.sweep.locks import HOST, _proc_start
-
-        lock.path.write_text(json.dumps({"pid": other.pid, "host": HOST, "start": _proc_start(other.pid)}))
+        assert other.stdout.readline().strip() == "held"
         assert not RunLock(run_dir).acquire()  # held by a live process
+        assert RunLock(run_dir).holder()["pid"] == other.pid
 
         outcomes = run_sweep(plan, tmp_path, fake, wait=False)
         assert outcomes["busy"] == [0] and [c["run_id"] for c in fake.calls()] == [plan.run_ids[1]]
@@ -363,10 +363,10 @@ def test_lock_prevents_double_training(tmp_path, fake):
     finally:
         other.kill()
         other.wait()
-    # its owner is gone: the stale lock is taken over and the run trained once
+    # its owner is gone (killed: the OS released its lock): the run is trained once
     run_sweep(plan, tmp_path, fake)
     assert [c["run_id"] for c in fake.calls()] == [plan.run_ids[1], plan.run_ids[0]]
-    assert not RunLock(run_dir).path.exists()
+    assert RunLock(run_dir).holder() is None
 
     mine = RunLock(tmp_path / "runs" / "x")
     assert mine.acquire() and not RunLock(tmp_path / "runs" / "x").acquire()
@@ -423,7 +423,7 @@ def test_end_to_end_ranks_sweep(tmp_path, monkeypatch):
     result = CliRunner().invoke(ablate_app, args, env={"COLUMNS": "200"})
     assert result.exit_code == 0, (result.output, result.exception)
     assert f"noble report {tmp_path}" in result.output
-    runs = sorted((tmp_path / "runs").iterdir())
+    runs = sorted(p for p in (tmp_path / "runs").iterdir() if not p.name.startswith("."))  # not .locks/
     assert len(runs) == 2
     metas = [json.loads((r / "meta.json").read_text()) for r in runs]
     assert len({m["pair_key"] for m in metas}) == 1 and sorted(m["is_baseline"] for m in metas) == [False, True]

@@ -113,7 +113,7 @@ def execute_entry(manifest: Path, index: int, train_fn: TrainFn | None = None, p
         return "skipped"
     lock = RunLock(run_dir)
     if not lock.acquire(owner=f"sweep {m.get('name')} #{index}"):
-        holder = lock.read() or {}
+        holder = lock.holder() or {}
         console.print(f"[yellow]skipped[/] {e['run_id']}: being trained by {describe_holder(holder)}")
         return "busy"
     try:
@@ -268,7 +268,7 @@ def run_local(manifest: Path, train_fn: TrainFn | None = None, console: Console 
             outcomes["busy"] = busy
             break
         m = read_manifest(manifest)
-        holders = [describe_holder(RunLock(run_dir_of(manifest, m["runs"][i])).read() or {}) for i in busy]
+        holders = [describe_holder(RunLock(run_dir_of(manifest, m["runs"][i])).holder() or {}) for i in busy]
         console.print(f"[yellow]waiting[/] for {len(busy)} run(s) being trained by other processes "
                       f"({holders[0]}{', ...' if len(holders) > 1 else ''}); Ctrl-C to stop waiting")
         while all(RunLock(run_dir_of(manifest, m["runs"][i])).holder() is not None for i in busy):
