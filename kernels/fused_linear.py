@@ -321,17 +321,14 @@ def weight_grads(g2, dh, x2, c, dtypes, has_bias: bool, splitk: bool = False):
     k = x2.shape[1]
     r = dh.shape[1]
     dev = g2.device
-    name = "weight_grad_splitk" if splitk else "weight_grad"
+    splits, chunk = 1, t
+    if splitk:
+        step = tuning.align(tuning.plan("weight_grad_splitk", g2.element_size(), dev))
+        splits, chunk = _splits(t, n, k, r, dev, step)
+    # one range: the fused kernel, straight into the gradients; else fp32 partials, one per range
+    name = "weight_grad_splitk" if splits > 1 else "weight_grad"
     meta = tuning.plan(name, g2.element_size(), dev)
-    step = tuning.align(meta)
-    splits, chunk = _splits(t, n, k, r, dev, step) if splitk else (1, t)
-    if splits == 1:  # one range: the fused kernel, straight into the gradients
-        name, chunk = "weight_grad", t
-        meta = tuning.plan(name, g2.element_size(), dev)
-        step = tuning.align(meta)
-        out_dtypes, lead = dtypes, ()
-    else:
-        out_dtypes, lead = (torch.float32,) * 3, (splits,)
+    out_dtypes, lead = (dtypes, ()) if splits == 1 else ((torch.float32,) * 3, (splits,))
     dw = _common.empty((*lead, n, k), out_dtypes[0], dev)
     dwu = _common.empty((*lead, n, r), out_dtypes[1], dev)
     dwd = _common.empty((*lead, r, k), out_dtypes[2], dev)
@@ -345,7 +342,8 @@ def weight_grads(g2, dh, x2, c, dtypes, has_bias: bool, splitk: bool = False):
         *per_split, n if splits > 1 else 0,
     )
     br = _common.rank_block(r)
-    kwargs = dict(HAS_BIAS=has_bias, EVEN_T=t % step == 0 and chunk % step == 0, BLOCK_R=br,
+    # every range is whole K tiles (chunk is a multiple of the K tile), so T's tail is the only ragged one
+    kwargs = dict(HAS_BIAS=has_bias, EVEN_T=t % tuning.align(meta) == 0, BLOCK_R=br,
                   PRECISION=_common.dot_precision(g2.dtype, dev), DOT_F32=_common.dot_f32(g2))
 
     def grid(meta):

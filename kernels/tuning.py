@@ -123,7 +123,7 @@ def align(meta: Optional[dict], block: str = "BLOCK_K") -> int:
 
 
 _TUNED: dict = {}
-_RECORD: Optional[list] = None
+_RECORDS: list = []  # the lists of the open record_launches() blocks
 
 
 def launch(name: str, kernel, key: list, grid, meta: Optional[dict], elem_bytes: int, args: tuple, kwargs: dict):
@@ -139,21 +139,22 @@ def launch(name: str, kernel, key: list, grid, meta: Optional[dict], elem_bytes:
                        for c in _configs(name, elem_bytes)]
             _TUNED[tk] = triton.autotune(configs=configs, key=key)(kernel)
         _TUNED[tk][grid](*args, **kwargs)
-        used = _TUNED[tk].best_config
-        used = {**used.kwargs, "num_warps": used.num_warps, "num_stages": used.num_stages}
+        best = _TUNED[tk].best_config
+        used = {**best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}
     else:
         kernel[grid(meta)](*args, **kwargs, **meta)
         used = meta
-    if _RECORD is not None:
-        _RECORD.append((name, dict(used)))
+    for record in _RECORDS:
+        record.append((name, dict(used)))
 
 
 @contextlib.contextmanager
 def record_launches():
-    """Collects (kernel name, config used) of every launch inside the block, in order."""
-    global _RECORD
-    old, _RECORD = _RECORD, []
+    """Collects (kernel name, config used) of every launch inside the block, in order (nested blocks each get
+    their launches)."""
+    record: list = []
+    _RECORDS.append(record)
     try:
-        yield _RECORD
+        yield record
     finally:
-        _RECORD = old
+        _RECORDS.remove(record)
