@@ -113,12 +113,12 @@ def _bwd(
                                  g.sum(0, dtype=torch.float32) if has_bias else None)
         else:
             splits, wgrads = fused_linear.weight_grads(g, dh, x, c, w_dtypes, has_bias, dw == "splitk")
-        vectors, dmix, (dw_, dwu, dwd, db) = partial_sums.finish(vec_part, mat_part, r, splits, wgrads, w_dtypes,
-                                                                 partials)
+        vectors, dmix, (dweight, dwu, dwd, db) = partial_sums.finish(vec_part, mat_part, r, splits, wgrads,
+                                                                     w_dtypes, partials)
     vec = dict(zip(partial_sums.VEC_ROWS, vectors))
     if db is None:  # no bias: a placeholder the autograd glue drops (the op's outputs are all tensors)
         db = x.new_zeros((n,), dtype=torch.float32)
-    return [dx, dw_, db, dwd, vec["down_bias"], vec["freq1"], vec["phase1"], dmix, vec["mix_bias"], vec["freq2"],
+    return [dx, dweight, db, dwd, vec["down_bias"], vec["freq1"], vec["phase1"], dmix, vec["mix_bias"], vec["freq2"],
             vec["phase2"], dwu]
 
 
