@@ -133,6 +133,36 @@ def test_lr_multipliers_and_groups():
     assert {g["lr_mult"] for g in ref for p in g["params"] if p is layer.act.mix.weight} == {1.0}
 
 
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_every_activation_declares_real_parameters_for_its_lr_roles(name):
+    """An activation's `lr_roles` name its own parameters (a renamed parameter would otherwise silently fall back to
+    the base lr), and the roles give what the paper's table says, whatever the activation."""
+    model = nn.Sequential()
+    model.add_module("mlp", nn.Sequential(nn.Linear(64, 128)))
+    apply_noble(model, rank=8, activation=name, targets="mlp")
+    layer = model.mlp[0]
+    roles = getattr(layer.act, "lr_roles", {})
+    assert set(roles) <= {n for n, _ in layer.act.named_parameters()}
+    mult = {id(p): g["lr_mult"] for g in param_groups(model, 1e-3, 0.1) for p in g["params"]}
+    expected = {"mix": (64 / 8) ** 0.5, "freq": 2.0, "phase": 4.0}
+    for pname, p in layer.act.named_parameters():
+        assert mult[id(p)] == pytest.approx(expected.get(roles.get(pname), 1.0)), pname
+    if name in ("cos", "cosnet", "cos_net_double"):
+        assert {"freq", "phase"} <= set(roles.values())
+    if name.endswith("_net") or name.startswith("cos_net") or name == "cosnet":
+        assert "mix" in roles.values()
+    if name == "cos_net_double":  # both r x r mixes, as the name matching before lr_roles gave them
+        assert roles["mix.weight"] == roles["mix2.weight"] == "mix" and len(roles) == 8
+
+
+def test_a_second_activation_under_a_taken_name_is_refused():
+    from noble_cli.layers.activations import register
+
+    with pytest.raises(ValueError, match="'cosnet' is already registered"):
+        register("cosnet", ACTIVATIONS["gelu"])
+    assert ACTIVATIONS["cosnet"] is not ACTIVATIONS["gelu"]
+
+
 def test_parameter_counts_match_the_formula():
     cfg = GPTConfig(vocab_size=100, block_size=16, n_layer=2, n_head=2, d_model=32, mlp_ratio=4.0)
     model = GPT(cfg)

@@ -4,7 +4,9 @@ Each entry builds the module that sits in the rank-r bottleneck between `down` a
 width (SwiGLU halves it), so the registry also records how wide `down`'s output must be for a given rank, so that
 every branch hands exactly `rank` channels to `up`.
 
-Adding an activation is one `register(...)` call.
+Adding an activation is one `register(...)` call. A module with learnable parameters that should not train at the
+base learning rate declares them in `lr_roles` (parameter name -> "mix", "freq" or "phase"; see
+`noble_cli.layers.apply.lr_multiplier` for what each role gets): nothing is matched by parameter names elsewhere.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from noble_cli.errors import choices_error
 
 class CosAct(nn.Module):
     """cos(freq * z + phase) with a learnable frequency and phase per channel."""
+
+    lr_roles = {"freq": "freq", "phase": "phase"}
 
     def __init__(self, width: int):
         super().__init__()
@@ -44,6 +48,8 @@ class CosNet(nn.Module):
     Parameter names (`freq1`, `phase1`, `mix`, `freq2`, `phase2`) are a stable API: checkpoints and the fused
     Triton kernel depend on them.
     """
+
+    lr_roles = {"freq1": "freq", "phase1": "phase", "freq2": "freq", "phase2": "phase", "mix.weight": "mix"}
 
     def __init__(self, width: int, mix_init_scale: float = 0.5):
         super().__init__()
@@ -71,6 +77,9 @@ class CosNet(nn.Module):
 class CosNetDouble(nn.Module):
     """Three CosActs with two r x r mixing layers between them."""
 
+    lr_roles = {**{f"cos{i}.{name}": name for i in (1, 2, 3) for name in ("freq", "phase")},
+                "mix.weight": "mix", "mix2.weight": "mix"}
+
     def __init__(self, width: int):
         super().__init__()
         self.cos1, self.cos2, self.cos3 = CosAct(width), CosAct(width), CosAct(width)
@@ -90,6 +99,8 @@ class CosNetDouble(nn.Module):
 
 class TwoLayer(nn.Module):
     """act -> r x r linear (`mix`) -> act: the `_net` form of a fixed activation."""
+
+    lr_roles = {"mix.weight": "mix"}
 
     def __init__(self, act: Callable[[torch.Tensor], torch.Tensor], width: int, mix_init_scale: float = 0.5):
         super().__init__()
@@ -143,7 +154,11 @@ def _leaky(h: torch.Tensor) -> torch.Tensor:
 ACTIVATIONS: dict[str, ActivationSpec] = {}
 
 
-def register(name: str, spec: ActivationSpec) -> None:
+def register(name: str, spec: ActivationSpec, replace: bool = False) -> None:
+    """Add an activation under `name`. A name already taken is refused unless `replace=True`: a second `cosnet`
+    silently replacing the first would change every run that names it."""
+    if name in ACTIVATIONS and not replace:
+        raise ValueError(f"activation {name!r} is already registered; pass replace=True to replace it")
     ACTIVATIONS[name] = spec
 
 

@@ -156,18 +156,13 @@ class LRMultipliers:
 
 
 def lr_multiplier(layer: NobleLinear, local_name: str, mults: LRMultipliers) -> float:
-    """Multiplier for the parameter `local_name` (e.g. 'up.weight', 'act.freq1') of a NobleLinear."""
+    """Multiplier for the parameter `local_name` (e.g. 'up.weight', 'act.freq1') of a NobleLinear: W_up's, or the
+    role its activation declares for it in `lr_roles` (activations.py)."""
     ratio = min(layer.in_features, layer.out_features) / layer.rank
-    leaf = local_name.rsplit(".", 1)[-1]
     if local_name == "up.weight":
         return ratio**mults.up_power
-    if local_name.startswith("act.mix") and leaf == "weight":
-        return ratio**mults.mix_power
-    if leaf.startswith("freq"):
-        return mults.freq
-    if leaf.startswith("phase"):
-        return mults.phase
-    return 1.0
+    role = getattr(layer.act, "lr_roles", {}).get(local_name.removeprefix("act."))
+    return {"mix": ratio**mults.mix_power, "freq": mults.freq, "phase": mults.phase}.get(role, 1.0)
 
 
 def param_groups(
