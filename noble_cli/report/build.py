@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from noble_cli.errors import NobleError
-from noble_cli.report.figures import pair_runs, summarize
+from noble_cli.report.figures import control_runs, pair_runs, summarize
 from noble_cli.report.runs import Run, find_run_dirs, load_runs
 
 
@@ -19,6 +19,10 @@ class Report:
     runs_table: pd.DataFrame  # one row per paired run (figures.RUN_COLUMNS)
     summary: pd.DataFrame  # one row per (recipe, pair_key, variant_key) (figures.SUMMARY_COLUMNS)
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # (run folder, reason)
+    # NOBLE rows against the controls of their pair (dense-matched, init-only): one row per (recipe, pair_key,
+    # control, variant), the same columns, `reference` naming the control
+    controls: pd.DataFrame = field(default_factory=lambda: summarize(pd.DataFrame()))
+    control_runs_table: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 def load_report(results_dir: Path, exclude: Path | None = None) -> Report:
@@ -41,7 +45,9 @@ def load_report(results_dir: Path, exclude: Path | None = None) -> Report:
     unpaired_paths = {p for p, _ in unpaired}
     skipped = sorted(skipped + unpaired, key=lambda t: str(t[0]))
     runs = [r for r in runs if r.path not in unpaired_paths]
-    return Report(results_dir, runs, runs_table, summarize(runs_table), skipped)
+    vs_controls = control_runs(runs)
+    return Report(results_dir, runs, runs_table, summarize(runs_table), skipped,
+                  summarize(vs_controls, by_reference=True), vs_controls)
 
 
 def build_report(results_dir: Path, exclude: Path | None = None
