@@ -282,6 +282,13 @@ def expand(ablation: str, recipe: str, variants: list[Variant], seeds: list[int]
             overrides = {**common, **v.overrides, "seed": seed}
             # resolve() skips None overrides (an unset option): a null the sweep means goes in as a --set
             nulls = [f"{k}=null" for k, value in overrides.items() if value is None]
+            if v.role == "init" and C.resolve(recipe, {**overrides, "noble.init_only": False},
+                                              nulls + sets).noble.main_init_scale is None:
+                # NOBLE keeps the model's init here (noble.main_init_scale: null): nothing to control for
+                if seed == seeds[0]:
+                    notes.append("the init control is left out: noble.main_init_scale is null, so NOBLE does not "
+                                 "re-initialise the main weights and the control would be the baseline")
+                continue
             cfg = C.resolve(recipe, overrides, nulls + sets)
             if label_groups and v.group:
                 cfg.name = f"{cfg.variant} | {v.group}"
