@@ -555,3 +555,20 @@ def test_two_variants_that_share_a_label_get_labels_that_tell_them_apart(tmp_pat
     labels = set(rep.summary["variant"])
     assert {"cosnet r8", "cosnet r8 own-init"} <= labels
     assert {"gelu r8 (aaaaaa)", "gelu r8 (bbbbbb)"} <= labels
+
+
+def test_a_report_of_one_sweep_in_a_shared_results_folder(tmp_path: Path):
+    """Studies share runs (one baseline trained once) in one results folder; `--sweep` reports one study's."""
+    r = tmp_path / "res"
+    for rid, v in (("b0", "baseline"), ("c0", "cosnet r32"), ("g0", "gelu r32")):
+        write_run(r, rid, variant=v, baseline=v == "baseline", evals=[4.0, 3.5, 3.2, 3.1])
+    entry = {"index": 0, "variant": "", "role": "noble", "seed": 0, "status": "done", "config": {}}
+    sweep = r / "sweeps" / "study-x"
+    sweep.mkdir(parents=True)
+    (sweep / "manifest.json").write_text(json.dumps({"name": "study-x", "runs": [
+        {**entry, "run_id": rid, "run_dir": f"runs/{rid}"} for rid in ("b0", "c0", "later")]}))
+    runs, summary, skipped = build_report(r, sweeps=["study-x"])
+    assert set(runs["run_id"]) == {"b0", "c0"} and not skipped  # g0 is another study's; "later" not trained yet
+    res = CliRunner().invoke(_app(), ["report", str(r), "--sweep", "study-y", "--no-plots"])
+    assert isinstance(res.exception, NobleError)
+    assert str(res.exception) == f"no sweep 'study-y' under {r}/sweeps; valid: study-x"

@@ -334,8 +334,10 @@ def _distinct_labels(runs: list[Run]) -> None:
                 r.variant = new[k]
 
 
-def load_runs(root: Path, exclude: Path | None = None) -> tuple[list[Run], list[tuple[Path, str]]]:
-    """All usable runs under `root`, and the skipped folders with their reasons.
+def load_runs(root: Path, exclude: Path | None = None, only: set[Path] | None = None
+              ) -> tuple[list[Run], list[tuple[Path, str]]]:
+    """All usable runs under `root` (only the folders in `only`, resolved paths, when given: one sweep's runs in a
+    results folder that several sweeps share), and the skipped folders with their reasons.
 
     Duplicates (same recipe, pair_key, variant_key and seed, e.g. a rerun; for baselines any label: one baseline
     per pair and seed) keep a completed run over a diverged one, then the newest by created_at (then by folder
@@ -344,6 +346,8 @@ def load_runs(root: Path, exclude: Path | None = None) -> tuple[list[Run], list[
     runs: list[Run] = []
     skipped: list[tuple[Path, str]] = []
     for d in find_run_dirs(root, exclude=exclude):
+        if only is not None and d.resolve() not in only:
+            continue
         try:
             runs.append(load_run(d))
         except SkipRun as e:
