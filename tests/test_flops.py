@@ -11,7 +11,7 @@ import torch
 
 from noble_cli import config as C
 from noble_cli.tasks import get_task
-from noble_cli.train.run import FlopsProbe, micro_batch_flops
+from noble_cli.train.flops import FlopsProbe, micro_batch_flops
 from noble_cli.train.run_folder import RunFolder
 
 B, T = 8, 64

@@ -35,10 +35,6 @@ def _nan(v) -> bool:
         return False
 
 
-def _num(v, fmt: str) -> str:
-    return f"{v:{fmt}}"
-
-
 def _ci(mean: float, low: float, high: float, fmt: str, suffix: str = "") -> str:
     """'1.53x [0.40, 2.66]'; the mean alone where there is no interval (one seed, or no spread)."""
     if _nan(mean):
@@ -411,6 +407,8 @@ DEFINITIONS = """\
   floor) / the baseline's - 1, and the extra FLOPs per token (image); "-" for runs that did not record them.
 - **Δ final loss**: the final eval loss minus the baseline's, seed by seed: mean [95% CI] and p (Δ), the paired
   t-test; negative is better. **bpb** (language models that log eval_bpb): the same in bits per byte.
+- **n** is the number of seeds, runs paired by seed; report.csv also gives every figure's sample std (`*_std`,
+  ddof 1) beside its mean and CI.
 - **Controls**: *dense-matched*: no branch, MLP widened to NOBLE's parameter count; *init-only*: no branch, the
   targeted layers' main weights re-initialised as NOBLE does (N(0, (s/sqrt(in))^2)); *own-init*: NOBLE keeping the
   model's own init (`noble.main_init_scale=null`). The paper's NOBLE changes the main weights' init too, so a
