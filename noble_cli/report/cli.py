@@ -50,11 +50,11 @@ def report(
     format: Annotated[str, typer.Option("--format", "-f", help="Files to write, comma-separated: md, csv.")] = "md,csv",
     plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write PNG plots (eval loss curves, speedup "
                                         "bars).")] = True,
-    sweep: Annotated[Optional[list[str]], typer.Option("--sweep", help="Only the runs of this sweep (its name under "
-                                                       "RESULTS/sweeps/; repeatable): studies that share runs in "
-                                                       "one results folder each get their own report.")] = None,
+    sweep: Annotated[Optional[list[str]], typer.Option(
+        "--sweep", metavar="NAME", help="Only the runs of this sweep (its name under RESULTS/sweeps/; repeatable): "
+        "studies that share runs in one results folder each get their own report.")] = None,
 ) -> None:
-    """Compare NOBLE variants with their baselines: speedups, overheads, eval losses, mean ± std over seeds.
+    """Compare NOBLE variants with their baselines and controls: speedups, overheads, eval losses, over seeds.
 
     Finds every run folder (one holding meta.json) under RESULTS, pairs each variant with the baseline of the same
     recipe, budget and seed, and reports per variant: steps to reach the baseline's best eval loss, step and
