@@ -16,6 +16,7 @@ from torch import nn
 
 from noble_cli.config import NobleConfig, RunConfig
 from noble_cli.layers import LRMultipliers, apply_noble, count_parameters, param_groups
+from noble_cli.layers.apply import reinit_main_weights
 from noble_cli.seeding import STEP, derive_seed
 
 
@@ -66,12 +67,16 @@ def dense_matched_config(make: Callable, model_cfg, noble: NobleConfig):
 
 
 def build_model(make: Callable, model_cfg, noble: NobleConfig, kernel: str = "torch") -> nn.Module:
-    """The task's model, with NOBLE branches or, for the dense-matched baseline, widened instead."""
+    """The task's model, with NOBLE branches or, for the dense-matched baseline, widened instead; for the
+    init-only control, the plain model with NOBLE's main-weight re-init on the targeted layers."""
     if noble.enabled:
         return _with_branches(make, model_cfg, noble, noble.branch, kernel)
     if noble.dense_match:
         model_cfg = dense_matched_config(make, model_cfg, noble)
-    return make(model_cfg)
+    model = make(model_cfg)
+    if noble.init_only:
+        reinit_main_weights(model, noble.targets, noble.main_init_scale)
+    return model
 
 
 def lr_factor(step: int, max_steps: int, warmup: int, decay: str, min_ratio: float) -> float:

@@ -20,6 +20,7 @@ from noble_cli.config import RunConfig, config_hash, from_dict, run_id, to_yaml
 from noble_cli.errors import InterruptedRun, NobleError
 from noble_cli.tasks import get_task
 from noble_cli.train import PREPARED_ENV, decided_by_parent, mark_decided
+from noble_cli.train.flops import FlopsProbe
 from noble_cli.train.recorder import AtomicCheckpointIO, DivergedError, RunRecorder
 from noble_cli.train.run_folder import RunFolder
 
@@ -228,7 +229,7 @@ def train(
     task = get_task(cfg.task).load()
     module = task.build_module(cfg)
     recorder = RunRecorder(folder, warmup_steps=cfg.trainer.kernel_warmup_steps, log_every=cfg.trainer.log_every)
-    trainer = build_trainer(cfg, module, folder, recorder, progress, callbacks)
+    trainer = build_trainer(cfg, module, folder, recorder, progress, [*callbacks, FlopsProbe(folder)])
     state = decide_folder(trainer, cfg, folder, resume, overwrite)
     if state == "done":
         return TrainResult(folder.path, folder.read_json(folder.summary_path), folder.read_json(folder.meta_path),
