@@ -135,9 +135,11 @@ _LABELLED_AT_NON_DEFAULT = (
 )
 
 
-def variant_label(n: NobleConfig) -> str:
+def variant_label(n: NobleConfig, in_run_id: bool = False) -> str:
     """A label that names every setting in which two variants' identities differ (so two runs of a report never
-    share a name): the branch, rank, targets, and any other branch setting away from its default."""
+    share a name): the branch, rank, targets, and any other branch setting away from its default. `in_run_id`: the
+    label as run ids spell it, without the settings labels gained later (run ids of existing folders must not
+    change; the config hash in the run id tells such variants apart anyway)."""
     where = "" if n.targets == "all" else f" {n.targets}"
     if not n.enabled:
         if n.dense_match:
@@ -146,7 +148,7 @@ def variant_label(n: NobleConfig) -> str:
             return f"init-only({_init_label(n.main_init_scale)}{where})"
         return "baseline"
     label = f"{n.branch} r{n.rank}{where}"
-    for name, fmt in _LABELLED_AT_NON_DEFAULT:
+    for name, fmt in () if in_run_id else _LABELLED_AT_NON_DEFAULT:
         value = getattr(n, name)
         if value != getattr(_DEFAULT_NOBLE, name):
             label += f" {fmt(value)}"
@@ -446,7 +448,8 @@ def variant_key(cfg: RunConfig) -> str:
 
 def run_id(cfg: RunConfig) -> str:
     """A stable id: recipe, variant, seed and the config hash. The same config always maps to the same folder."""
-    label = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in cfg.variant).strip("-")
+    variant = cfg.name or variant_label(cfg.noble, in_run_id=True)
+    label = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in variant).strip("-")
     while "--" in label:
         label = label.replace("--", "-")
     return f"{cfg.recipe}-{label}-s{cfg.seed}-{config_hash(cfg)}"

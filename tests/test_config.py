@@ -205,7 +205,9 @@ def test_labels_name_every_branch_setting_away_from_its_default():
     assert label("noble.up_init_scale=0.1", "noble.up_lr_power=0.2", "noble.mix_lr_power=0", "noble.freq_lr_mult=1",
                  "noble.phase_lr_mult=1") == "cosnet r8 up-init 0.1 up-lr^0.2 mix-lr^0 freq-lr x1 phase-lr x1"
     own = C.resolve("llm-tiny", {"noble.branch": "cosnet"}, ["noble.main_init_scale=null"])
-    assert C.run_id(own).startswith("llm-tiny-cosnet-r8-own-init-s0-")
+    # run ids keep the label they always had (existing folders keep their names); the config hash tells them apart
+    assert C.run_id(own).startswith("llm-tiny-cosnet-r8-s0-") and C.run_id(own) != C.run_id(C.resolve(
+        "llm-tiny", {"noble.branch": "cosnet"}))
     dense = C.resolve("llm-tiny", {"noble.dense_match": True, "noble.targets": "mlp"})
     assert dense.variant == "dense-matched(cosnet r8 mlp)"
     assert C.resolve("llm-tiny", {"noble.dense_match": True}).variant == "dense-matched(cosnet r8)"
