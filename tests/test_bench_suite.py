@@ -49,7 +49,7 @@ def test_dry_run_of_the_whole_suite(tmp_path):
     out, lines = _suite(tmp_path, "--budget", "900", "--workers", "0")
     phases = [r["phase"] for r in lines]
     # every phase, in the order of value, each once in one block
-    order = ["env", "plan", "correctness", "micro", "layer", "step", "tests", "memory", "end"]
+    order = ["env", "plan", "correctness", "micro", "layer", "step", "memory", "tests", "end"]
     assert [p for i, p in enumerate(phases) if i == 0 or phases[i - 1] != p] == order
     env = lines[0]
     assert env["device"] == "cpu" and env["tiny"] and "torch" in env["versions"] and env["budget_s"] == 900
@@ -142,3 +142,21 @@ def test_the_pool_runs_items_in_a_worker_and_cuts_what_is_left(tmp_path):
         left = pool.close("the test ended")
     assert [r["item"] for r in left] == [rest[0]["item"]]
     assert left[0]["status"] in ("ok", "cut", "skipped")  # finished while closing, cut, or never started
+
+
+def test_a_dead_worker_turns_its_item_into_an_error_and_stops_the_rest():
+    """A kernel that crashes its process: that item is an error naming the worker, and the items left are not run
+    in the suite's own process (they would crash it too)."""
+    import types
+
+    pool = K.Pool(0, "cpu")
+    items = [{"id": i, "item": f"item {i}", "group": "g", "predicted_s": 1.0} for i in range(3)]
+    pool.submit(items)
+    pool.procs = [types.SimpleNamespace(pid=101, exitcode=-11, is_alive=lambda: False)]
+    pool.started, pool.ran_any = {0: 101}, True
+    crashed = list(pool._crashed())
+    assert [r["item"] for r in crashed] == ["item 0"] and "101 died (exit code -11)" in crashed[0]["error"]
+    assert list(pool.results(float("inf"))) == []
+    left = pool.close("the end")
+    assert [(r["item"], r["status"]) for r in left] == [("item 1", "skipped"), ("item 2", "skipped")]
+    assert "every worker process died" in left[0]["reason"]

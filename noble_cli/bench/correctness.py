@@ -287,13 +287,17 @@ def _worker(tasks, results, device: str) -> None:
 
 class Pool:
     """`workers` spawned processes taking items in order; results come back as they finish. workers=0 runs the
-    items in this process instead, one at a time, when `results()` asks for them."""
+    items in this process instead, one at a time, when `results()` asks for them. A worker that dies (a kernel
+    that crashed the process) turns its item into an error record; when none is left, the rest run here."""
 
     def __init__(self, workers: int, device: str):
         self.workers, self.device = workers, device
-        self.pending: dict[int, dict] = {}
-        self.started: dict[int, float] = {}
+        self.pending: dict[int, dict] = {}  # submitted, no record yet
+        self.started: dict[int, int] = {}  # item id -> pid of the worker running it
         self._local: list[dict] = []
+        self.procs = []
+        self.ran_any = False  # a worker has started an item
+        self.dead: str | None = None  # why the items left will not run
         if workers:
             ctx = mp.get_context("spawn")
             self.tasks, self.queue = ctx.Queue(), ctx.Queue()
@@ -305,17 +309,39 @@ class Pool:
     def submit(self, items: list[dict]) -> None:
         for it in items:
             self.pending[it["id"]] = it
-            if self.workers:
+            if self.procs:
                 self.tasks.put(it)
             else:
                 self._local.append(it)
+
+    def _crashed(self) -> Iterator[dict]:
+        """Records for the items whose worker died under them; when every worker is gone, the items none took
+        move to this process."""
+        dead = {p.pid: p.exitcode for p in self.procs if not p.is_alive()}
+        for item_id, pid in list(self.started.items()):
+            if pid in dead and item_id in self.pending:
+                it = self.pending.pop(item_id)
+                del self.started[item_id]
+                yield {"phase": "correctness", "item": it["item"], "group": it["group"],
+                       "predicted_s": it["predicted_s"], "status": "error",
+                       "error": f"worker process {pid} died (exit code {dead[pid]}) while running this item"}
+        if self.procs and len(dead) == len(self.procs):
+            self.procs = []
+            if self.ran_any:
+                # they died running items (kernels that crash a process): running the rest here would take the
+                # suite down with them
+                self.dead = f"every worker process died (exit codes {sorted(set(dead.values()))})"
+            else:  # they never got going (an import failure, say): the items run here instead
+                self._local = [it for _, it in sorted(self.pending.items())]
 
     def results(self, deadline: float, ids: set[int] | None = None) -> Iterator[dict]:
         """Records of finished items (those in `ids`, or all) until they are all done or `deadline` (monotonic)
         passes; records of other items that finish meanwhile come too."""
         ids = set(self.pending) if ids is None else set(ids)
         while ids & set(self.pending):
-            if not self.workers:
+            if self.dead:
+                return
+            if not self.procs:
                 nxt = next((it for it in self._local if it["id"] in ids), None)
                 if nxt is None or time.monotonic() + nxt["predicted_s"] > deadline:
                     return
@@ -327,13 +353,13 @@ class Pool:
             if timeout <= 0:
                 return
             try:
-                kind, item_id, payload = self.queue.get(timeout=min(timeout, 5.0))
+                kind, item_id, payload = self.queue.get(timeout=min(timeout, 2.0))
             except queue.Empty:
-                if not any(p.is_alive() for p in self.procs):
-                    return
+                yield from self._crashed()
                 continue
             if kind == "start":
-                self.started[item_id] = time.monotonic()
+                self.started[item_id] = payload
+                self.ran_any = True
             elif item_id in self.pending:
                 del self.pending[item_id]
                 self.started.pop(item_id, None)
@@ -343,10 +369,10 @@ class Pool:
         """Stops the workers (those still busy are terminated) and returns a record for every item that did not
         finish: cut while running, or never started."""
         left = []
-        if self.workers:
+        if self.procs:
             for _ in self.procs:
                 self.tasks.put(None)
-            # drain what finished meanwhile, then give busy workers a moment to exit before terminating them
+            # collect what finishes meanwhile, then give busy workers a moment to exit before terminating them
             deadline = time.monotonic() + 2.0
             while time.monotonic() < deadline and any(p.is_alive() for p in self.procs):
                 try:
@@ -355,9 +381,10 @@ class Pool:
                     continue
                 if kind == "done" and item_id in self.pending:
                     del self.pending[item_id]
+                    self.started.pop(item_id, None)
                     left.append(payload)
                 elif kind == "start":
-                    self.started[item_id] = time.monotonic()
+                    self.started[item_id] = payload
             for p in self.procs:
                 if p.is_alive():
                     p.terminate()
@@ -366,6 +393,6 @@ class Pool:
             running = item_id in self.started
             left.append({"phase": "correctness", "item": it["item"], "group": it["group"],
                          "predicted_s": it["predicted_s"], "status": "cut" if running else "skipped",
-                         "reason": (f"still running when {reason}" if running else reason)})
+                         "reason": (f"still running when {reason}" if running else self.dead or reason)})
         self.pending.clear()
         return left
