@@ -4,6 +4,10 @@
     y = cosnet_linear(x, weight, bias, down_weight, down_bias, freq1, phase1, mix_weight, mix_bias,
                       freq2, phase2, up_weight)
 
+Design switches: `KernelOptions`, `options(**overrides)` (a context manager), `current_options()`.
+Launch configs: `autotune_space()`, `forced_config(kernel_name, index)`. Correctness checks against float64:
+`noble_kernels.testing`.
+
 Importing this package needs only torch; triton is imported at the first kernel launch. Kernels run on CUDA, or on
 CPU tensors when TRITON_INTERPRET=1 was set before that first launch (Triton decides interpreter-or-compiler when
 a kernel is decorated, i.e. when `noble_kernels.cosnet` / `noble_kernels.fused_linear` are first imported).
@@ -16,10 +20,14 @@ import sys
 
 import torch
 
+from . import testing
 from ._common import interpret_mode, poisoned, triton_importable
 from .op import GEMM_BACKENDS, cosnet_linear
+from .options import KernelOptions, current_options, options
+from .tuning import autotune_space, forced_config
 
-__all__ = ["available", "cosnet_linear", "poisoned", "GEMM_BACKENDS"]
+__all__ = ["available", "cosnet_linear", "poisoned", "GEMM_BACKENDS", "KernelOptions", "current_options", "options",
+           "autotune_space", "forced_config", "testing"]
 
 
 def available(device: "torch.device | str | None" = None) -> bool:

@@ -99,6 +99,6 @@ def autotune_enabled() -> bool:
     return os.environ.get("NOBLE_KERNELS_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-# Block sizes. On CUDA every kernel is autotuned (fused_linear.py, cosnet.py). Under the interpreter each launch
-# runs in numpy, so tiles are small: tests then cover several tiles and ragged tails with tiny shapes.
+# Block sizes. On CUDA every kernel is autotuned (tuning.py). Under the interpreter each launch runs in numpy, so
+# tiles are small: tests then cover several tiles and ragged tails with tiny shapes.
 INTERPRET_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}

@@ -7,7 +7,8 @@ Triton's interpreter (what the CPU tests use) runs the kernels in numpy and does
 at the given shape would specialise it (pointers 16-byte aligned, integers equal to 1 as constants, integers
 divisible by 16 marked so) and compiles it to PTX/cubin for the target with the ptxas bundled with Triton, then
 prints registers, spills, shared memory and whether the main loops use wgmma and are software-pipelined.
-Written against Triton 3.8's `ASTSource(fn, signature, constexprs, attrs)`.
+Written against Triton 3.8's `ASTSource(fn, signature, constexprs, attrs)`. `--kernels` takes names from
+`noble_kernels.autotune_space()`.
 """
 
 from __future__ import annotations
@@ -98,8 +99,8 @@ def _m(shape, dtype, strides=None):
 
 
 def main(argv=None) -> list[dict]:
-    from . import cosnet, fused_linear
-    from ._common import rank_block
+    from . import cosnet, fused_linear, partials, tuning
+    from ._common import next_pow2, rank_block
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, default=90)
@@ -109,6 +110,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--out", type=int, default=4096, help="output width")
     p.add_argument("--r", type=int, default=64)
     p.add_argument("--quick", action="store_true", help="only the first autotune config of each kernel")
+    p.add_argument("--kernels", default=",".join(tuning.KERNELS), help="comma-separated kernel names")
     a = p.parse_args(argv)
     dt = torch.bfloat16 if a.dtype == "bf16" else torch.float32
     f32 = torch.float32
@@ -116,13 +118,18 @@ def main(argv=None) -> list[dict]:
     prec = "ieee" if dt != f32 else "tf32"
     chain = "tf32"
     br = rank_block(R)
-    fwds = cosnet._FWD_CONFIGS[:1] if a.quick else cosnet._FWD_CONFIGS
-    bwds = cosnet._BWD_CONFIGS[:1] if a.quick else cosnet._BWD_CONFIGS
     esize = 2 if dt != f32 else 4
-    gemms = fused_linear._gemm_configs("dual", esize)[: 1 if a.quick else None]
-    wgrads = fused_linear._gemm_configs("wgrad", esize)[: 1 if a.quick else None]
+    wanted = set(a.kernels.split(","))
     vec = _m((R,), f32)
     out = []
+
+    def each(name, fn, vals, constexprs):
+        if name not in wanted:
+            return
+        for cfg in tuning.autotune_space(esize)[name][: 1 if a.quick else None]:
+            tiles = {k: v for k, v in cfg.items() if k.startswith("BLOCK") or k == "GROUP_M"}
+            info = _compile(fn, vals, {**constexprs, **tiles}, a.arch, cfg["num_warps"], cfg["num_stages"])
+            out.append({"name": name, **info})
 
     x, wd, mw = _m((T, K), dt), _m((R, K), dt), _m((R, R), f32)
     h, c = _m((T, R), f32), _m((T, R), dt)
@@ -133,49 +140,57 @@ def main(argv=None) -> list[dict]:
     vals = dict(x_ptr=x, wd_ptr=wd, bd_ptr=vec, f1_ptr=vec, p1_ptr=vec, mw_ptr=mw, mb_ptr=vec, f2_ptr=vec,
                 p2_ptr=vec, h_ptr=h, c_ptr=c, M=T, K=K, R=R, stride_xm=K, stride_xk=1, stride_wr=K, stride_wk=1,
                 stride_mo=R, stride_mi=1, stride_hm=R, stride_cm=R)
-    for bm, bk, nw, ns in fwds:
-        out.append(_compile(cosnet._down_cosnet_fwd_kernel, vals,
-                            dict(HAS_BD=True, HAS_MB=True, BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br, PRECISION=prec,
-                                 CHAIN_PRECISION=chain, DOT_F32=False), a.arch, nw, ns))
+    each("down_cosnet_fwd", cosnet._down_cosnet_fwd_kernel, vals,
+         dict(HAS_BD=True, HAS_MB=True, BLOCK_R=br, PRECISION=prec, CHAIN_PRECISION=chain, DOT_F32=False))
 
-    print(f"# forward GEMM: [x, c] @ [W, W_up]^T + b -> ({T}x{N})")
-    vals = dict(a1_ptr=x, b1_ptr=w, a2_ptr=c, b2_ptr=wu, bias_ptr=_m((N,), f32), out_ptr=_m((T, N), dt),
-                M=T, N=N, K1=K, K2=R, stride_a1m=K, stride_a1k=1, stride_b1k=1, stride_b1n=K, stride_a2m=R,
-                stride_a2k=1, stride_b2k=1, stride_b2n=R, stride_om=N, stride_on=1)
-    for cfg in gemms:
-        out.append(_compile(fused_linear._dual_gemm_kernel, vals,
-                            dict(HAS_BIAS=True, EVEN_K1=True, PRECISION=prec, DOT_F32=False, **cfg.kwargs), a.arch,
-                            cfg.num_warps, cfg.num_stages))
+    for one_loop in (False, True):
+        name = "dual_gemm_one_loop" if one_loop else "dual_gemm"
+        print(f"# forward GEMM ({name}): [x, c] @ [W, W_up]^T + b -> ({T}x{N})")
+        vals = dict(a1_ptr=x, b1_ptr=w, a2_ptr=c, b2_ptr=wu, bias_ptr=_m((N,), f32), out_ptr=_m((T, N), dt),
+                    M=T, N=N, K1=K, K2=R, stride_a1m=K, stride_a1k=1, stride_b1k=1, stride_b1n=K, stride_a2m=R,
+                    stride_a2k=1, stride_b2k=1, stride_b2n=R, stride_om=N, stride_on=1)
+        gemm = dict(EVEN_K1=True, EVEN_K2=True, ONE_LOOP=one_loop, PRECISION=prec, DOT_F32=False)
+        each(name, fused_linear._dual_gemm_kernel, vals, dict(HAS_BIAS=True, **gemm))
+        print(f"# backward GEMM ({name}): dX = [g, dh] @ [W; W_down] -> ({T}x{K})")
+        dx = _m((T, K), dt)
+        vals = dict(a1_ptr=g, b1_ptr=w, a2_ptr=dh, b2_ptr=wd, bias_ptr=dx, out_ptr=dx, M=T, N=K, K1=N, K2=R,
+                    stride_a1m=N, stride_a1k=1, stride_b1k=K, stride_b1n=1, stride_a2m=R, stride_a2k=1,
+                    stride_b2k=K, stride_b2n=1, stride_om=K, stride_on=1)
+        each(name, fused_linear._dual_gemm_kernel, vals, dict(HAS_BIAS=False, **gemm))
 
     print(f"# backward r-wide: dh from g ({T}x{N})")
+    P, rows = T // tuning.BWD_BLOCK_M, len(partials.VEC_ROWS)
     vals = dict(g_ptr=g, wu_ptr=wu, h_ptr=h, f1_ptr=vec, p1_ptr=vec, mw_ptr=mw, mb_ptr=vec, f2_ptr=vec, p2_ptr=vec,
-                dh_ptr=dh, vec_part_ptr=_m((T // 64, 5, br), f32), mat_part_ptr=_m((T // 64, br, br), f32),
+                dh_ptr=dh, vec_part_ptr=_m((P, rows, br), f32), mat_part_ptr=_m((P, br, br), f32),
                 M=T, N=N, R=R, stride_gm=N, stride_gn=1, stride_wun=R, stride_wur=1, stride_mo=R, stride_mi=1,
                 stride_hm=R, stride_dhm=R)
-    for bn, nw, ns in bwds:
-        out.append(_compile(cosnet._cosnet_bwd_kernel, vals,
-                            dict(HAS_MB=True, BLOCK_M=cosnet._BWD_BLOCK_M, BLOCK_N=bn, BLOCK_R=br, PRECISION=prec,
-                                 CHAIN_PRECISION=chain, DOT_F32=False), a.arch, nw, ns))
+    each("cosnet_bwd", cosnet._cosnet_bwd_kernel, vals,
+         dict(HAS_MB=True, VEC_ROWS=rows, BLOCK_R=br, PRECISION=prec, CHAIN_PRECISION=chain, DOT_F32=False))
 
-    print(f"# backward GEMM: dX = [g, dh] @ [W; W_down] -> ({T}x{K})")
-    dx = _m((T, K), dt)
-    vals = dict(a1_ptr=g, b1_ptr=w, a2_ptr=dh, b2_ptr=wd, bias_ptr=dx, out_ptr=dx, M=T, N=K, K1=N, K2=R,
-                stride_a1m=N, stride_a1k=1, stride_b1k=K, stride_b1n=1, stride_a2m=R, stride_a2k=1,
-                stride_b2k=K, stride_b2n=1, stride_om=K, stride_on=1)
-    for cfg in gemms:
-        out.append(_compile(fused_linear._dual_gemm_kernel, vals,
-                            dict(HAS_BIAS=False, EVEN_K1=True, PRECISION=prec, DOT_F32=False, **cfg.kwargs), a.arch,
-                            cfg.num_warps, cfg.num_stages))
+    splits = fused_linear.split_count(T, N, K)
+    for name, s in (("weight_grad", 1), ("weight_grad_splitk", max(2, splits))):
+        chunk = T // s
+        for has_bias in (False, True):
+            print(f"# backward weight gradients ({name}, {s} split(s), bias={has_bias}): [g, dh]^T [x, c]")
+            outs = [_m((N, K), dt if s == 1 else f32), _m((N, R), dt if s == 1 else f32),
+                    _m((R, K), dt if s == 1 else f32)]
+            vals = dict(g_ptr=g, dh_ptr=dh, x_ptr=x, c_ptr=c, dw_ptr=outs[0], dwu_ptr=outs[1], dwd_ptr=outs[2],
+                        db_ptr=_m((N,), f32), T=T, N=N, K=K, R=R, T_SPLIT=chunk, stride_gt=N, stride_gn=1,
+                        stride_dht=R, stride_dhr=1, stride_xt=K, stride_xk=1, stride_ct=R, stride_cr=1,
+                        stride_dwn=K, stride_dwk=1, stride_dwun=R, stride_dwur=1, stride_dwdr=K, stride_dwdk=1,
+                        split_dw=0 if s == 1 else N * K, split_dwu=0 if s == 1 else N * R,
+                        split_dwd=0 if s == 1 else R * K, split_db=0 if s == 1 else N)
+            each(name, fused_linear._weight_grad_kernel, vals,
+                 dict(HAS_BIAS=has_bias, EVEN_T=True, BLOCK_R=br, PRECISION=prec, DOT_F32=False))
 
-    print("# backward weight gradients: [g, dh]^T [x, c]")
-    vals = dict(g_ptr=g, dh_ptr=dh, x_ptr=x, c_ptr=c, dw_ptr=w, dwu_ptr=wu, dwd_ptr=wd, db_ptr=_m((N,), f32),
-                dbd_ptr=vec, T=T, N=N, K=K, R=R, stride_gt=N, stride_gn=1, stride_dht=R, stride_dhr=1,
-                stride_xt=K, stride_xk=1, stride_ct=R, stride_cr=1, stride_dwn=K, stride_dwk=1, stride_dwun=R,
-                stride_dwur=1, stride_dwdr=K, stride_dwdk=1)
-    for cfg in wgrads:
-        out.append(_compile(fused_linear._weight_grad_kernel, vals,
-                            dict(EVEN_T=True, BLOCK_R=br, PRECISION=prec, DOT_F32=False, **cfg.kwargs), a.arch,
-                            cfg.num_warps, cfg.num_stages))
+    s = max(2, splits)
+    print(f"# finalize: CosNet rows ({P}) and {s} split-K partials")
+    vals = dict(vec_ptr=_m((P, rows, br), f32), mat_ptr=_m((P, br, br), f32), o_f1=vec, o_p1=vec, o_mb=vec,
+                o_f2=vec, o_p2=vec, o_bd=vec, o_mix=mw, ws_dw=_m((s, N, K), f32), ws_dwu=_m((s, N, R), f32),
+                ws_dwd=_m((s, R, K), f32), ws_db=_m((s, N), f32), o_dw=w, o_dwu=wu, o_dwd=wd, o_db=_m((N,), f32),
+                P=P, S=s, N=N, K=K, R=R, BR=br)
+    each("finalize", partials._finalize_kernel, vals,
+         dict(HAS_SPLIT=True, HAS_BIAS=True, BLOCK_S=next_pow2(s)))
     return out
 
 

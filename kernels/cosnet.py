@@ -18,11 +18,12 @@ Backward, one kernel (`_cosnet_bwd_kernel`), per block of tokens:
     dc1 = dz M
     da1 = -dc1 sin(a1);  dfreq1 += sum(da1 h), dphase1 += sum(da1)
     dh  = da1 freq1                           (written: the dX and dW_down GEMMs read it)
+    db_down = sum(dh) = freq1 * dphase1       (no extra sum; from fp32 da1, not from dh rounded to bf16)
 
-Each program (one block of tokens) writes its partial parameter-gradient sums as one row (5 vectors and an r x r
-matrix); the host sums the rows (tokens/64 of them: 4 MB at 16k tokens, r=64). Deterministic, no atomics. A
-persistent grid that kept the sums in registers across blocks would write less, but holding them live across the
-g loop made the kernel spill (see aot_check).
+Each program (one block of tokens) writes its partial parameter-gradient sums as one row (6 vectors and an r x r
+matrix); `partials.finish` sums the rows (tokens/64 of them: 4 MB at 16k tokens, r=64). Deterministic, no atomics.
+A persistent grid that kept the sums in registers across blocks would write less, but holding them live across
+the g loop made the kernel spill (see aot_check).
 
 Padding: the bottleneck is padded to BLOCK_R = max(16, next_pow2(r)) lanes. Padded lanes of W_down, W_up, M and
 the vectors load as 0, so padded lanes of h, dc, dz, dc1 are exactly 0 and contribute nothing; padded c1 lanes are
@@ -35,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _common
+from . import _common, partials, tuning
 
 
 @triton.jit
@@ -93,7 +94,7 @@ def _cosnet_bwd_kernel(
     g_ptr, wu_ptr, h_ptr, f1_ptr, p1_ptr, mw_ptr, mb_ptr, f2_ptr, p2_ptr, dh_ptr, vec_part_ptr, mat_part_ptr,
     M, N, R,
     stride_gm, stride_gn, stride_wun, stride_wur, stride_mo, stride_mi, stride_hm, stride_dhm,
-    HAS_MB: tl.constexpr,
+    HAS_MB: tl.constexpr, VEC_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
     CHAIN_PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
 ):
@@ -150,40 +151,16 @@ def _cosnet_bwd_kernel(
              mask=mask_m[:, None] & mask_r[None, :])
 
     # One partial row per token block (all BLOCK_R lanes, padded ones included, so the buffer is fully written).
-    vec = vec_part_ptr + pid * 5 * BLOCK_R + offs_r
+    # Rows: freq1, phase1, mix_bias, freq2, phase2, down_bias (see partials.VEC_ROWS).
+    vec = vec_part_ptr + pid * VEC_ROWS * BLOCK_R + offs_r
+    s_p1 = tl.sum(da1, axis=0)
     tl.store(vec + 0 * BLOCK_R, tl.sum(da1 * h, axis=0))
-    tl.store(vec + 1 * BLOCK_R, tl.sum(da1, axis=0))
+    tl.store(vec + 1 * BLOCK_R, s_p1)
     tl.store(vec + 2 * BLOCK_R, tl.sum(dz, axis=0))
     tl.store(vec + 3 * BLOCK_R, s_f2)
     tl.store(vec + 4 * BLOCK_R, s_p2)
+    tl.store(vec + 5 * BLOCK_R, s_p1 * f1)
     tl.store(mat_part_ptr + pid * BLOCK_R * BLOCK_R + offs_r[:, None] * BLOCK_R + offs_r[None, :], d_m)
-
-
-# Launch configuration. CUDA: autotuned over a few tiles (BLOCK_M trades the L2 re-reads of the small weight --
-# each token block reads all of W_down / W_up -- against registers for the chain); NOBLE_KERNELS_AUTOTUNE=0 takes
-# the first config. The backward keeps BLOCK_M fixed so that the number of partial rows does not depend on the
-# config the autotuner picks. Interpreter: the small fixed blocks of _common.INTERPRET_BLOCKS.
-
-_FWD_CONFIGS = [(64, 64, 4, 3), (64, 64, 8, 3), (32, 64, 4, 3), (128, 64, 8, 3)]  # BLOCK_M, BLOCK_K, warps, stages
-_BWD_BLOCK_M = 64
-_BWD_CONFIGS = [(64, 8, 3), (64, 4, 3), (128, 8, 3), (32, 4, 4)]  # BLOCK_N, warps, stages
-_TUNED: dict = {}
-
-
-def _tuned(name: str):
-    if name not in _TUNED:
-        if name == "fwd":
-            kernel, key = _down_cosnet_fwd_kernel, ["M", "K", "R"]
-            configs = [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-                       for bm, bk, w, s in _FWD_CONFIGS]
-        else:
-            kernel, key = _cosnet_bwd_kernel, ["M", "N", "R"]
-            configs = [triton.Config({"BLOCK_M": _BWD_BLOCK_M, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-                       for bn, w, s in _BWD_CONFIGS]
-        if not _common.autotune_enabled():
-            configs = configs[:1]
-        _TUNED[name] = triton.autotune(configs=configs, key=key)(kernel)
-    return _TUNED[name]
 
 
 def down_cosnet_forward(x2, down_weight, down_bias, freq1, phase1, mix_weight, mix_bias, freq2, phase2):
@@ -199,31 +176,31 @@ def down_cosnet_forward(x2, down_weight, down_bias, freq1, phase1, mix_weight, m
         x2.stride(0), x2.stride(1), down_weight.stride(0), down_weight.stride(1),
         mix_weight.stride(0), mix_weight.stride(1), h.stride(0), c.stride(0),
     )
-    kw = dict(HAS_BD=down_bias is not None, HAS_MB=mix_bias is not None, BLOCK_R=_common.rank_block(r),
-              PRECISION=_common.dot_precision(x2.dtype, x2.device),
-              CHAIN_PRECISION=_common.chain_precision(x2.dtype, x2.device), DOT_F32=_common.dot_f32(x2))
+    kwargs = dict(HAS_BD=down_bias is not None, HAS_MB=mix_bias is not None, BLOCK_R=_common.rank_block(r),
+                  PRECISION=_common.dot_precision(x2.dtype, x2.device),
+                  CHAIN_PRECISION=_common.chain_precision(x2.dtype, x2.device), DOT_F32=_common.dot_f32(x2))
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]),)
 
-    if x2.device.type == "cuda":
-        _tuned("fwd")[grid](*args, **kw)
-    else:
-        meta = {"BLOCK_M": _common.INTERPRET_BLOCKS["BLOCK_M"], "BLOCK_K": _common.INTERPRET_BLOCKS["BLOCK_K"]}
-        _down_cosnet_fwd_kernel[grid(meta)](*args, **kw, **meta)
+    meta = tuning.plan("down_cosnet_fwd", x2.element_size(), x2.device)
+    tuning.launch("down_cosnet_fwd", _down_cosnet_fwd_kernel, ["M", "K", "R"], grid, meta, x2.element_size(), args,
+                  kwargs)
     return h, c
 
 
 def cosnet_backward(g2, up_weight, h, freq1, phase1, mix_weight, mix_bias, freq2, phase2):
-    """g2: (tokens, out) output gradient. Returns dh (tokens, r) in g2's dtype and the fp32 gradients of
-    (freq1, phase1, mix_bias, freq2, phase2) as a (5, r) tensor and of the mix matrix as (r, r)."""
+    """g2: (tokens, out) output gradient. Returns dh (tokens, r) in g2's dtype and the fp32 per-block partial sums
+    of the vector gradients, (blocks, 6, BLOCK_R) in `partials.VEC_ROWS` order, and of the mix matrix's,
+    (blocks, BLOCK_R, BLOCK_R); padded lanes hold zeros."""
     m, n = g2.shape
     r = up_weight.shape[1]
     br = _common.rank_block(r)
-    cuda = g2.device.type == "cuda"
-    progs = triton.cdiv(m, _BWD_BLOCK_M if cuda else _common.INTERPRET_BLOCKS["BLOCK_M"])
+    meta = tuning.plan("cosnet_bwd", g2.element_size(), g2.device)
+    # every CUDA config has BLOCK_M = BWD_BLOCK_M: the number of partial rows is known before the autotuner picks
+    progs = triton.cdiv(m, meta["BLOCK_M"] if meta is not None else tuning.BWD_BLOCK_M)
     dh = _common.empty((m, r), g2.dtype, g2.device)
-    vec_part = _common.empty((progs, 5, br), torch.float32, g2.device)
+    vec_part = _common.empty((progs, len(partials.VEC_ROWS), br), torch.float32, g2.device)
     mat_part = _common.empty((progs, br, br), torch.float32, g2.device)
     args = (
         g2, up_weight, h, freq1, phase1, mix_weight, mix_bias if mix_bias is not None else h, freq2, phase2,
@@ -232,11 +209,9 @@ def cosnet_backward(g2, up_weight, h, freq1, phase1, mix_weight, mix_bias, freq2
         g2.stride(0), g2.stride(1), up_weight.stride(0), up_weight.stride(1),
         mix_weight.stride(0), mix_weight.stride(1), h.stride(0), dh.stride(0),
     )
-    kw = dict(HAS_MB=mix_bias is not None, BLOCK_R=br, PRECISION=_common.dot_precision(g2.dtype, g2.device),
-              CHAIN_PRECISION=_common.chain_precision(g2.dtype, g2.device), DOT_F32=_common.dot_f32(g2))
-    if cuda:
-        _tuned("bwd")[(progs,)](*args, **kw)
-    else:
-        meta = {"BLOCK_M": _common.INTERPRET_BLOCKS["BLOCK_M"], "BLOCK_N": _common.INTERPRET_BLOCKS["BLOCK_K"]}
-        _cosnet_bwd_kernel[(progs,)](*args, **kw, **meta)
-    return dh, vec_part.sum(0)[:, :r], mat_part.sum(0)[:r, :r]
+    kwargs = dict(HAS_MB=mix_bias is not None, VEC_ROWS=len(partials.VEC_ROWS), BLOCK_R=br,
+                  PRECISION=_common.dot_precision(g2.dtype, g2.device),
+                  CHAIN_PRECISION=_common.chain_precision(g2.dtype, g2.device), DOT_F32=_common.dot_f32(g2))
+    tuning.launch("cosnet_bwd", _cosnet_bwd_kernel, ["M", "N", "R"], lambda meta: (progs,), meta,
+                  g2.element_size(), args, kwargs)
+    return dh, vec_part, mat_part

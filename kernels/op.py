@@ -15,19 +15,24 @@ autograd ops, so fp32 master weights receive fp32 gradients), while the per-chan
 phases) and the r x r mix matrix stay in their own dtype and are used in fp32 inside the kernels. Without autocast,
 the compute dtype is x's dtype.
 
+Design switches (`options.KernelOptions`: gemm, dw, dual_gemm, partials) are read when `cosnet_linear` is called
+and passed to both ops as string arguments: the backward uses the options of its forward, and torch.compile
+treats them as constants of the graph (a change recompiles instead of running a stale variant).
 `gemm="torch"` (or NOBLE_KERNELS_GEMM=torch) keeps the fused r-wide kernels but does the full-width GEMMs with
 cuBLAS (addmm into y / dX, separate weight-gradient GEMMs): a comparison point for `noble bench`.
 """
 
 from __future__ import annotations
 
-import os
+import dataclasses
 from typing import Optional
 
 import torch
 
+from .options import KernelOptions, current_options
+
 _NS = "noble_kernels"
-GEMM_BACKENDS = ("triton", "torch")
+GEMM_BACKENDS = KernelOptions.choices()["gemm"]
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -49,10 +54,12 @@ def _fwd(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     down_weight: torch.Tensor, down_bias: Optional[torch.Tensor],
     freq1: torch.Tensor, phase1: torch.Tensor, mix_weight: torch.Tensor, mix_bias: Optional[torch.Tensor],
-    freq2: torch.Tensor, phase2: torch.Tensor, up_weight: torch.Tensor, gemm: str,
+    freq2: torch.Tensor, phase2: torch.Tensor, up_weight: torch.Tensor,
+    gemm: str, dw: str, dual_gemm: str, partials: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from . import cosnet, fused_linear  # triton is imported here, at first use
 
+    # dw and partials are the backward's: taken here so that it uses the options of its forward
     m, n, r = x.shape[0], weight.shape[0], up_weight.shape[1]
     if m == 0:
         return (x.new_zeros((0, n)), x.new_zeros((0, r), dtype=torch.float32), x.new_zeros((0, r)))
@@ -63,13 +70,13 @@ def _fwd(
             y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias.to(x.dtype), x, weight.t())
             y.addmm_(c, up_weight.t())
         else:
-            y = fused_linear.dual_gemm(x, weight.t(), c, up_weight.t(), bias, x.dtype)
+            y = fused_linear.dual_gemm(x, weight.t(), c, up_weight.t(), bias, x.dtype, dual_gemm == "one_loop")
     return y, h, c
 
 
 @_fwd.register_fake
 def _fwd_fake(x, weight, bias, down_weight, down_bias, freq1, phase1, mix_weight, mix_bias, freq2, phase2,
-              up_weight, gemm):
+              up_weight, gemm, dw, dual_gemm, partials):
     m, n, r = x.shape[0], weight.shape[0], up_weight.shape[1]
     return x.new_empty((m, n)), x.new_empty((m, r), dtype=torch.float32), x.new_empty((m, r))
 
@@ -81,42 +88,53 @@ def _fwd_fake(x, weight, bias, down_weight, down_bias, freq1, phase1, mix_weight
 def _bwd(
     g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, down_weight: torch.Tensor,
     freq1: torch.Tensor, phase1: torch.Tensor, mix_weight: torch.Tensor, mix_bias: Optional[torch.Tensor],
-    freq2: torch.Tensor, phase2: torch.Tensor, up_weight: torch.Tensor, h: torch.Tensor, c: torch.Tensor, gemm: str,
+    freq2: torch.Tensor, phase2: torch.Tensor, up_weight: torch.Tensor, h: torch.Tensor, c: torch.Tensor,
+    has_bias: bool, gemm: str, dw: str, dual_gemm: str, partials: str,
 ) -> list[torch.Tensor]:
     from . import cosnet, fused_linear
+    from . import partials as partial_sums
 
     m, k = x.shape
     n, r = weight.shape[0], up_weight.shape[1]
     if m == 0:
-        f32 = torch.float32
-        # new_zeros(shape), not zeros_like: gradients are contiguous whatever the weights' strides
-        return [x.new_zeros((0, k)), weight.new_zeros(weight.shape), x.new_zeros((n,), dtype=f32),
-                down_weight.new_zeros(down_weight.shape), x.new_zeros((r,), dtype=f32),
-                *[x.new_zeros((r,), dtype=f32) for _ in range(2)], x.new_zeros((r, r), dtype=f32),
-                *[x.new_zeros((r,), dtype=f32) for _ in range(3)], up_weight.new_zeros(up_weight.shape)]
+        return _no_token_grads(x, weight, down_weight, up_weight)
+    w_dtypes = (weight.dtype, up_weight.dtype, down_weight.dtype)
     with _no_autocast(x.device), _device_guard(x):
         g = g.to(x.dtype)
-        dh, vec, dmix = cosnet.cosnet_backward(g, up_weight, h, freq1, phase1, mix_weight, mix_bias, freq2, phase2)
+        dh, vec_part, mat_part = cosnet.cosnet_backward(g, up_weight, h, freq1, phase1, mix_weight, mix_bias,
+                                                        freq2, phase2)
         if gemm == "torch":
             dx = torch.mm(g, weight)
             dx.addmm_(dh, down_weight)
-            dw = torch.mm(g.t(), x)
-            dwu = torch.mm(g.t(), c)
-            dwd = torch.mm(dh.t(), x)
-            db = g.sum(0, dtype=torch.float32)
-            dbd = dh.sum(0, dtype=torch.float32)
         else:
-            dx = fused_linear.dual_gemm(g, weight, dh, down_weight, None, x.dtype)
-            dw, dwu, dwd, db, dbd = fused_linear.weight_grads(g, dh, x, c, weight.dtype, up_weight.dtype,
-                                                              down_weight.dtype)
-    # vec rows: freq1, phase1, mix_bias, freq2, phase2
-    # Outputs of a custom op may not alias each other: the five vectors are split off one (5, r) sum by cloning.
-    f1, p1, mb, f2, p2 = (v.clone() for v in vec.unbind(0))
-    return [dx, dw, db, dwd, dbd, f1, p1, dmix.contiguous(), mb, f2, p2, dwu]
+            dx = fused_linear.dual_gemm(g, weight, dh, down_weight, None, x.dtype, dual_gemm == "one_loop")
+        if gemm == "torch" or dw == "cublas":
+            splits, wgrads = 1, (torch.mm(g.t(), x), torch.mm(g.t(), c), torch.mm(dh.t(), x),
+                                 g.sum(0, dtype=torch.float32) if has_bias else None)
+        else:
+            splits, wgrads = fused_linear.weight_grads(g, dh, x, c, w_dtypes, has_bias, dw == "splitk")
+        vectors, dmix, (dweight, dwu, dwd, db) = partial_sums.finish(vec_part, mat_part, r, splits, wgrads,
+                                                                     w_dtypes, partials)
+    vec = dict(zip(partial_sums.VEC_ROWS, vectors))
+    if db is None:  # no bias: a placeholder the autograd glue drops (the op's outputs are all tensors)
+        db = x.new_zeros((n,), dtype=torch.float32)
+    return [dx, dweight, db, dwd, vec["down_bias"], vec["freq1"], vec["phase1"], dmix, vec["mix_bias"], vec["freq2"],
+            vec["phase2"], dwu]
+
+
+def _no_token_grads(x, weight, down_weight, up_weight) -> list[torch.Tensor]:
+    """All twelve gradients for 0 tokens: zeros. new_zeros(shape), not zeros_like: gradients are contiguous
+    whatever the weights' strides."""
+    k, (n, r), f32 = x.shape[1], up_weight.shape, torch.float32
+    return [x.new_zeros((0, k)), weight.new_zeros(weight.shape), x.new_zeros((n,), dtype=f32),
+            down_weight.new_zeros(down_weight.shape), x.new_zeros((r,), dtype=f32),
+            *[x.new_zeros((r,), dtype=f32) for _ in range(2)], x.new_zeros((r, r), dtype=f32),
+            *[x.new_zeros((r,), dtype=f32) for _ in range(3)], up_weight.new_zeros(up_weight.shape)]
 
 
 @_bwd.register_fake
-def _bwd_fake(g, x, weight, down_weight, freq1, phase1, mix_weight, mix_bias, freq2, phase2, up_weight, h, c, gemm):
+def _bwd_fake(g, x, weight, down_weight, freq1, phase1, mix_weight, mix_bias, freq2, phase2, up_weight, h, c,
+              has_bias, gemm, dw, dual_gemm, partials):
     r = up_weight.shape[1]
     f32 = torch.float32
     vec = [x.new_empty((r,), dtype=f32) for _ in range(5)]
@@ -135,11 +153,11 @@ _INPUTS = ("x", "weight", "bias", "down_weight", "down_bias", "freq1", "phase1",
 
 def _setup_context(ctx, inputs, output):
     (x, weight, bias, down_weight, down_bias, freq1, phase1, mix_weight, mix_bias, freq2, phase2, up_weight,
-     gemm) = inputs
+     *opts) = inputs
     _, h, c = output
     ctx.save_for_backward(x, weight, down_weight, freq1, phase1, mix_weight, mix_bias, freq2, phase2,
                           up_weight, h, c)
-    ctx.gemm = gemm
+    ctx.opts = opts
     ctx.has_bias = bias is not None
     ctx.has_down_bias = down_bias is not None
     ctx.has_mix_bias = mix_bias is not None
@@ -151,7 +169,7 @@ def _backward(ctx, gy, _gh, _gc):
     (x, weight, down_weight, freq1, phase1, mix_weight, mix_bias, freq2, phase2, up_weight, h, c) = ctx.saved_tensors
     grads = torch.ops.noble_kernels.cosnet_linear_bwd(
         gy.contiguous(), x, weight, down_weight, freq1, phase1, mix_weight, mix_bias, freq2, phase2, up_weight,
-        h, c, ctx.gemm)
+        h, c, ctx.has_bias, *ctx.opts)
     out = [gr.to(dt) if dt is not None else None for gr, dt in zip(grads, ctx.dtypes)]
     if not ctx.has_bias:
         out[2] = None
@@ -159,7 +177,7 @@ def _backward(ctx, gy, _gh, _gc):
         out[4] = None
     if not ctx.has_mix_bias:
         out[8] = None
-    return (*out, None)  # no gradient for `gemm`
+    return (*out, *(None for _ in ctx.opts))  # no gradients for the option strings
 
 
 _fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -173,13 +191,6 @@ def _device_guard(x: torch.Tensor):
 
 # --------------------------------------------------------------------------------------------------------------
 # Public function.
-
-def default_gemm() -> str:
-    gemm = os.environ.get("NOBLE_KERNELS_GEMM", "triton")
-    if gemm not in GEMM_BACKENDS:
-        raise ValueError(f"NOBLE_KERNELS_GEMM={gemm!r}; valid: {', '.join(GEMM_BACKENDS)}")
-    return gemm
-
 
 _INT32_LIMIT = 2**31  # the kernels' offsets are int32
 
@@ -218,8 +229,11 @@ def cosnet_linear(
 ) -> torch.Tensor:
     """A NOBLE CosNet linear layer, fused. x: (..., in); weight: (out, in); down_weight: (r, in);
     mix_weight: (r, r); up_weight: (out, r); bias (out,), down_bias, freq*, phase*, mix_bias (r,); biases may be
-    None. Returns (..., out) in the compute dtype (the autocast dtype under autocast, else x's dtype)."""
-    gemm = gemm or default_gemm()
+    None. Returns (..., out) in the compute dtype (the autocast dtype under autocast, else x's dtype).
+    Kernel variants: `current_options()` (see `options()`); `gemm` overrides its gemm field."""
+    opts = current_options()
+    if gemm is not None:
+        opts = dataclasses.replace(opts, gemm=gemm)
     _check_shapes(x, weight, bias, down_weight, down_bias, freq1, phase1, mix_weight, mix_bias, freq2, phase2,
                   up_weight)
     # The kernels index per-channel vectors as ptr + i: give them unit stride (a no-op for parameters).
@@ -232,5 +246,6 @@ def cosnet_linear(
         x2 = x2.to(dt)
     weight, down_weight, up_weight = (t if t.dtype == dt else t.to(dt) for t in (weight, down_weight, up_weight))
     y, _, _ = torch.ops.noble_kernels.cosnet_linear_fwd(
-        x2, weight, bias, down_weight, down_bias, freq1, phase1, mix_weight, mix_bias, freq2, phase2, up_weight, gemm)
+        x2, weight, bias, down_weight, down_bias, freq1, phase1, mix_weight, mix_bias, freq2, phase2, up_weight,
+        *opts.as_args())
     return y.reshape(*lead, weight.shape[0])

@@ -47,13 +47,7 @@ PARAMS = ("weight", "bias", "down_weight", "down_bias", "freq1", "phase1", "mix_
           "phase2", "up_weight")
 
 
-def reference(x, weight, bias, down_weight, down_bias, freq1, phase1, mix_weight, mix_bias, freq2, phase2, up_weight):
-    """The layer, from the plain math (called with float64 tensors)."""
-    h = x @ down_weight.T + (0 if down_bias is None else down_bias)
-    c1 = torch.cos(freq1 * h + phase1)
-    z = c1 @ mix_weight.T + (0 if mix_bias is None else mix_bias)
-    c = torch.cos(freq2 * z + phase2)
-    return x @ weight.T + (0 if bias is None else bias) + c @ up_weight.T
+reference = nk.testing.reference_cosnet_linear  # the layer from its formula, in float64
 
 
 def make_inputs(lead, k, n, r, *, bias=True, seed=0, device=DEVICE):
@@ -220,11 +214,12 @@ def test_custom_ops_pass_opcheck():
     p["weight"] = p["weight"].t().contiguous().t()
     fwd, bwd = torch.ops.noble_kernels.cosnet_linear_fwd.default, torch.ops.noble_kernels.cosnet_linear_bwd.default
     args = [p[k] for k in PARAMS]
-    torch.library.opcheck(fwd, (x.requires_grad_(True), *[a.detach().requires_grad_(True) for a in args], "triton"))
-    _, h, c = fwd(x.detach(), *args, "triton")
+    opts = nk.KernelOptions().as_args()
+    torch.library.opcheck(fwd, (x.requires_grad_(True), *[a.detach().requires_grad_(True) for a in args], *opts))
+    _, h, c = fwd(x.detach(), *args, *opts)
     torch.library.opcheck(bwd, (g, x.detach(), p["weight"], p["down_weight"], p["freq1"], p["phase1"],
                                 p["mix_weight"], p["mix_bias"], p["freq2"], p["phase2"], p["up_weight"], h, c,
-                                "triton"))
+                                True, *opts))
 
 
 def _noble_linear(kernel, in_f=48, out_f=40, rank=5, device=DEVICE):
