@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import typer
 
+from noble_cli.bench import layer as _layer, step as _step, suite as _suite
 from noble_cli.bench.common import VARIANTS, time_ms, triton_skip_reason
-from noble_cli.bench.layer import branch_flops_ratio, layer
-from noble_cli.bench.step import step
-from noble_cli.bench.suite import suite
+from noble_cli.bench.layer import branch_flops_ratio
 from noble_cli.layers.implementation import import_noble_kernels
 
 bench_app = typer.Typer(
@@ -26,8 +25,9 @@ bench_app = typer.Typer(
          "verdict (`suite`).",
     no_args_is_help=True,
 )
-bench_app.command()(layer)
-bench_app.command()(step)
-bench_app.command()(suite)
+# (the command functions are not bound here under their modules' names, which they would shadow)
+bench_app.command(name="layer")(_layer.layer)
+bench_app.command(name="step")(_step.step)
+bench_app.command(name="suite")(_suite.suite)
 
 __all__ = ["VARIANTS", "bench_app", "branch_flops_ratio", "import_noble_kernels", "time_ms", "triton_skip_reason"]

@@ -146,13 +146,14 @@ def plan_items(shapes: Shapes, tiny: bool, costs: dict) -> list[dict]:
 
     def forced_items(dt: str, only: list[tuple[int, int]] | None = None) -> list[dict]:
         out = []
+        n_max = max(len(configs) for configs in space[dt].values())
         for si, opts in enumerate(sets):
-            kernels = reached_by(nk, opts)
-            n_max = max(len(space[dt][k]) for k in kernels)
             for i in range(n_max):
                 if only is not None and (si, i) not in only:
                     continue
-                forced = {k: min(i, len(space[dt][k]) - 1) for k in kernels}
+                # every kernel forced, also those these options should not launch: one that launches anyway (a
+                # split-K that does not split at a shape falls back to the one-launch kernel) is not autotuned
+                forced = {k: min(i, len(configs) - 1) for k, configs in space[dt].items()}
                 out.append(_item(f"{dt} every config: set {si} config {i} ({_opts_label(opts)})", shapes.forced, dt,
                                  opts, forced, f"forced-{dt}", costs[f"forced_{dt}"]))
         return out
@@ -162,7 +163,7 @@ def plan_items(shapes: Shapes, tiny: bool, costs: dict) -> list[dict]:
                       costs[f"full_{dt}"]) for s in shapes.full]
 
     def ragged_item(dt: str, opts: dict) -> dict:
-        forced = {k: 0 for k in reached_by(nk, opts)}
+        forced = {k: 0 for k in space[dt]}
         return _item(f"{dt} {shapes.ragged.describe()} config 0 ({_opts_label(opts)})", shapes.ragged, dt, opts,
                      forced, f"ragged-{dt}", costs[f"ragged_{dt}"])
 

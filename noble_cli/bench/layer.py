@@ -17,8 +17,8 @@ from torch import nn
 
 from noble_cli.bench.common import (
     FUSED_VARIANTS, VARIANTS, RowsFile, autocast, csv_items, csv_ints, default_out, device_name, device_of,
-    error_text, fmt, fresh_compile, interpret_note, kernel_options, peak_mb, prec_label, precision_of, reset_memory, sync, time_ms,
-    triton_skip_reason, use_fused,
+    error_text, fmt, fresh_compile, interpret_note, kernel_options, peak_mb, prec_label, precision_of, reset_memory,
+    sync, time_ms, triton_skip_reason, use_fused,
 )
 from noble_cli.errors import NobleError
 from noble_cli.train.run_folder import library_versions

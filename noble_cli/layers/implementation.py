@@ -23,7 +23,7 @@ import copy
 import importlib.util
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
