@@ -23,7 +23,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from noble_cli import config as C  # noqa: E402
+from noble_cli import recipes  # noqa: E402
 from noble_cli.layers import implementation as impl  # noqa: E402
 from noble_cli.layers.implementation import LayerShape  # noqa: E402
 
@@ -172,7 +172,7 @@ def test_verdicts_are_cached_per_shape_and_stop_at_the_first_failure(monkeypatch
 def _train(tmp_path, kernel: str):
     from noble_cli.train.run import train
 
-    cfg = C.resolve("llm-tiny", sets=SETS + [f"noble.kernel={kernel}"])
+    cfg = recipes.resolve("llm-tiny", sets=SETS + [f"noble.kernel={kernel}"])
     result = train(cfg, out=tmp_path, progress=False)
     meta = json.loads((result.run_dir / "meta.json").read_text())
     return meta, pd.read_csv(result.run_dir / "metrics.csv").set_index("step")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -305,7 +305,7 @@ def _noble_label(config: dict | None) -> str | None:
     noble = (config or {}).get("noble")
     if not isinstance(noble, dict):
         return None
-    names = {f.name for f in fields(C.NobleConfig)}
+    names = set(C.NobleConfig.model_fields)
     try:
         return C.variant_label(C.NobleConfig(**{k: v for k, v in noble.items() if k in names}))
     except Exception:  # noqa: BLE001 - a label is cosmetic; a broken config must not break the report

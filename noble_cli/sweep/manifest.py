@@ -103,7 +103,7 @@ def new_entry(index: int, run, created: str) -> dict:
         "created_at": created, "started_at": None, "finished_at": None, "duration_s": None, "outcome": None,
         "error": None, "host": None, "pid": None, "params_total": run.params_total,
         "params_branch": run.params_branch,
-        "config": json.loads(json.dumps(run.cfg.to_dict(), default=str)),
+        "config": run.cfg.to_dict(),
     }
 
 
