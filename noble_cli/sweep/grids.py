@@ -29,9 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from noble_cli import config as C
+from noble_cli.errors import NobleError, choices_error
+from noble_cli.parsing import split_list
 from noble_cli.recipes import list_recipes, load_recipe, parse_set, recipe_task, resolve
 from noble_cli.tasks import TASKS
-from noble_cli.errors import NobleError, choices_error
 
 # The paper's list (reference code's activations; cosnet first).
 PAPER_ACTIVATIONS = ("cosnet", "cos", "gelu", "silu", "tanh", "leakyrelu", "gelu_net", "silu_net", "tanh_net",
@@ -98,14 +99,10 @@ class SweepPlan:
 
 
 # --- parsing of the options -----------------------------------------------------------------------------------------
-def _split(text: str) -> list[str]:
-    return [p.strip() for p in str(text).split(",") if p.strip()]
-
-
 def parse_int_list(option: str, text: str, minimum: int = 0, example: str = "0,1,2") -> list[int]:
     """`0,1,2` -> [0, 1, 2] (ranges like `0-4` are accepted); duplicates dropped, order kept."""
     values: list[int] = []
-    parts = _split(text)
+    parts = split_list(text)
     if not parts:
         raise NobleError(f"{option} is empty; expected comma-separated integers, e.g. {example}")
     for part in parts:
@@ -134,7 +131,7 @@ def parse_activations(text: str) -> list[str]:
     from noble_cli.layers import ACTIVATIONS, resolve_activation
 
     names: list[str] = []
-    parts = _split(text)
+    parts = split_list(text)
     if not parts:
         raise NobleError(f"--activations is empty; valid: {', '.join(sorted(ACTIVATIONS))}")
     for part in parts:
@@ -159,7 +156,7 @@ def parse_branch(name: str) -> str:
 def parse_targets(text: str) -> list[str]:
     from noble_cli.layers.apply import target_matcher
 
-    parts = [p.strip() for p in str(text).split(";" if ";" in str(text) else ",") if p.strip()]
+    parts = split_list(text, ";" if ";" in str(text) else ",")
     if not parts:
         raise NobleError(f"--targets is empty; valid: {', '.join(LAYER_TARGETS)} (separate glob sets with ';')")
     for p in parts:
@@ -169,7 +166,7 @@ def parse_targets(text: str) -> list[str]:
 
 def parse_augments(text: str) -> list[str]:
     out: list[str] = []
-    parts = _split(text)
+    parts = split_list(text)
     if not parts:
         raise NobleError(f"--augments is empty; valid: {', '.join(AUGMENTS)}")
     for part in parts:
@@ -186,7 +183,7 @@ def parse_controls(text: str | None) -> list[str]:
     """`dense,init,own-init` -> the controls in that order (aliases: dense-match, init-only; `none` or empty:
     no control)."""
     out: list[str] = []
-    for part in _split(text or ""):
+    for part in split_list(text or ""):
         key = part.lower().replace("_", "-")
         key = _CONTROL_ALIASES.get(key, key)
         if key == "none":

@@ -34,6 +34,7 @@ from rich.table import Table
 from noble_cli import config as C
 from noble_cli.atomic import atomic_write_text
 from noble_cli.errors import InterruptedRun, NobleError
+from noble_cli.parsing import split_list
 from noble_cli.recipes import from_dict
 from noble_cli.sweep.locks import HOST, RunLock, describe_holder, now_iso
 from noble_cli.sweep.manifest import (
@@ -283,13 +284,13 @@ def run_local(manifest: Path, train_fn: TrainFn | None = None, console: Console 
 # --- gpus: one subprocess per GPU -----------------------------------------------------------------------------------
 def parse_gpus(text: str | None) -> list[str]:
     if text:
-        gpus = [g.strip() for g in text.split(",") if g.strip()]
+        gpus = split_list(text)
         if not gpus or not all(g.isdigit() or g.startswith(("GPU-", "MIG-")) for g in gpus):
             raise NobleError(f"malformed --gpus {text!r}; expected comma-separated GPU indices, e.g. 0,1,2,3")
         return list(dict.fromkeys(gpus))
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible:
-        return [g.strip() for g in visible.split(",") if g.strip()]
+        return split_list(visible)
     try:
         import torch
 

@@ -28,7 +28,6 @@ from noble_cli.sweep.locks import HOST, RunLock, file_lock, now_iso
 from noble_cli.train.run_folder import FINISHED, RunFolder
 
 MANIFEST_VERSION = 1
-STATUSES = ("pending", "running", "done", "failed")
 
 
 def sweep_dir(out: Path, name: str) -> Path:
