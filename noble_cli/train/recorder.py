@@ -82,6 +82,10 @@ def summarize(metrics: pd.DataFrame, warmup_steps: int, status: str) -> dict:
                        final_eval_loss=float(evals.iloc[-1]["eval_loss"]))
             if "eval_top1" in evals:
                 out["best_eval_top1"] = float(evals["eval_top1"].max())
+            if "eval_bpb" in evals:  # LMs' bits per byte: lower is better, comparable across tokenizers
+                bpb = evals["eval_bpb"].dropna()
+                if not bpb.empty:
+                    out.update(best_eval_bpb=float(bpb.min()), final_eval_bpb=float(bpb.iloc[-1]))
     return out
 
 
