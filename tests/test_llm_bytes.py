@@ -123,9 +123,9 @@ def test_tokenizer_setting_is_checked_and_keeps_run_ids():
     assert C.run_id(C.resolve("llm-tiny", sets=["data.tokenizer=bytes"])) != C.run_id(base)
     with pytest.raises(NobleError, match="data.tokenizer: unknown tokenizer 'bpe'; valid: gpt2, bytes"):
         C.resolve("llm-tiny", sets=["data.tokenizer=bpe"])
-    with pytest.raises(NobleError, match=r"model.vocab_size 200 is smaller than the bytes vocabulary .*\(257\)"):
+    with pytest.raises(NobleError, match=r"model.vocab_size 200 is smaller than the byte vocabulary .*\(257\)"):
         causal_lm.build_datamodule(C.resolve("llm-tiny", sets=["data.tokenizer=bytes", "model.vocab_size=200"]))
-    with pytest.raises(NobleError, match=r"smaller than the gpt2 vocabulary .*\(50257\)"):
+    with pytest.raises(NobleError, match=r"smaller than the GPT-2 vocabulary .*\(50257\)"):
         causal_lm.build_datamodule(C.resolve("llm-tiny", sets=["model.vocab_size=257"]))
     assert causal_lm.build_datamodule(C.resolve("llm-tiny", sets=["data.tokenizer=bytes", "model.vocab_size=257"]))
 

