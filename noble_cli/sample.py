@@ -1,0 +1,3 @@
+"""placeholder"""
+def sample():
+    """Print text sampled from a causal-LM run."""
