@@ -16,7 +16,8 @@ The rule, for any model (ours, Hugging Face transformers, timm, torchvision):
 3. **Attention or MLP.** Inside a block, a linear layer belongs to attention when a module between the block and
    it is an attention module: `nn.MultiheadAttention`, or a class named `*Attention*`/`*Attn*` (what every family
    here calls it: `LlamaAttention`, `GPT2Attention`, `BertAttention`, timm's `Attention`, `WindowAttention`, ...).
-   Where no class says so, the attribute name breaks the tie (`attn`, `self_attention`); where neither does, the
+   Where no class says so, attribute names on the path break the tie (`attn`, `self_attention`, a linear named
+   `attn` sitting directly on the block); where neither does, the
    position: the block's first part (its first child subtree, in registration order) holding two or more linear
    layers is attention, as every transformer block runs attention before its feed-forward. **Every other linear
    layer in a block is MLP**: gated `gate/up/down`, BERT's `intermediate.dense` and `output.dense`, Falcon's and
@@ -154,7 +155,7 @@ def _block_roles(block: nn.Module) -> dict[str, str]:
             parts = rel.split(".")
             paths[rel] = [(p, block.get_submodule(".".join(parts[: i + 1]))) for i, p in enumerate(parts[:-1])]
     by_class = {r for r, chain in paths.items() if any(_is_attention_class(m) for _, m in chain)}
-    attn = by_class or {r for r, chain in paths.items() if any(_ATTN_HINT.search(p) for p, _ in chain)}
+    attn = by_class or {r for r in paths if any(_ATTN_HINT.search(p) for p in r.split("."))}
     if not attn:
         attn = _first_multi_linear_part(block, paths)
     return {r: "attn" if r in attn else "mlp" for r in paths}
