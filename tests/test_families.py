@@ -7,6 +7,8 @@ and a forward and backward pass that reaches every branch.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torchvision
@@ -151,11 +153,18 @@ def test_family_gets_branches_on_every_block_projection_and_keeps_its_function(n
         before = _out(model, x)
     mains = {s.name: s.module.weight.detach().clone() if s.kind == "linear" else s.module.weight.detach().t().clone()
              for s in linear_sites(model)}  # in the (out, in) layout: GPT-2's Conv1D stores (in, out)
+    sites = {s.name: s.module for s in linear_sites(model)}
+    kinds = {s.name: s.kind for s in linear_sites(model)}
 
-    assert apply_noble(model, rank=RANK, targets="all") == names
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert apply_noble(model, rank=RANK, targets="all") == names
+    # torchvision's attention layers are targeted but cannot carry a branch: said, not silent
+    assert bool([w for w in caught if "keep no branch" in str(w.message)]) == name.startswith("tv_")
     assert [n for n, _ in noble_layers(model)] == names
     for n, layer in noble_layers(model):  # weights kept exactly (Conv1D's transposed into the Linear layout)
         assert torch.equal(layer.weight, mains[n]), n
+        assert (layer.weight is sites[n].weight) == (kinds[n] == "linear"), "nn.Linear's Parameter itself is kept"
 
     with torch.no_grad():
         branch_rms = _branch_outputs(model, x)  # and the model's output with the branches live

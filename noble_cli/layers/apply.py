@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -47,7 +48,7 @@ def _check_forward(site: LinearSite, checked: dict[type, bool]) -> None:
         checked[cls] = _probe_matches_linear(site)
     if not checked[cls]:
         raise NobleError(f"{site.name} is a {cls.__name__} whose forward is not a plain linear map (x W^T + b): "
-                         "a NobleLinear in its place would change the model; give --targets without it")
+                         "a NobleLinear in its place would change the model; choose targets without it")
 
 
 def _as_noble(site: LinearSite, rank: int, activation: str, up_init_scale: float, kernel: str) -> NobleLinear:
@@ -62,11 +63,15 @@ def _as_noble(site: LinearSite, rank: int, activation: str, up_init_scale: float
         site.in_features, site.out_features, bias=old.bias is not None, rank=rank, activation=activation,
         up_init_scale=up_init_scale, kernel=kernel, device=old.weight.device, dtype=old.weight.dtype,
     )
-    with torch.no_grad():
-        new.weight.copy_(old.weight if site.kind == "linear" else old.weight.t())
-        if old.bias is not None:
-            new.bias.copy_(old.bias)
-    new.weight.requires_grad_(old.weight.requires_grad)
+    # The same Parameter objects, not copies: values, requires_grad and any tie to another module stay as they were.
+    if site.kind == "linear":
+        new.weight = old.weight
+    else:  # Conv1D keeps (in, out): the nn.Linear layout is its transpose
+        with torch.no_grad():
+            new.weight.copy_(old.weight.t())
+        new.weight.requires_grad_(old.weight.requires_grad)
+    if old.bias is not None:
+        new.bias = old.bias  # (out,) in both layouts
     new.train(old.training)
     return new
 
@@ -96,8 +101,8 @@ def apply_noble(
     GPT-2's Conv1D become NobleLinear: at init the model computes the same function, apart from the branch's
     near-zero output (and the main re-init, if asked). A Conv1D's state-dict layout changes: its `weight` becomes
     (out, in), the nn.Linear layout, and `down.*`, `act.*`, `up.*` entries appear; load pretrained Conv1D weights
-    before calling this. Layers whose weight the model reads without calling them (nn.MultiheadAttention's
-    `out_proj`) are left alone.
+    before calling this. nn.Linear weights and all biases stay the very same Parameter objects. Layers whose weight the
+    model reads without calling them (nn.MultiheadAttention's `out_proj`) are left alone, with a warning.
 
     `reinit_main`, if given, re-initializes the main weights with N(0, (reinit_main/sqrt(in))^2) — the paper uses 0.5
     when training from scratch. Returns the qualified names of the replaced layers.
@@ -105,6 +110,9 @@ def apply_noble(
     chosen, skipped = select(model, targets)
     if not chosen:
         raise NobleError(_nothing_matched(model, targets, skipped))
+    if skipped:
+        warnings.warn(f"apply_noble: {len(skipped)} targeted layers keep no branch, e.g. {skipped[0].name} "
+                      f"({skipped[0].skip})", stacklevel=2)
     checked: dict[type, bool] = {}
     swaps = {}
     for site in chosen:

@@ -96,7 +96,7 @@ def walk(module: nn.Module, prefix: str = ""):
     """(qualified name, module) like `named_modules`, without looking inside linear layers: a NobleLinear's
     `down`/`up`/`act.mix` are parts of one layer, never projections of the model."""
     yield prefix, module
-    if linear_kind(module) and prefix:
+    if linear_kind(module):
         return
     for name, child in module.named_children():
         yield from walk(child, _join(prefix, name))
@@ -115,6 +115,8 @@ def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module, int]]:
 
 
 def _scan(module: nn.Module, prefix: str) -> list[tuple[str, nn.Module, int]]:
+    if linear_kind(module):  # a NobleLinear's parts are not blocks
+        return []
     if isinstance(module, _CONTAINERS):
         members = _block_members(module)
         if members is not None:
