@@ -266,3 +266,31 @@ def test_a_linear_subclass_with_another_forward_is_refused():
     with pytest.raises(NobleError, match="attn is a NotLinear whose forward is not a plain linear map"):
         apply_noble(model, rank=2, targets="all")
     assert apply_noble(model, rank=2, targets="mlp") == ["0.mlp", "1.mlp"]
+
+
+class ReadsWeight(nn.Module):
+    """Attention that passes its output projection's weight to a function: a branch there would never run."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return nn.functional.linear(q * k * v, self.proj.weight, self.proj.bias)
+
+
+class ChecksWeight(ReadsWeight):
+    """Looks at the weight (as T5 does) but calls the module: the branch runs."""
+
+    def forward(self, x):
+        assert isinstance(self.proj.weight, torch.Tensor)
+        return self.proj(self.qkv(x)[..., : x.shape[-1]])
+
+
+@pytest.mark.parametrize("attention, skipped", [(ReadsWeight, True), (ChecksWeight, False)])
+def test_weights_read_without_a_call_are_skipped(attention, skipped):
+    model = nn.ModuleList(nn.ModuleDict({"attn": attention(8), "mlp": nn.Linear(8, 8)}) for _ in range(2))
+    sites = {s.name: s for s in linear_sites(model)}
+    assert (sites["0.attn.proj"].skip is not None) == skipped and sites["0.attn.qkv"].skip is None
+    assert sites["0.attn.proj"].role == "attn" and sites["0.mlp"].role == "mlp"

@@ -25,7 +25,8 @@ The rule, for any model (ours, Hugging Face transformers, timm, torchvision):
 4. **Weights read directly.** A linear layer whose weight some module's forward passes on (`self.out_proj.weight`
    in `nn.MultiheadAttention`, `self.qkv.weight` in torchvision's Swin attention, the eval fast path of
    `nn.TransformerEncoderLayer`) would carry a branch that never runs: it is skipped, with the reason, found by
-   reading the forward's source (`self.<path>.weight` not followed by `.dtype`/`.shape`/...).
+   reading the forward's source (`self.<path>.weight` not followed by `.dtype`/`.shape`/..., and no call
+   `self.<path>(...)` in the same forward).
 5. **Target sets.** `all` = attention + MLP layers of every block; `attn`, `mlp` their parts; `alternate` = both
    in every other block (index 0, 2, 4, ... within its block list, so an encoder and a decoder each start at 0);
    anything else is comma-separated glob patterns over qualified layer names, matched against every linear layer
@@ -176,12 +177,15 @@ def _first_multi_linear_part(block: nn.Module, paths: dict[str, list]) -> set[st
 
 @lru_cache(maxsize=None)
 def _weight_reads(cls: type) -> tuple[str, ...]:
-    """Relative paths whose `.weight` the class's forward uses directly (its source, read once per class)."""
+    """Relative paths whose `.weight` the class's forward uses directly and whose module it never calls (its
+    source, read once per class). A forward that also calls the module (T5's dtype check, BLOOM's optional
+    tensor-parallel slicing) runs the branch on its usual path."""
     try:
         source = inspect.getsource(cls.forward)
     except (OSError, TypeError):  # built in, or defined where the source is gone: assume it calls its modules
         return ()
-    return tuple(sorted(set(_WEIGHT_READ.findall(source))))
+    read = set(_WEIGHT_READ.findall(source))
+    return tuple(sorted(p for p in read if not re.search(rf"self\.{re.escape(p)}\s*\(", source)))
 
 
 def weight_read_sites(model: nn.Module) -> dict[str, str]:

@@ -58,7 +58,8 @@ def hf_config(spec: str):
 def _tiny(defaults) -> dict:
     """The HF_TINY sizes this family's config has (others would become stray attributes), and special token ids
     moved inside the tiny vocabulary (GPT-2's 50256 would not be a token of it)."""
-    tiny = {k: v for k, v in HF_TINY.items() if hasattr(defaults, k)}
+    tiny = {k: v for k, v in HF_TINY.items()  # an int size only where the family has one (Swin's are lists)
+            if isinstance(getattr(defaults, k, None), int) and not isinstance(getattr(defaults, k), bool)}
     vocab = tiny.get("vocab_size")
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         value = getattr(defaults, key, None)
