@@ -8,6 +8,7 @@ The same ratio holds for training (forward + backward is ~3x forward for both th
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -96,10 +97,12 @@ def build(spec: str, branch: str = "cosnet", rank: int | None = None, targets: s
         raise NobleError("--branch none adds no layer; give a branch such as cosnet")
     branch = resolve_activation(branch)
     if _is_external(spec):
-        rank, targets = rank or 32, targets or "all"
+        rank, targets = 32 if rank is None else rank, targets or "all"
         parse_targets(targets)
         model, example = _external_model(spec)
-        apply_noble(model, rank=rank, activation=branch, targets=targets)
+        with warnings.catch_warnings():  # layers that keep no branch are listed under the table instead
+            warnings.simplefilter("ignore")
+            apply_noble(model, rank=rank, activation=branch, targets=targets)
         return model, example, branch, rank, targets
     if not spec.endswith((".yaml", ".yml")) and spec not in C.list_recipes():
         raise NobleError(f"unknown model or recipe {spec!r}; valid: {', '.join(SOURCES)}")
