@@ -27,6 +27,12 @@ def recipes_dir() -> Path:
     return Path(os.environ.get("NOBLE_RECIPES", REPO_ROOT / "recipes"))
 
 
+def added_field(default: Any, **kwargs) -> Any:
+    """A config field added after run folders already existed: left out of the config hash (and so of run ids and
+    pair keys) while it keeps its default, so that adding it does not orphan every earlier result."""
+    return field(default=default, metadata={"added": True}, **kwargs)
+
+
 @dataclass
 class NobleConfig:
     """The branch. `branch: none` is the baseline."""
@@ -43,6 +49,9 @@ class NobleConfig:
     kernel: str = "auto"  # auto (triton on CUDA, torch elsewhere) | torch | triton
     dense_match: bool = False  # baseline only: widen the MLP until it has the params of `match_branch` at `rank`
     match_branch: str = "cosnet"
+    # The init-only control: no branch, but the targeted layers' main weights re-initialised as NOBLE's are
+    # (N(0, (main_init_scale/sqrt(in))^2), bias 0), so a speedup can be told from the init change that comes with it.
+    init_only: bool = added_field(False)
 
     @property
     def enabled(self) -> bool:
@@ -110,15 +119,45 @@ FREE_SECTIONS = ("model", "data")  # checked by the task's own dataclasses
 TOP_LEVEL = ("recipe", "task", "seed", "name")
 
 
-def variant_label(n: NobleConfig) -> str:
+def _init_label(scale: float | None) -> str:
+    return "own-init" if scale is None else f"main-init {scale:g}"
+
+
+# Branch settings that labels name only where they differ from their defaults: they were invisible in labels (and so
+# in run ids) before, so naming them at the defaults would rename every existing run folder.
+_LABELLED_AT_NON_DEFAULT = (
+    ("main_init_scale", _init_label),
+    ("up_init_scale", lambda v: f"up-init {v:g}"),
+    ("up_lr_power", lambda v: f"up-lr^{v:g}"),
+    ("mix_lr_power", lambda v: f"mix-lr^{v:g}"),
+    ("freq_lr_mult", lambda v: f"freq-lr x{v:g}"),
+    ("phase_lr_mult", lambda v: f"phase-lr x{v:g}"),
+)
+
+
+def variant_label(n: NobleConfig, in_run_id: bool = False) -> str:
+    """A label that names every setting in which two variants' identities differ (so two runs of a report never
+    share a name): the branch, rank, targets, and any other branch setting away from its default. `in_run_id`: the
+    label as run ids spell it, without the settings labels gained later (run ids of existing folders must not
+    change; the config hash in the run id tells such variants apart anyway)."""
+    where = "" if n.targets == "all" else f" {n.targets}"
     if not n.enabled:
-        return f"dense-matched({n.match_branch} r{n.rank})" if n.dense_match else "baseline"
-    label = f"{n.branch} r{n.rank}"
-    if n.targets != "all":
-        label += f" {n.targets}"
+        if n.dense_match:
+            return f"dense-matched({n.match_branch} r{n.rank}{where})"
+        if n.init_only:
+            return f"init-only({_init_label(n.main_init_scale)}{where})"
+        return "baseline"
+    label = f"{n.branch} r{n.rank}{where}"
+    for name, fmt in () if in_run_id else _LABELLED_AT_NON_DEFAULT:
+        value = getattr(n, name)
+        if value != getattr(_DEFAULT_NOBLE, name):
+            label += f" {fmt(value)}"
     # An explicit kernel is part of the label: `--kernel torch` vs `--kernel triton` is a wall-clock comparison,
     # and the two must not show up in a report as two rows of the same name.
     return label if n.kernel == "auto" or n.branch != "cosnet" else f"{label} [{n.kernel}]"
+
+
+_DEFAULT_NOBLE = NobleConfig()
 
 
 def coerce(value: Any, type_name: str, where: str) -> Any:
@@ -273,6 +312,14 @@ def validate(cfg: RunConfig) -> None:
         if n.enabled:
             raise NobleError("noble.dense_match is for the baseline only: set noble.branch=none with it")
         n.match_branch = resolve_activation(n.match_branch)
+    if n.init_only:
+        if n.enabled or n.dense_match:
+            raise NobleError("noble.init_only is a control without a branch or widening: set noble.branch=none "
+                             "and noble.dense_match=false with it")
+        if n.main_init_scale is None or n.main_init_scale <= 0:
+            shown = "null" if n.main_init_scale is None else n.main_init_scale
+            raise NobleError(f"noble.init_only re-initialises the main weights at noble.main_init_scale, which is "
+                             f"{shown}: set a number > 0 (the paper's is 0.5)")
     target_matcher(n.targets)
     if n.rank < 1:
         raise NobleError(f"rank {n.rank} is invalid; it must be >= 1 and < min(in, out) of every augmented layer")
@@ -322,7 +369,8 @@ _NOT_HASHED = {"trainer": ("devices", "num_nodes", "strategy", "accelerator", "n
 def _noble_identity(n: NobleConfig) -> dict:
     """The `noble` fields that change what a run computes. A plain baseline has no branch, so none of the others
     do: `--set noble.mix_lr_power=0` on a sweep must not make (and train) a second, identical baseline. A
-    dense-matched baseline depends only on what its width is matched to."""
+    dense-matched baseline depends only on what its width is matched to, the init-only control only on its
+    re-init (scale and layers)."""
     if n.enabled:
         d = _json(n.__dict__)
         _drop_added_defaults(d, NobleConfig)
@@ -332,13 +380,9 @@ def _noble_identity(n: NobleConfig) -> dict:
     if n.dense_match:
         return {"branch": "none", "dense_match": True, "match_branch": n.match_branch, "rank": n.rank,
                 "targets": n.targets}
+    if n.init_only:  # the re-init alone: only its scale and the layers it touches
+        return {"branch": "none", "init_only": True, "main_init_scale": n.main_init_scale, "targets": n.targets}
     return {"branch": "none"}
-
-
-def added_field(default: Any, **kwargs) -> Any:
-    """A config field added after run folders already existed: left out of the config hash (and so of run ids and
-    pair keys) while it keeps its default, so that adding it does not orphan every earlier result."""
-    return field(default=default, metadata={"added": True}, **kwargs)
 
 
 def _json(value: Any) -> Any:
@@ -404,7 +448,8 @@ def variant_key(cfg: RunConfig) -> str:
 
 def run_id(cfg: RunConfig) -> str:
     """A stable id: recipe, variant, seed and the config hash. The same config always maps to the same folder."""
-    label = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in cfg.variant).strip("-")
+    variant = cfg.name or variant_label(cfg.noble, in_run_id=True)
+    label = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in variant).strip("-")
     while "--" in label:
         label = label.replace("--", "-")
     return f"{cfg.recipe}-{label}-s{cfg.seed}-{config_hash(cfg)}"

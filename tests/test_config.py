@@ -168,3 +168,93 @@ def test_recipe_files_mirror_the_dataclasses():
         for section in C.SECTIONS:
             known = {f.name for f in dataclasses.fields(C.SECTIONS[section])}
             assert set(raw.get(section) or {}) <= known, (name, section)
+
+
+# --- the init-only control, own-init, labels ----------------------------------------------------------------------
+def test_init_only_control_config_identity_and_label():
+    base = C.resolve("llm-tiny")
+    ctl = C.resolve("llm-tiny", {"noble.init_only": True})
+    assert ctl.variant == "init-only(main-init 0.5)" and C.pair_key(ctl) == C.pair_key(base)
+    assert C.run_id(ctl) != C.run_id(base) and C.variant_key(ctl) != C.variant_key(base)
+    from noble_cli.train.run_folder import run_role
+
+    assert (run_role(base), run_role(ctl)) == ("baseline", "init")
+    # its identity is what it reads (the scale and the layers), nothing a branch alone would see
+    same = C.resolve("llm-tiny", {"noble.init_only": True}, ["noble.rank=4", "noble.mix_lr_power=0",
+                                                              "noble.up_init_scale=0.1", "noble.kernel=torch"])
+    assert C.run_id(same) == C.run_id(ctl)
+    other = [C.resolve("llm-tiny", {"noble.init_only": True}, [s])
+             for s in ("noble.main_init_scale=0.25", "noble.targets=mlp")]
+    assert len({C.run_id(c) for c in other + [ctl]}) == 3
+    assert C.resolve("llm-tiny", {"noble.init_only": True, "noble.targets": "mlp"},
+                     ["noble.main_init_scale=0.25"]).variant == "init-only(main-init 0.25 mlp)"
+    for overrides, sets, message in (
+        ({"noble.init_only": True, "noble.branch": "cosnet"}, [], "noble.init_only is a control without a branch"),
+        ({"noble.init_only": True, "noble.dense_match": True}, [], "noble.init_only is a control without a branch"),
+        ({"noble.init_only": True}, ["noble.main_init_scale=null"], "which is null: set a number > 0"),
+    ):
+        with pytest.raises(NobleError, match=message):
+            C.resolve("llm-tiny", overrides, sets)
+
+
+def test_labels_name_every_branch_setting_away_from_its_default():
+    label = lambda *sets: C.resolve("llm-tiny", {"noble.branch": "cosnet"}, list(sets)).variant  # noqa: E731
+    assert label() == "cosnet r8"
+    assert label("noble.main_init_scale=null") == "cosnet r8 own-init"  # was "cosnet r8" like the paper's init
+    assert label("noble.main_init_scale=0.25") == "cosnet r8 main-init 0.25"
+    assert label("noble.up_init_scale=0.1", "noble.up_lr_power=0.2", "noble.mix_lr_power=0", "noble.freq_lr_mult=1",
+                 "noble.phase_lr_mult=1") == "cosnet r8 up-init 0.1 up-lr^0.2 mix-lr^0 freq-lr x1 phase-lr x1"
+    own = C.resolve("llm-tiny", {"noble.branch": "cosnet"}, ["noble.main_init_scale=null"])
+    # run ids keep the label they always had (existing folders keep their names); the config hash tells them apart
+    assert C.run_id(own).startswith("llm-tiny-cosnet-r8-s0-") and C.run_id(own) != C.run_id(C.resolve(
+        "llm-tiny", {"noble.branch": "cosnet"}))
+    dense = C.resolve("llm-tiny", {"noble.dense_match": True, "noble.targets": "mlp"})
+    assert dense.variant == "dense-matched(cosnet r8 mlp)"
+    assert C.resolve("llm-tiny", {"noble.dense_match": True}).variant == "dense-matched(cosnet r8)"
+
+
+def test_init_only_model_reinitialises_the_targeted_main_weights_and_adds_no_branch():
+    import math
+    import re
+
+    import torch
+
+    from noble_cli.layers import NobleLinear
+
+    cfg = GPTConfig(vocab_size=100, block_size=16, n_layer=2, n_head=2, d_model=64, bias=True)
+
+    def build(noble):
+        torch.manual_seed(0)  # the same draws up to the re-init: untouched weights must come out equal
+        return build_model(GPT, cfg, noble)
+
+    plain = dict(build(C.NobleConfig()).named_parameters())
+    ctl = build(C.NobleConfig(init_only=True))  # the paper's 0.5 on every attention and MLP linear
+    assert not any(isinstance(m, NobleLinear) for m in ctl.modules())
+    assert count_parameters(ctl).branch == 0 and count_parameters(ctl).total == sum(p.numel() for p in plain.values())
+    linear = re.compile(r"blocks\.\d\.(attn\.[qkvo]|mlp\.fc2?)\.(weight|bias)$")
+    for name, p in ctl.named_parameters():
+        if linear.match(name) and name.endswith("weight"):
+            # N(0, (0.5/sqrt(in))^2): in = 64 -> std 0.0625; fc2, in = 256 -> 0.03125 (GPT's own: 0.02, less on fc2/o)
+            assert p.std().item() == pytest.approx(0.5 / math.sqrt(p.shape[1]), rel=0.06), name
+        elif linear.match(name):
+            assert torch.count_nonzero(p) == 0, name  # bias 0
+        else:
+            assert torch.equal(p, plain[name]), name  # embeddings, norms, the head: the model's own init
+    assert plain["blocks.0.attn.q.weight"].std().item() == pytest.approx(0.02, rel=0.06)
+
+    mlp = dict(build(C.NobleConfig(init_only=True, targets="mlp", main_init_scale=0.25)).named_parameters())
+    assert torch.equal(mlp["blocks.1.attn.q.weight"], plain["blocks.1.attn.q.weight"])
+    assert mlp["blocks.1.mlp.fc.weight"].std().item() == pytest.approx(0.25 / 8, rel=0.06)
+    assert mlp["blocks.1.mlp.fc2.weight"].std().item() == pytest.approx(0.25 / 16, rel=0.06)
+
+
+def test_own_init_noble_keeps_the_models_main_weights():
+    import torch
+
+    cfg = GPTConfig(vocab_size=100, block_size=16, n_layer=1, n_head=2, d_model=64)
+    torch.manual_seed(0)
+    plain = dict(build_model(GPT, cfg, C.NobleConfig()).named_parameters())
+    torch.manual_seed(0)
+    own = dict(build_model(GPT, cfg, C.NobleConfig(branch="cosnet", rank=4, main_init_scale=None)).named_parameters())
+    assert torch.equal(own["blocks.0.attn.q.weight"], plain["blocks.0.attn.q.weight"])
+    assert "blocks.0.attn.q.down.weight" in own

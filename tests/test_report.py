@@ -16,7 +16,8 @@ from noble_cli.errors import NobleError
 from noble_cli.report import build_report, load_report
 from noble_cli.report.cli import parse_formats, report
 from noble_cli.report.figures import steps_to_target
-from noble_cli.report.stats import betainc, one_sample_t_test, t_sf_two_sided
+from noble_cli.report.render import display_rows, headlines
+from noble_cli.report.stats import estimate, paired
 
 STEPS = [100, 200, 300, 400]
 PAIR = "pairA"
@@ -26,33 +27,38 @@ def write_run(root: Path, run_id: str, *, variant: str, evals: list[float], seed
               recipe: str = "tiny", pair_key: str = PAIR, variant_key: str | None = None, step_time: float = 0.1,
               median: float | None = "same", params_total: int = 1000, status: str = "completed",
               eval_rows_separate: bool = False, top1: list[float] | None = None, created_at: str = "2026-01-01",
-              summary: bool = True) -> Path:
+              summary: bool = True, step_times: list[float] | None = None, bpb: list[float] | None = None,
+              meta_extra: dict | None = None, noble: dict | None = None) -> Path:
     """A run folder per the contract. Training rows every 50 steps with step_time_s = `step_time` (the first row is
-    a slow warm-up step of 5 s) and wallclock_s = step_time * step; eval points at STEPS. Eval rows are either in
-    the same rows as training (merged) or separate rows with only step, wallclock_s and eval columns."""
+    a slow warm-up step of 5 s; `step_times` gives the other seven instead) and wallclock_s = step_time * step; eval
+    points at STEPS (with eval_bpb = `bpb`). Eval rows are either in the same rows as training (merged) or separate
+    rows with only step, wallclock_s and eval columns."""
     d = root / "runs" / run_id
     d.mkdir(parents=True)
     vkey = variant_key or ("base" if baseline else variant.replace(" ", "_"))
     (d / "config.yaml").write_text(yaml.safe_dump({
         "recipe": recipe, "task": "lm", "seed": seed, "name": run_id, "model": {}, "data": {}, "optim": {"lr": 1e-3},
         "schedule": {}, "trainer": {"max_steps": 400, "batch_size": 8},
-        "noble": {"branch": "none" if baseline else variant.split()[0], "rank": 32, "targets": "all",
-                  "dense_match": False}}))
+        "noble": noble or {"branch": "none" if baseline else variant.split()[0], "rank": 32, "targets": "all",
+                           "dense_match": False}}))
     (d / "meta.json").write_text(json.dumps({
         "run_id": run_id, "recipe": recipe, "task": "classify" if top1 else "lm", "variant": variant,
         "variant_key": vkey, "pair_key": pair_key, "seed": seed, "is_baseline": baseline, "max_steps": 400,
         "git_commit": "abc", "git_dirty": False, "versions": {}, "device": "cpu", "params_total": params_total,
-        "params_branch": 0 if baseline else params_total - 1000, "created_at": created_at}))
+        "params_branch": 0 if baseline else params_total - 1000, "created_at": created_at, **(meta_extra or {})}))
     rows = []
-    for s in range(50, 401, 50):
-        rows.append({"step": s, "train_loss": 5.0 - s / 200, "step_time_s": 5.0 if s == 50 else step_time,
-                     "wallclock_s": step_time * s})
-    ev = {s: (loss, (top1[i] if top1 else None)) for i, (s, loss) in enumerate(zip(STEPS, evals))}
+    for i, s in enumerate(range(50, 401, 50)):
+        st = 5.0 if s == 50 else (step_times[i - 1] if step_times else step_time)
+        rows.append({"step": s, "train_loss": 5.0 - s / 200, "step_time_s": st, "wallclock_s": step_time * s})
+    ev = {s: (loss, (top1[i] if top1 else None), (bpb[i] if bpb else None))
+          for i, (s, loss) in enumerate(zip(STEPS, evals))}
     if eval_rows_separate:
-        for s, (loss, t1) in ev.items():
+        for s, (loss, t1, b) in ev.items():
             row = {"step": s, "wallclock_s": step_time * s, "eval_loss": loss}
             if top1:
                 row["eval_top1"] = t1
+            if bpb:
+                row["eval_bpb"] = b
             rows.append(row)
     else:
         for row in rows:
@@ -60,6 +66,8 @@ def write_run(root: Path, run_id: str, *, variant: str, evals: list[float], seed
                 row["eval_loss"] = ev[row["step"]][0]
                 if top1:
                     row["eval_top1"] = ev[row["step"]][1]
+                if bpb:
+                    row["eval_bpb"] = ev[row["step"]][2]
     pd.DataFrame(rows).to_csv(d / "metrics.csv", index=False)
     if summary:
         summ = {"best_eval_loss": min(evals), "best_step": STEPS[evals.index(min(evals))],
@@ -147,36 +155,55 @@ def test_per_run_figures(results: Path):
 
 
 def test_summary_across_seeds(results: Path):
+    """Mean, 95% CI and p-value worked out by hand (t quantile from a table: t_{0.975, 2} = 4.302653)."""
     _, summary, _ = build_report(results)
     cos = row(summary, "cosnet r32")
-    assert cos["n"] == 3 and cos["reached"] == "3/3"
+    assert cos["n"] == 3 and cos["reached"] == "3/3" and not cos["censored"]
     # speedups: 1.5 (c0), 400/200 = 2.0 (c1: 3.2 reached exactly at 200), 1.090909 (c2)
     # mean = 4.590909 / 3 = 1.530303; deviations -0.030303, 0.469697, -0.439394;
     # squares 0.000918 + 0.220615 + 0.193067 = 0.414600; / 2 = 0.207300; sqrt = 0.455302
+    # CI: 1.530303 ± 4.302653 * 0.455302 / sqrt(3) = 1.530303 ± 1.131034 -> [0.399269, 2.661337]
+    # p vs 1: t = 0.530303 / 0.262869 = 2.017366; df = 2: p = 1 - t / sqrt(2 + t^2) = 1 - 2.017366 / 2.463688 = 0.181161
     assert cos["step_speedup"] == pytest.approx(1.530303, abs=1e-5)
     assert cos["step_speedup_std"] == pytest.approx(0.455302, abs=1e-5)
+    assert cos["step_speedup_ci_low"] == pytest.approx(0.399269, abs=1e-5)
+    assert cos["step_speedup_ci_high"] == pytest.approx(2.661337, abs=1e-5)
+    assert cos["p_value_speedup"] == pytest.approx(0.181161, abs=1e-5)
     # wall-clock: 40/32 = 1.25, 40/(0.12*200) = 1.666667, 40/(0.12*366.667) = 0.909091 -> mean 1.275253
     assert cos["wallclock_speedup"] == pytest.approx(1.275253, abs=1e-5)
     # final deltas -0.2, -0.15, -0.05: mean -0.133333, sd 0.076376, t = -0.133333 / (0.076376/sqrt 3) = -3.02372
     # df = 2 has a closed form: p = 1 - |t| / sqrt(2 + t^2) = 1 - 3.02372 / 3.33809 = 0.094175
+    # CI: -0.133333 ± 4.302653 * 0.076376 / sqrt(3) = -0.133333 ± 0.189729 -> [-0.323062, 0.056396]
     assert cos["final_eval_loss_delta"] == pytest.approx(-0.133333, abs=1e-5)
     assert cos["final_eval_loss_delta_std"] == pytest.approx(0.076376, abs=1e-5)
     assert cos["p_value"] == pytest.approx(0.094175, abs=1e-4)
+    assert cos["final_eval_loss_delta_ci_low"] == pytest.approx(-0.323062, abs=1e-5)
+    assert cos["final_eval_loss_delta_ci_high"] == pytest.approx(0.056396, abs=1e-5)
     assert cos["param_overhead"] == pytest.approx(0.05)
+    # step time +20% in every seed, and no timing noise at all (every baseline at 0.1 s, constant within runs)
+    assert cos["step_time_overhead"] == pytest.approx(0.2) and cos["timing_noise"] == pytest.approx(0.0)
+    assert not cos["timing_noisy"]
     assert cos["best"]
 
-    gelu = row(summary, "gelu r32")
+    gelu = row(summary, "gelu r32")  # never reached: upper bound 400/400 in both seeds
     assert gelu["reached"] == "0/2" and math.isnan(gelu["step_speedup"]) and math.isnan(gelu["wallclock_speedup"])
+    assert gelu["step_speedup_bound"] == pytest.approx(1.0)
     assert not gelu["best"]
 
-    tanh = row(summary, "tanh r32")  # reached in seed 0 only: mean over reached = 1.5, no std for one value
-    assert tanh["reached"] == "1/2" and tanh["step_speedup"] == pytest.approx(1.5)
-    assert math.isnan(tanh["step_speedup_std"])
+    # reached in seed 0 only (1.5x): no mean over the seed that reached. Seed 1 needed more than its 400-step budget:
+    # its speedup < 400/400 = 1.0, so the mean over both seeds < (1.5 + 1.0) / 2 = 1.25
+    tanh = row(summary, "tanh r32")
+    assert tanh["reached"] == "1/2" and tanh["censored"] and math.isnan(tanh["step_speedup"])
+    assert tanh["step_speedup_bound"] == pytest.approx(1.25)
+    assert tanh["steps_to_target_bound"] == pytest.approx((266.6667 + 400) / 2, abs=1e-3)
+    assert not tanh["best"] and math.isnan(tanh["p_value_speedup"])
 
     base = row(summary, "baseline")
     assert base["is_baseline"] and base["n"] == 3 and base["step_speedup"] == 1.0
     assert base["target"] == pytest.approx(3.1)  # (3.1 + 3.2 + 3.0) / 3
     assert summary["variant"].iloc[0] == "baseline"  # baseline first
+    # then the variant that reached everywhere, then the censored ones by their bound
+    assert list(summary["variant"]) == ["baseline", "cosnet r32", "tanh r32", "gelu r32"]
 
 
 def test_skipped_with_reasons(results: Path):
@@ -271,17 +298,26 @@ def test_classification_top1(tmp_path: Path):
     assert math.isnan(v["best_top1_std"]) and math.isnan(v["p_value"])  # n = 1
 
 
-def test_t_distribution_against_known_values():
-    assert t_sf_two_sided(2.0, 5) == pytest.approx(0.1019, abs=1e-4)  # t table: two-sided p(t=2, df=5) = 0.1019
-    assert t_sf_two_sided(2.228, 10) == pytest.approx(0.05, abs=2e-4)  # t_{0.975, 10} = 2.228
-    assert t_sf_two_sided(1.0, 1) == pytest.approx(0.5)  # Cauchy: 1 - (2/pi) atan(1) = 0.5
-    assert t_sf_two_sided(1.5, 2) == pytest.approx(1 - 1.5 / math.sqrt(2 + 1.5**2))  # df=2 closed form
-    assert t_sf_two_sided(0.0, 7) == pytest.approx(1.0)
-    assert betainc(2.0, 3.0, 0.4) == pytest.approx(0.5248)  # I_0.4(2,3) = 1 - 0.6^4 - 4*0.4*0.6^3 = 0.5248
-    # paired/one-sample: [1,2,3,4] vs 0: mean 2.5, sd 1.290994, t = 2.5 / (1.290994/2) = 3.872983, df 3
-    t, p = one_sample_t_test([1, 2, 3, 4])
-    assert t == pytest.approx(3.872983, abs=1e-5) and 0.02 < p < 0.05  # t_{0.975,3} = 3.182, t_{0.99,3} = 4.541
-    assert math.isnan(one_sample_t_test([1.0])[1])
+def test_estimates_against_closed_forms():
+    # [1,2,3,4] vs 0: mean 2.5, sd 1.290994, t = 2.5 / (1.290994/2) = 3.872983, df 3. Student's t with 3 degrees of
+    # freedom: p = 1 - (2/pi) (atan(t/sqrt3) + sqrt3 t / (t^2 + 3)) = 1 - 0.63662 (1.150262 + 0.372678) = 0.030466
+    # CI: 2.5 ± t_{0.975,3} 3.182446 * 0.645497 = 2.5 ± 2.054265
+    e = estimate([1, 2, 3, 4])
+    assert e.mean == 2.5 and e.std == pytest.approx(1.290994, abs=1e-6)
+    assert e.p == pytest.approx(0.030466, abs=1e-5)
+    assert (e.low, e.high) == (pytest.approx(0.445735, abs=1e-5), pytest.approx(4.554265, abs=1e-5))
+    assert estimate([2.0, 3.0], mu=2.5).p == pytest.approx(1.0)
+    one = estimate([1.5])
+    assert one.mean == 1.5 and math.isnan(one.std) and math.isnan(one.low) and math.isnan(one.p)
+    flat = estimate([1.2, 1.2, 1.2], mu=1.0)  # no spread: neither a CI nor a p-value is defined
+    assert flat.mean == pytest.approx(1.2) and flat.std == 0 and math.isnan(flat.p) and math.isnan(flat.low)
+    assert not flat.contains(1.2)
+    # paired: differences [-0.05, -0.02]: mean -0.035, sd 0.021213, t = -2.333333, df 1 (Cauchy):
+    # p = 1 - (2/pi) atan(2.333333) = 0.257762; CI: -0.035 ± t_{0.975,1} 12.706205 * 0.015 = -0.035 ± 0.190593
+    d = paired([1.45, 1.50], [1.50, 1.52])
+    assert d.mean == pytest.approx(-0.035) and d.p == pytest.approx(0.257762, abs=1e-5)
+    assert (d.low, d.high) == (pytest.approx(-0.225593, abs=1e-5), pytest.approx(0.155593, abs=1e-5))
+    assert paired([1.0, math.nan, 2.0], [0.5, 0.5, 1.0]).n == 2  # a seed missing on one side is left out
 
 
 def test_files_and_plots(results: Path, tmp_path: Path):
@@ -298,7 +334,8 @@ def test_files_and_plots(results: Path, tmp_path: Path):
     gelu = csv[csv["variant"] == "gelu r32"].iloc[0]
     assert math.isnan(gelu["step_speedup"]) and gelu["reached"] == "0/2"
     md = (out / "report.md").read_text()
-    assert "not reached" in md and "## Skipped" in md and "corrupt meta.json" in md and "1/2" in md
+    assert "not reached (< 1.00x)" in md and "## Skipped" in md and "corrupt meta.json" in md and "1/2" in md
+    assert "< 1.25x" in md and "1.53x [0.40, 2.66]" in md and "## Headline" in md
     for name in ("tiny_eval_loss_vs_step.png", "tiny_eval_loss_vs_wallclock.png", "tiny_speedup.png"):
         assert (out / name).stat().st_size > 1000 and out / name in written
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -320,6 +357,7 @@ def test_cli(results: Path):
     res = runner.invoke(_app(), ["report", str(results), "--no-plots"], env={"COLUMNS": "250"})
     assert res.exit_code == 0, res.output
     assert "cosnet r32" in res.output and "not reached" in res.output and "Skipped" in res.output
+    assert "vs the baseline" in res.output and "no dense-matched control or init-only control" in res.output
     assert (results / "report" / "report.md").exists() and (results / "report" / "report.csv").exists()
     assert not list((results / "report").glob("*.png"))
 
@@ -355,3 +393,182 @@ def test_parse_formats():
     assert parse_formats("md, CSV,md") == ["md", "csv"]
     with pytest.raises(NobleError, match="valid: md, csv"):
         parse_formats("pdf")
+
+
+# --- censoring, timing noise, FLOPs, bpb, controls, labels ------------------------------------------------------------
+def test_a_seed_that_never_reaches_gives_a_bound_from_the_budget_and_no_best(tmp_path: Path):
+    r = tmp_path / "res"
+    for seed in (0, 1):  # the baselines reach their best (3.0) at step 300 of the 400-step budget
+        write_run(r, f"b{seed}", variant="baseline", baseline=True, seed=seed, evals=[4.0, 3.5, 3.0, 3.05])
+    # seed 0 reaches 3.0 between 200 (3.2) and 300 (2.9): 200 + 100 * 0.2 / 0.3 = 266.67 -> 300 / 266.67 = 1.125
+    write_run(r, "v0", variant="cosnet r32", seed=0, evals=[3.9, 3.2, 2.9, 2.8])
+    # seed 1 is not at 3.0 by the end of its 400 steps: its speedup is < 300 / 400 = 0.75
+    write_run(r, "v1", variant="cosnet r32", seed=1, evals=[3.9, 3.5, 3.2, 3.1])
+    for seed in (0, 1):  # never, in either seed: < (0.75 + 0.75) / 2
+        write_run(r, f"g{seed}", variant="gelu r32", seed=seed, evals=[4.0, 3.6, 3.3, 3.2], params_total=1040)
+    rep = load_report(r)
+    cos = row(rep.summary, "cosnet r32")
+    # the seed that reached alone would say 1.125x; over both seeds the mean is < (1.125 + 0.75) / 2 = 0.9375
+    assert cos["reached"] == "1/2" and math.isnan(cos["step_speedup"])
+    assert cos["step_speedup_bound"] == pytest.approx(0.9375)
+    # wall-clock alike: seed 0 30 s / 26.67 s = 1.125; seed 1 30 s / its whole 40 s = 0.75
+    assert cos["wallclock_speedup_bound"] == pytest.approx(0.9375)
+    assert cos["steps_to_target_bound"] == pytest.approx((266.6667 + 400) / 2, abs=1e-3)
+    assert not rep.summary["best"].any()
+    _, rows, best = display_rows(rep.summary)
+    cells = {rw[1]: rw for rw in rows}
+    assert "< 0.94x" in cells["cosnet r32"] and "1.12x" not in " ".join(cells["cosnet r32"])
+    assert "not reached (< 0.75x)" in cells["gelu r32"] and not any(best)
+    (title, lines), = headlines(rep)
+    assert "no best variant" in lines[0]
+    assert "cosnet r32: step speedup < 0.94x (1/2 seeds reached)" in lines[1]
+
+
+def test_timing_noise_larger_than_the_effect_is_labelled_noise(tmp_path: Path):
+    r = tmp_path / "res"
+    ev, fast = [4.0, 3.5, 3.2, 3.1], [3.9, 3.3, 3.0, 2.9]
+    # Across the baseline's seeds: median step times 0.10 and 0.13 s: std 0.021213 / mean 0.115 = 0.184463.
+    # The variant's: 0.11 and 0.12 s: overheads +10% and -7.69%, mean +1.15%: far inside the noise.
+    for seed, (b, v) in enumerate([(0.10, 0.11), (0.13, 0.12)]):
+        write_run(r, f"b{seed}", variant="baseline", baseline=True, seed=seed, step_time=b, evals=ev, recipe="shared")
+        write_run(r, f"v{seed}", variant="cosnet r32", seed=seed, step_time=v, evals=fast, recipe="shared")
+    # Within a run: steps alternating 0.1 / 0.2 s (median 0.12 in summary.json: +20% over the baseline's 0.1).
+    # After the warm-up row, sorted 0.1 x4, 0.2 x3: quartiles 0.1, 0.1, 0.2 -> IQR 0.1 / 1.349 / 0.1 = 0.741290.
+    # The typical within-run spread of the variants (0.741290) and baselines (0): median 0.370645 > 0.2.
+    jitter = [0.1, 0.2, 0.1, 0.2, 0.1, 0.2, 0.1]
+    for seed in (0, 1):
+        write_run(r, f"jb{seed}", variant="baseline", baseline=True, seed=seed, evals=ev, recipe="jittery")
+        write_run(r, f"jv{seed}", variant="cosnet r32", seed=seed, step_time=0.12, step_times=jitter, evals=fast,
+                  recipe="jittery")
+    # and a clean case: a steady +20% with no noise anywhere is reported
+    for seed in (0, 1):
+        write_run(r, f"cb{seed}", variant="baseline", baseline=True, seed=seed, evals=ev, recipe="steady")
+        write_run(r, f"cv{seed}", variant="cosnet r32", seed=seed, step_time=0.12, evals=fast, recipe="steady")
+    rep = load_report(r)
+    s = rep.summary.set_index(["recipe", "variant"])
+    shared, jittery, steady = s.loc[("shared", "cosnet r32")], s.loc[("jittery", "cosnet r32")], \
+        s.loc[("steady", "cosnet r32")]
+    assert shared["step_time_overhead"] == pytest.approx(0.011538, abs=1e-6)
+    assert shared["timing_noise"] == pytest.approx(0.184463, abs=1e-6) and shared["timing_noisy"]
+    assert jittery["step_time_overhead"] == pytest.approx(0.2)
+    assert jittery["timing_noise"] == pytest.approx(0.370645, abs=1e-6) and jittery["timing_noisy"]
+    assert rep.runs_table.set_index("run_id").loc["jv0", "step_time_spread"] == pytest.approx(0.741290, abs=1e-6)
+    assert steady["timing_noise"] == 0 and not steady["timing_noisy"]
+    _, rows, _ = display_rows(rep.summary)
+    cells = {(rw[0], rw[1]): rw for rw in rows}
+    assert cells[("shared", "cosnet r32")].count("noise ±18%") == 2  # wall-clock speedup and step time
+    assert cells[("jittery", "cosnet r32")].count("noise ±37%") == 2
+    # steady: wall-clock 40 s / (0.12 * 266.67 = 32 s) = 1.25 (seed 0), 40 / (0.12 * 266.67) again (seed 1)
+    assert "1.25x" in cells[("steady", "cosnet r32")] and "+20.0%" in cells[("steady", "cosnet r32")]
+    assert "100 ms ± 0" in cells[("steady", "baseline")]
+    shared_base = rep.summary[(rep.summary["recipe"] == "shared") & rep.summary["is_baseline"]].iloc[0]
+    assert shared_base["median_step_time_s_std"] == pytest.approx(0.021213, abs=1e-6)  # the spread is shown
+
+
+def test_flops_and_bits_per_byte(tmp_path: Path):
+    r = tmp_path / "res"
+    ev = [4.0, 3.5, 3.2, 3.1]
+    per_step = {"baseline": 1.0e9, "cosnet r32": 1.067e9}
+    for seed, (base_bpb, var_bpb) in enumerate([(1.50, 1.45), (1.52, 1.50)]):
+        for v, final in ((("baseline", base_bpb)), ("cosnet r32", var_bpb)):
+            flops = {"flops_per_step": per_step[v], "flops_per_item": per_step[v] / 512, "flops_item": "tokens"}
+            write_run(r, f"{v[:3]}{seed}", variant=v, baseline=v == "baseline", seed=seed, evals=ev,
+                      bpb=[2.0, 1.8, 1.6, final], meta_extra=flops)
+        write_run(r, f"old{seed}", variant="gelu r32", seed=seed, evals=ev)  # an older folder: no FLOPs, no bpb
+    rep = load_report(r)
+    cos, gelu = row(rep.summary, "cosnet r32"), row(rep.summary, "gelu r32")
+    # +6.7% per step; per token (512 a step): 0.067e9 / 512 = 130859.375
+    assert cos["flops_overhead"] == pytest.approx(0.067) and cos["extra_flops_per_step"] == pytest.approx(6.7e7)
+    assert cos["extra_flops_per_item"] == pytest.approx(130859.375)
+    assert math.isnan(gelu["flops_overhead"])
+    # bpb deltas -0.05 and -0.02: mean -0.035 [-0.225593, 0.155593], paired t-test p = 0.257762 (df 1, by hand in
+    # test_estimates_against_closed_forms); best bpb 1.45 and 1.50 -> 1.475
+    assert cos["final_eval_bpb_delta"] == pytest.approx(-0.035)
+    assert cos["final_eval_bpb_delta_ci_low"] == pytest.approx(-0.225593, abs=1e-5)
+    assert cos["p_value_bpb"] == pytest.approx(0.257762, abs=1e-5) and cos["best_eval_bpb"] == pytest.approx(1.475)
+    headers, rows, _ = display_rows(rep.summary)
+    cells = {rw[1]: dict(zip(headers, rw)) for rw in rows}
+    assert cells["cosnet r32"]["FLOPs/step"] == "+6.7% (+131k/token)"
+    assert cells["baseline"]["FLOPs/step"] == "1G/step" and cells["gelu r32"]["FLOPs/step"] == "-"
+    assert cells["cosnet r32"]["Δ bpb [95% CI]"] == "-0.0350 [-0.2256, +0.1556]"
+    assert cells["cosnet r32"]["final bpb"] == "1.4750 ± 0.0354"
+
+
+def test_noble_rows_against_the_dense_matched_and_init_only_controls(tmp_path: Path):
+    r = tmp_path / "res"
+    curves = {  # seed 0, seed 1
+        "baseline": ([4.0, 3.5, 3.2, 3.1], [4.0, 3.6, 3.3, 3.2]),
+        "cosnet r32": ([3.9, 3.3, 3.0, 2.9], [3.9, 3.2, 3.0, 2.9]),
+        "dense-matched(cosnet r32)": ([4.0, 3.4, 3.1, 3.0], [4.0, 3.4, 3.1, 2.95]),
+        "init-only(main-init 0.5)": ([3.9, 3.3, 3.05, 2.95], [3.9, 3.3, 3.05, 2.85]),
+    }
+    for v, seeds in curves.items():
+        for seed, ev in enumerate(seeds):
+            # the dense-matched runs are from before meta.json recorded a role: their label says what they are
+            extra = {"role": "init"} if v.startswith("init") else {}
+            write_run(r, f"{v[:4]}{seed}", variant=v, baseline=v == "baseline", seed=seed, evals=ev, meta_extra=extra)
+    rep = load_report(r)
+    assert set(rep.runs_table["role"]) == {"baseline", "noble", "dense", "init"}
+    c = rep.controls.set_index("reference")
+    dense, init = c.loc["dense-matched(cosnet r32)"], c.loc["init-only(main-init 0.5)"]
+    # vs dense, target = the dense control's best: seed 0 3.0 at 400, cosnet there at 300 -> 1.333333; seed 1 2.95 at
+    # 400, cosnet between 300 (3.0) and 400 (2.9) at 350 -> 1.142857. Mean 1.238095, sd 0.134687,
+    # CI 1.238095 ± 12.706205 * 0.134687 / sqrt 2 -> [0.027981, 2.448210]; t = 2.5, p = 1 - (2/pi) atan 2.5 = 0.242238
+    assert dense["variant"] == "cosnet r32" and dense["reached"] == "2/2"
+    assert dense["step_speedup"] == pytest.approx(1.238095, abs=1e-6)
+    assert (dense["step_speedup_ci_low"], dense["step_speedup_ci_high"]) == (
+        pytest.approx(0.027981, abs=1e-5), pytest.approx(2.448210, abs=1e-5))
+    assert dense["p_value_speedup"] == pytest.approx(0.242238, abs=1e-5)
+    # final losses vs dense: -0.1 and -0.05: mean -0.075, p = 1 - (2/pi) atan 3 = 0.204833
+    assert dense["final_eval_loss_delta"] == pytest.approx(-0.075) and dense["p_value"] == pytest.approx(0.204833, 1e-4)
+    # vs init-only: seed 0 target 2.95, cosnet at 350 -> 1.142857; seed 1 target 2.85 never reached: < 400/400.
+    assert init["reached"] == "1/2" and math.isnan(init["step_speedup"])
+    assert init["step_speedup_bound"] == pytest.approx((1.142857 + 1.0) / 2, abs=1e-6)
+    # vs the baseline the init-only control alone is 1.55x: seed 0 280 steps (1.428571), seed 1 240 (1.666667)
+    assert row(rep.summary, "init-only(main-init 0.5)")["step_speedup"] == pytest.approx(1.547619, abs=1e-6)
+    (title, lines), = headlines(rep)
+    assert lines[0].startswith("vs the baseline (target: each seed's baseline best eval loss): best variant cosnet r32")
+    assert any(x.startswith("vs the dense-matched control dense-matched(cosnet r32), cosnet r32: step speedup "
+                            "1.24x [0.03, 2.45]") for x in lines)
+    assert any(x.startswith("vs the init-only control init-only(main-init 0.5), cosnet r32: step speedup < 1.07x "
+                            "(1/2 seeds reached)") for x in lines)
+    md = load_report(r)
+    from noble_cli.report.render import to_markdown
+
+    text = to_markdown(md)
+    assert "## NOBLE vs the dense-matched control" in text and "## NOBLE vs the init-only control" in text
+
+
+def test_two_variants_that_share_a_label_get_labels_that_tell_them_apart(tmp_path: Path):
+    """Folders written before labels named noble.main_init_scale: two CosNet runs both labelled "cosnet r8"."""
+    r = tmp_path / "res"
+    ev = [4.0, 3.5, 3.2, 3.1]
+    write_run(r, "b0", variant="baseline", baseline=True, evals=ev)
+    write_run(r, "paper", variant="cosnet r8", variant_key="k-paper", evals=ev,
+              noble={"branch": "cosnet", "rank": 8, "main_init_scale": 0.5})
+    write_run(r, "own", variant="cosnet r8", variant_key="k-own", evals=ev,
+              noble={"branch": "cosnet", "rank": 8, "main_init_scale": None})
+    # two more with the same label and no usable config: told apart by their variant keys
+    write_run(r, "x1", variant="gelu r8", variant_key="aaaaaa111", evals=ev, noble={"branch": "gelu", "bogus": 1})
+    write_run(r, "x2", variant="gelu r8", variant_key="bbbbbb222", evals=ev, noble={"branch": "gelu", "bogus": 2})
+    rep = load_report(r)
+    labels = set(rep.summary["variant"])
+    assert {"cosnet r8", "cosnet r8 own-init"} <= labels
+    assert {"gelu r8 (aaaaaa)", "gelu r8 (bbbbbb)"} <= labels
+
+
+def test_a_report_of_one_sweep_in_a_shared_results_folder(tmp_path: Path):
+    """Studies share runs (one baseline trained once) in one results folder; `--sweep` reports one study's."""
+    r = tmp_path / "res"
+    for rid, v in (("b0", "baseline"), ("c0", "cosnet r32"), ("g0", "gelu r32")):
+        write_run(r, rid, variant=v, baseline=v == "baseline", evals=[4.0, 3.5, 3.2, 3.1])
+    entry = {"index": 0, "variant": "", "role": "noble", "seed": 0, "status": "done", "config": {}}
+    sweep = r / "sweeps" / "study-x"
+    sweep.mkdir(parents=True)
+    (sweep / "manifest.json").write_text(json.dumps({"name": "study-x", "runs": [
+        {**entry, "run_id": rid, "run_dir": f"runs/{rid}"} for rid in ("b0", "c0", "later")]}))
+    runs, summary, skipped = build_report(r, sweeps=["study-x"])
+    assert set(runs["run_id"]) == {"b0", "c0"} and not skipped  # g0 is another study's; "later" not trained yet
+    res = CliRunner().invoke(_app(), ["report", str(r), "--sweep", "study-y", "--no-plots"])
+    assert isinstance(res.exception, NobleError)
+    assert str(res.exception) == f"no sweep 'study-y' under {r}/sweeps; valid: study-x"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -192,6 +193,85 @@ def test_bad_input_is_one_line_noble_error():
         assert text in msg and "\n" not in msg, msg
     with pytest.raises(NobleError, match="malformed --seeds"):
         grids.parse_seeds("1,,x")
+
+
+def test_controls_ablation_plan_and_dry_run(tmp_path, fake):
+    """`noble ablate controls`: baseline, NOBLE, dense-matched, init-only and own-init per seed, one comparison."""
+    result = CliRunner().invoke(ablate_app, ["controls", "--seeds", "0,1", "--max-steps", "10", "--set", TINY[0],
+                                             "--out", str(tmp_path), "--dry-run"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "10 runs, 0 done" in result.output and "nothing trained" in result.output
+    for label in ("baseline", "cosnet r8", "dense-matched(cosnet r8)", "init-only(main-init 0.5)",
+                  "cosnet r8 own-init"):
+        assert len(re.findall(rf"│ {re.escape(label)} +│", result.output)) == 2, label  # one per seed
+    assert fake.calls() == [] and not (tmp_path / "sweeps").exists()
+
+    plan = grids.controls_sweep("llm-tiny", [0, 1], max_steps=10, sets=TINY)
+    assert [r.role for r in plan.runs] == ["baseline", "noble", "dense", "init", "own-init"] * 2
+    for seed in (0, 1):
+        runs = {r.role: r for r in plan.runs if r.seed == seed}
+        assert len({C.pair_key(r.cfg) for r in runs.values()}) == 1  # all pair with this seed's baseline
+        init, own, noble = runs["init"].cfg.noble, runs["own-init"].cfg.noble, runs["noble"].cfg.noble
+        assert (init.branch, init.init_only, init.main_init_scale, init.targets) == ("none", True, 0.5, "all")
+        assert (own.branch, own.rank, own.main_init_scale) == ("cosnet", 8, None)
+        assert noble.main_init_scale == 0.5 and not noble.init_only
+        assert runs["init"].params_total == runs["baseline"].params_total  # no branch, no widening
+        assert runs["dense"].params_total == pytest.approx(runs["noble"].params_total, rel=0.01)
+    # the baseline, NOBLE and dense-matched runs are those every other sweep of the recipe trains
+    other = grids.activations_sweep("llm-tiny", ["cosnet"], [0], dense_match=True, max_steps=10, sets=TINY,
+                                    check_models=False)
+    assert set(other.run_ids) <= set(plan.run_ids)
+
+
+def test_sweeps_add_controls_like_the_dense_match():
+    plan = grids.activations_sweep("llm-tiny", ["gelu_net"], [0], rank=4, max_steps=10, sets=TINY, check_models=False,
+                                   controls=grids.parse_controls("init-only,own_init,dense"))
+    assert [(r.role, r.variant) for r in plan.runs] == [
+        ("baseline", "baseline"), ("noble", "gelu_net r4"), ("init", "init-only(main-init 0.5)"),
+        ("own-init", "cosnet r4 own-init"), ("dense", "dense-matched(cosnet r4)")]
+    # --dense-match is --controls dense; both at once is one dense-matched run
+    both = grids.layers_sweep("llm-tiny", ["attn"], [0], dense_match=True, controls=["dense", "init"],
+                              check_models=False)
+    assert [r.role for r in both.runs] == ["baseline", "noble", "dense", "init"]
+    plan = grids.ranks_sweep("llm-tiny", [4, 16], [0], controls=["init", "own-init"], check_models=False)
+    assert [r.cfg.noble.rank for r in plan.runs if r.role == "own-init"] == [16]
+    assert any("controls (init, own-init) are those of cosnet r16" in n for n in plan.notes)
+    # vision: the controls under each augmentation setting, paired with that setting's baseline
+    plan = grids.mixup_sweep("vit-tiny", [0], controls=["init"], check_models=False)
+    assert [(r.role, r.group) for r in plan.runs] == [
+        ("baseline", "mixup+cutmix on"), ("noble", "mixup+cutmix on"), ("init", "mixup+cutmix on"),
+        ("baseline", "mixup+cutmix off"), ("noble", "mixup+cutmix off"), ("init", "mixup+cutmix off")]
+    assert plan.runs[5].cfg.variant == "init-only(main-init 0.5) | mixup+cutmix off"
+    assert C.pair_key(plan.runs[5].cfg) == C.pair_key(plan.runs[3].cfg) != C.pair_key(plan.runs[0].cfg)
+    assert grids.parse_controls("none") == [] and grids.parse_controls("") == []
+
+
+def test_controls_that_would_repeat_a_run_are_left_out_with_a_note(tmp_path):
+    recipe = C.load_recipe("llm-tiny")
+    recipe.setdefault("noble", {})["main_init_scale"] = None  # a recipe that already keeps the model's init
+    path = tmp_path / "own.yaml"
+    path.write_text(C.to_yaml(recipe))
+    plan = grids.activations_sweep(str(path), ["cosnet"], [0, 1], controls=["own-init", "init"], check_models=False)
+    assert [r.role for r in plan.runs] == ["baseline", "noble"] * 2  # NOBLE is its own own-init control, and
+    # without a re-init there is nothing for an init-only control to show
+    assert any("own-init control is the same run as another of the sweep (cosnet r8 own-init)" in n
+               for n in plan.notes)
+    assert any("init control is left out: noble.main_init_scale is null" in n for n in plan.notes)
+
+
+def test_bad_controls_are_one_line_errors():
+    runner = CliRunner()
+    cases = [
+        (["activations", "--controls", "dense,wide", "--dry-run"], "unknown control 'wide'; valid: dense, init, "
+                                                                   "none, own-init"),
+        (["controls", "--set", "noble.main_init_scale=0.25", "--dry-run"], "conflicts with `noble ablate controls`"),
+        (["controls", "--set", "noble.init_only=true", "--dry-run"], "conflicts with"),
+        (["controls", "--branch", "none", "--dry-run"], "--branch none is the baseline"),
+    ]
+    for args, text in cases:
+        result = runner.invoke(ablate_app, args)
+        assert isinstance(result.exception, NobleError), (args, result.output, result.exception)
+        assert text in str(result.exception) and "\n" not in str(result.exception), str(result.exception)
 
 
 # --- manifest, resume, definitions ----------------------------------------------------------------------------------

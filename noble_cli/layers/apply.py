@@ -134,6 +134,25 @@ def _nothing_matched(model: nn.Module, targets: str, skipped: list[LinearSite]) 
     return f"targets {targets!r} matched no linear layer; the model's linear layers are: {shown}"
 
 
+def reinit_main_weights(model: nn.Module, targets: str = "all", scale: float = 0.5) -> list[str]:
+    """The init-only control: re-initialize the main weights of the linears `apply_noble` would augment (same
+    `targets`, same selection) as it does, N(0, (scale/sqrt(in))^2) with bias 0, and add no branch.
+
+    The formula is NobleLinear.reset_main's own (called on the plain nn.Linear: it reads only `weight`, `bias` and
+    `in_features`), so the control and a NOBLE run can never drift apart in how they re-initialize.
+    Returns the qualified names of the re-initialized layers.
+    """
+    match = target_matcher(targets)
+    chosen = [(name, layer) for name, _, _, layer in _replaceable_linears(model) if match(name)]
+    if not chosen:
+        names = [n for n, *_ in _replaceable_linears(model)]
+        shown = ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
+        raise NobleError(f"targets {targets!r} matched no linear layer; the model's linear layers are: {shown}")
+    for _, layer in chosen:
+        NobleLinear.reset_main(layer, scale)
+    return [name for name, _ in chosen]
+
+
 def noble_layers(model: nn.Module) -> list[tuple[str, NobleLinear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, NobleLinear)]
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from noble_cli.errors import NobleError
-from noble_cli.report.figures import pair_runs, summarize
+from noble_cli.report.figures import control_runs, pair_runs, summarize
 from noble_cli.report.runs import Run, find_run_dirs, load_runs
 
 
@@ -19,10 +19,30 @@ class Report:
     runs_table: pd.DataFrame  # one row per paired run (figures.RUN_COLUMNS)
     summary: pd.DataFrame  # one row per (recipe, pair_key, variant_key) (figures.SUMMARY_COLUMNS)
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # (run folder, reason)
+    # NOBLE rows against the controls of their pair (dense-matched, init-only): one row per (recipe, pair_key,
+    # control, variant), the same columns, `reference` naming the control
+    controls: pd.DataFrame = field(default_factory=lambda: summarize(pd.DataFrame()))
+    control_runs_table: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
-def load_report(results_dir: Path, exclude: Path | None = None) -> Report:
-    """Load every run folder under `results_dir` and compute the report's tables.
+def sweep_run_dirs(results_dir: Path, sweeps: list[str]) -> set[Path]:
+    """The run folders the named sweeps' manifests list (`<results>/sweeps/<name>/manifest.json`), resolved."""
+    from noble_cli.sweep.manifest import manifest_path, read_manifest
+
+    dirs: set[Path] = set()
+    for name in sweeps:
+        path = manifest_path(results_dir, name)
+        if not path.exists():
+            found = sorted(p.parent.name for p in (Path(results_dir) / "sweeps").glob("*/manifest.json"))
+            valid = ", ".join(found) if found else f"none (run `noble ablate ...` with --out {results_dir} first)"
+            raise NobleError(f"no sweep {name!r} under {results_dir}/sweeps; valid: {valid}")
+        dirs.update((Path(results_dir) / e["run_dir"]).resolve() for e in read_manifest(path)["runs"])
+    return dirs
+
+
+def load_report(results_dir: Path, exclude: Path | None = None, sweeps: list[str] | None = None) -> Report:
+    """Load every run folder under `results_dir` (or only those of the named `sweeps`) and compute the report's
+    tables.
 
     Raises NobleError only when there is nothing to report on (no such folder, or no run folder in it); bad run
     folders end up in `skipped` with a reason. `exclude` is a folder not to search (the report's own output).
@@ -36,16 +56,19 @@ def load_report(results_dir: Path, exclude: Path | None = None) -> Report:
     if not find_run_dirs(results_dir, exclude=exclude):
         raise NobleError(f"no run folders under {results_dir} (none holds a meta.json); "
                          f"train some runs first with `noble train`, or pass the folder that holds them")
-    runs, skipped = load_runs(results_dir, exclude=exclude)
+    only = sweep_run_dirs(results_dir, sweeps) if sweeps else None
+    runs, skipped = load_runs(results_dir, exclude=exclude, only=only)
     runs_table, unpaired = pair_runs(runs)
     unpaired_paths = {p for p, _ in unpaired}
     skipped = sorted(skipped + unpaired, key=lambda t: str(t[0]))
     runs = [r for r in runs if r.path not in unpaired_paths]
-    return Report(results_dir, runs, runs_table, summarize(runs_table), skipped)
+    vs_controls = control_runs(runs)
+    return Report(results_dir, runs, runs_table, summarize(runs_table), skipped,
+                  summarize(vs_controls, by_reference=True), vs_controls)
 
 
-def build_report(results_dir: Path, exclude: Path | None = None
+def build_report(results_dir: Path, exclude: Path | None = None, sweeps: list[str] | None = None
                  ) -> tuple[pd.DataFrame, pd.DataFrame, list[tuple[Path, str]]]:
     """(runs_table, summary_table, skipped) for the runs under `results_dir`; see `load_report`."""
-    rep = load_report(results_dir, exclude=exclude)
+    rep = load_report(results_dir, exclude=exclude, sweeps=sweeps)
     return rep.runs_table, rep.summary, rep.skipped

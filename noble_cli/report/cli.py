@@ -50,18 +50,23 @@ def report(
     format: Annotated[str, typer.Option("--format", "-f", help="Files to write, comma-separated: md, csv.")] = "md,csv",
     plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write PNG plots (eval loss curves, speedup "
                                         "bars).")] = True,
+    sweep: Annotated[Optional[list[str]], typer.Option(
+        "--sweep", metavar="NAME", help="Only the runs of this sweep (its name under RESULTS/sweeps/; repeatable): "
+        "studies that share runs in one results folder each get their own report.")] = None,
 ) -> None:
-    """Compare NOBLE variants with their baselines: speedups, overheads, eval losses, mean ± std over seeds.
+    """Compare NOBLE variants with their baselines and controls: speedups, overheads, eval losses, over seeds.
 
     Finds every run folder (one holding meta.json) under RESULTS, pairs each variant with the baseline of the same
     recipe, budget and seed, and reports per variant: steps to reach the baseline's best eval loss, step and
-    wall-clock speedup, parameter and step-time overhead, final eval loss and its change (with a paired t-test
-    p-value when there are several seeds). Broken, running or unpaired run folders are listed as skipped.
-    Prints a table and writes report.md, report.csv, runs.csv and PNG plots into --out.
+    wall-clock speedup (mean and 95% CI over seeds, or an upper bound where some seed did not reach it), parameter
+    and FLOPs overhead, step-time overhead (or "noise" where timing noise exceeds it), final eval loss (and bits
+    per byte) and its change with a paired t-test. NOBLE rows are also compared with the dense-matched and
+    init-only controls of their pair. Broken, running or unpaired run folders are listed as skipped.
+    Prints headlines and tables and writes report.md, report.csv, controls.csv, runs.csv and PNG plots into --out.
     """
     formats = parse_formats(format)
     out_dir = out if out is not None else results / "report"
-    rep = load_report(results, exclude=out_dir)
+    rep = load_report(results, exclude=out_dir, sweeps=sweep or None)
     written = write_report(rep, out_dir, formats, plots)
     print_report(rep, Console(), written)
     if rep.summary.empty:

@@ -78,30 +78,46 @@ def _curves(ax, runs: list[Run], colors: dict[str, str], x: str, target: float, 
 
 
 def _speedup_bars(ax, summary: pd.DataFrame) -> None:
-    variants = summary[~summary["is_baseline"]]
+    """Step and wall-clock speedup per variant: the mean with its 95% CI where every seed reached the target; where
+    some did not, an empty (hatched) bar up to the upper bound, marked "<"; no wall-clock bar where timing is
+    noise."""
+    variants = summary[~summary["is_baseline"].astype(bool)]
     xs = np.arange(len(variants))
     w = 0.38
+    tops = np.ones(len(variants))
     for off, col, label, color in ((-w / 2, "step_speedup", "step speedup", "tab:blue"),
                                    (w / 2, "wallclock_speedup", "wall-clock speedup", "tab:orange")):
+        full = (variants["reached_k"] == variants["n"]).to_numpy()
+        noisy = variants["timing_noisy"].astype(bool).to_numpy() if col == "wallclock_speedup" else np.zeros(
+            len(variants), bool)
         means = variants[col].to_numpy(float)
-        stds = np.nan_to_num(variants[f"{col}_std"].to_numpy(float), nan=0.0)
-        ok = ~np.isnan(means)
-        ax.bar(xs[ok] + off, means[ok], w, yerr=stds[ok], capsize=4, color=color, alpha=0.85, label=label)
+        lo, hi = variants[f"{col}_ci_low"].to_numpy(float), variants[f"{col}_ci_high"].to_numpy(float)
+        ok = full & ~np.isnan(means) & ~noisy
+        err = np.nan_to_num(np.vstack([means - lo, hi - means]), nan=0.0)[:, ok]
+        ax.bar(xs[ok] + off, means[ok], w, yerr=err, capsize=4, color=color, alpha=0.85, label=label)
+        bounds = variants[f"{col}_bound"].to_numpy(float)
+        cens = ~full & ~np.isnan(bounds) & ~noisy
+        ax.bar(xs[cens] + off, bounds[cens], w, fill=False, hatch="//", edgecolor=color,
+               label=f"{label}: upper bound (some seeds not reached)" if cens.any() else None)
+        for i in np.nonzero(cens)[0]:
+            ax.text(xs[i] + off, bounds[i], "<", ha="center", va="bottom", fontsize=9, color=color)
+        for i in np.nonzero(noisy)[0]:
+            ax.text(xs[i] + off, 0.05, "timing\nnoise", ha="center", va="bottom", fontsize=7, color=color,
+                    rotation=90)
+        tops = np.fmax(tops, np.where(ok, np.nan_to_num(hi, nan=0.0), 0.0))
+        tops = np.fmax(tops, np.where(ok, means, 0.0))
+        tops = np.fmax(tops, np.where(cens, bounds, 0.0))
     for i, (_, r) in enumerate(variants.iterrows()):
-        if r["reached_k"] == 0:
-            ax.text(i, 1.02, f"not reached\n(0/{r['n']})", ha="center", va="bottom", fontsize=8, color="tab:red")
-        elif r["reached_k"] < r["n"]:
-            tops = [r[c] + (0 if _nan(r[f"{c}_std"]) else r[f"{c}_std"]) for c in ("step_speedup",
-                                                                                    "wallclock_speedup")]
-            top = np.nanmax(tops)
-            ax.text(i, top + 0.02, f"{r['reached']} reached", ha="center", va="bottom", fontsize=8)
+        if r["reached_k"] < r["n"]:
+            ax.text(i, tops[i] + 0.04, f"{r['reached']} reached", ha="center", va="bottom", fontsize=8,
+                    color="tab:red")
     ax.set_xlim(-0.6, len(variants) - 0.4)
     ax.axhline(1.0, color="black", linestyle="--", linewidth=1, label="baseline (1.00x)")
     ax.set_xticks(xs)
     ax.set_xticklabels(variants["variant"], rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("speedup to the baseline's best eval loss (x)")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
 
 
 def make_plots(rep: Report, out_dir: Path) -> list[Path]:
@@ -143,6 +159,6 @@ def make_plots(rep: Report, out_dir: Path) -> list[Path]:
             fig = Figure(figsize=(max(5.0, 1.1 * (~summ["is_baseline"]).sum() + 3), 4.5))
             ax = fig.add_subplot()
             _speedup_bars(ax, summ)
-            ax.set_title(f"{recipe}: speedup (mean ± std over seeds that reached)")
+            ax.set_title(f"{recipe}: speedup vs the baseline (mean, 95% CI; '<' upper bound)")
             written.append(_save(fig, out_dir / f"{stem}_speedup.png"))
     return written

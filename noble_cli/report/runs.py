@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -50,15 +50,32 @@ class Run:
     params_branch: float
     created_at: str
     median_step_time_s: float
-    evals: pd.DataFrame  # step, eval_loss, wallclock_s (interpolated where missing), eval_top1 (if any); sorted
+    evals: pd.DataFrame  # step, eval_loss, wallclock_s (interpolated where missing), eval_top1/eval_bpb (if any)
     wallclock: pd.DataFrame  # step, wallclock_s over every row that has both; sorted, for interpolation
     meta: dict = field(default_factory=dict)
     summary: dict = field(default_factory=dict)
     config: dict | None = None
+    role: str = "noble"  # baseline | noble | dense (dense-matched control) | init (init-only control)
+    step_time_spread: float = math.nan  # within-run relative std of step_time_s (robust: IQR-based), warm-up out
+    flops_per_step: float = math.nan  # meta.json (runs from before it was recorded: NaN)
+    flops_per_item: float = math.nan
+    flops_item: str = ""  # what an item is: tokens, images
 
     @property
     def has_top1(self) -> bool:
         return "eval_top1" in self.evals.columns and self.evals["eval_top1"].notna().any()
+
+    @property
+    def budget(self) -> float:
+        """The step budget (meta's max_steps), else the last eval step: a run not at the target by then never
+        reached it within its budget."""
+        last = float(self.evals["step"].iloc[-1])
+        return self.max_steps if not math.isnan(self.max_steps) and self.max_steps > 0 else last
+
+    @property
+    def final_wallclock_s(self) -> float:
+        """Training time at the last logged step (NaN if none)."""
+        return float(self.wallclock["wallclock_s"].iloc[-1]) if not self.wallclock.empty else math.nan
 
     def wallclock_at(self, step: float) -> float:
         """Cumulative training time at a (possibly fractional) step, linearly interpolated; NaN if unknown."""
@@ -148,18 +165,52 @@ def read_metrics(path: Path) -> pd.DataFrame:
     return df.groupby("step", sort=True, as_index=False).first()
 
 
+def _step_times(metrics: pd.DataFrame) -> pd.Series:
+    """The logged step times, the first WARMUP_FRACTION of them (compilation, caches) dropped."""
+    if "step_time_s" not in metrics.columns:
+        return pd.Series(dtype=float)
+    st = metrics["step_time_s"].dropna()
+    st = st[st > 0]
+    warm = int(math.ceil(WARMUP_FRACTION * len(st))) if len(st) >= 2 else 0
+    return st.iloc[warm:].astype(float)
+
+
 def _median_step_time(summary: dict, metrics: pd.DataFrame) -> float:
     v = _as_float(summary.get("median_step_time_s"))
     if not math.isnan(v) and v > 0:
         return v
-    if "step_time_s" not in metrics.columns:
+    st = _step_times(metrics)
+    return float(st.median()) if not st.empty else math.nan
+
+
+IQR_PER_SIGMA = 1.349  # a normal distribution's interquartile range in standard deviations
+
+
+def _step_time_spread(metrics: pd.DataFrame) -> float:
+    """How much a run's step time moves within the run, as a relative standard deviation that outliers (an eval,
+    a checkpoint write) cannot inflate: interquartile range / 1.349 / median (numpy's linear quantiles), warm-up
+    excluded. On a shared CPU it is often tens of percent. NaN with fewer than 4 steps."""
+    st = _step_times(metrics).to_numpy(float)
+    if len(st) < 4:
         return math.nan
-    st = metrics["step_time_s"].dropna()
-    st = st[st > 0]
-    if st.empty:
-        return math.nan
-    warm = int(math.ceil(WARMUP_FRACTION * len(st))) if len(st) >= 2 else 0
-    return float(st.iloc[warm:].median())
+    q25, q50, q75 = np.percentile(st, [25, 50, 75])
+    return float((q75 - q25) / IQR_PER_SIGMA / q50) if q50 > 0 else math.nan
+
+
+def _role(meta: dict, config: dict | None, is_baseline: bool) -> str:
+    """meta's role; for folders from before it was recorded, the config's noble section, else the label."""
+    role = str(meta.get("role") or "")
+    if role in ("baseline", "noble", "dense", "init"):
+        return role
+    if is_baseline:
+        return "baseline"
+    noble = (config or {}).get("noble") if isinstance((config or {}).get("noble"), dict) else {}
+    label = str(meta.get("variant") or "")
+    if noble.get("dense_match") or label.startswith("dense-matched("):
+        return "dense"
+    if noble.get("init_only") or label.startswith("init-only("):
+        return "init"
+    return "noble"
 
 
 def load_run(path: Path) -> Run:
@@ -188,7 +239,7 @@ def load_run(path: Path) -> Run:
         wallclock = metrics.loc[metrics["wallclock_s"].notna(), ["step", "wallclock_s"]].reset_index(drop=True)
     else:
         wallclock = pd.DataFrame({"step": pd.Series(dtype=float), "wallclock_s": pd.Series(dtype=float)})
-    cols = ["step", "eval_loss"] + [c for c in ("eval_top1", "eval_top5") if c in metrics.columns]
+    cols = ["step", "eval_loss"] + [c for c in ("eval_top1", "eval_top5", "eval_bpb") if c in metrics.columns]
     evals = evals[cols].reset_index(drop=True).astype(float)
 
     config = None
@@ -200,6 +251,7 @@ def load_run(path: Path) -> Run:
         except (yaml.YAMLError, OSError, UnicodeDecodeError):
             config = None  # the config is informative only; the figures come from meta/metrics/summary
 
+    is_baseline = _as_bool(meta["is_baseline"])
     run = Run(
         path=path,
         run_id=str(meta.get("run_id") or path.name),
@@ -209,7 +261,7 @@ def load_run(path: Path) -> Run:
         variant_key=str(meta["variant_key"]),
         pair_key=str(meta["pair_key"]),
         seed=meta["seed"],
-        is_baseline=_as_bool(meta["is_baseline"]),
+        is_baseline=is_baseline,
         status=status,
         max_steps=_as_float(meta.get("max_steps")),
         params_total=_as_float(meta.get("params_total")),
@@ -221,6 +273,11 @@ def load_run(path: Path) -> Run:
         meta=meta,
         summary=summary,
         config=config,
+        role=_role(meta, config, is_baseline),
+        step_time_spread=_step_time_spread(metrics),
+        flops_per_step=_as_float(meta.get("flops_per_step")),
+        flops_per_item=_as_float(meta.get("flops_per_item")),
+        flops_item=str(meta.get("flops_item") or ""),
     )
     run.evals["wallclock_s"] = [run.wallclock_at(s) for s in run.evals["step"]]
     return run
@@ -241,8 +298,46 @@ def _one_baseline_label(runs: list[Run]) -> None:
             r.variant = next(iter(names)) if len(names) == 1 else "baseline"
 
 
-def load_runs(root: Path, exclude: Path | None = None) -> tuple[list[Run], list[tuple[Path, str]]]:
-    """All usable runs under `root`, and the skipped folders with their reasons.
+def _noble_label(config: dict | None) -> str | None:
+    """Today's label of a run's branch settings, from its config.yaml (older runs were labelled with less)."""
+    from noble_cli import config as C
+
+    noble = (config or {}).get("noble")
+    if not isinstance(noble, dict):
+        return None
+    names = {f.name for f in fields(C.NobleConfig)}
+    try:
+        return C.variant_label(C.NobleConfig(**{k: v for k, v in noble.items() if k in names}))
+    except Exception:  # noqa: BLE001 - a label is cosmetic; a broken config must not break the report
+        return None
+
+
+def _distinct_labels(runs: list[Run]) -> None:
+    """Variants of one pair that share a label but not a variant key (e.g. two CosNet runs that differ only in
+    noble.main_init_scale, labelled "cosnet r8" before labels named it) are relabelled from their configs with
+    today's labels, which name every branch setting away from its default; failing that, their variant key is
+    appended. Two rows of one comparison never show the same name."""
+    groups: dict[tuple, dict[str, list[Run]]] = {}
+    for r in runs:
+        if not r.is_baseline:
+            groups.setdefault((r.recipe, r.pair_key, r.variant), {}).setdefault(r.variant_key, []).append(r)
+    for (_, _, label), by_key in groups.items():
+        if len(by_key) < 2:
+            continue
+        new = {k: _noble_label(rs[0].config) for k, rs in by_key.items()}
+        if None in new.values() or len(set(new.values())) < len(new):
+            new = {k: f"{label} ({k[:6]})" for k in by_key}
+        elif " | " in label:  # a vision sweep's group stays in the label
+            new = {k: f"{v} | {label.split(' | ', 1)[1]}" for k, v in new.items()}
+        for k, rs in by_key.items():
+            for r in rs:
+                r.variant = new[k]
+
+
+def load_runs(root: Path, exclude: Path | None = None, only: set[Path] | None = None
+              ) -> tuple[list[Run], list[tuple[Path, str]]]:
+    """All usable runs under `root` (only the folders in `only`, resolved paths, when given: one sweep's runs in a
+    results folder that several sweeps share), and the skipped folders with their reasons.
 
     Duplicates (same recipe, pair_key, variant_key and seed, e.g. a rerun; for baselines any label: one baseline
     per pair and seed) keep a completed run over a diverged one, then the newest by created_at (then by folder
@@ -251,6 +346,8 @@ def load_runs(root: Path, exclude: Path | None = None) -> tuple[list[Run], list[
     runs: list[Run] = []
     skipped: list[tuple[Path, str]] = []
     for d in find_run_dirs(root, exclude=exclude):
+        if only is not None and d.resolve() not in only:
+            continue
         try:
             runs.append(load_run(d))
         except SkipRun as e:
@@ -275,5 +372,6 @@ def load_runs(root: Path, exclude: Path | None = None) -> tuple[list[Run], list[
             skipped.append((r.path, f"duplicate of {chosen.run_id} (same {what}, pair and seed); a completed run "
                                     "is kept over a diverged one, then the newest"))
     _one_baseline_label(kept)
+    _distinct_labels(kept)
     kept.sort(key=lambda r: (r.recipe, r.pair_key, not r.is_baseline, r.variant, str(r.seed)))
     return kept, skipped

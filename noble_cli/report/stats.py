@@ -1,93 +1,85 @@
-"""Small statistics without scipy: Student's t distribution and the t-tests the report uses.
+"""The statistics of a report, from scipy.stats: means with 95% confidence intervals and p-values (Student's t).
 
-The two-sided p-value of a t statistic with `df` degrees of freedom is the regularized incomplete beta function
-    p = I_x(df/2, 1/2),   x = df / (df + t^2)
-evaluated with the continued fraction of Numerical Recipes (`betacf`, modified Lentz), which converges quickly
-for x < (a+1)/(a+b+2) and otherwise via the symmetry I_x(a, b) = 1 - I_{1-x}(b, a).
+Seeds are few (2-5), so every interval is the t interval mean ± t_{0.975, n-1} · sd / sqrt(n), and every p-value a
+two-sided t-test: one-sample against a reference value (a speedup against 1), or paired (a variant's final losses
+against its baseline's, seed by seed). With one value there is no interval and no p-value; with no spread at all
+(identical values) neither is defined, and both are NaN rather than a confident-looking 0 or 1.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 
-_EPS = 1e-15
-_TINY = 1e-300
-_MAX_ITER = 500
+import numpy as np
+from scipy import stats
 
-
-def _betacf(a: float, b: float, x: float) -> float:
-    """Continued fraction for the incomplete beta function (Numerical Recipes 6.4, modified Lentz)."""
-    qab, qap, qam = a + b, a + 1.0, a - 1.0
-    c = 1.0
-    d = 1.0 - qab * x / qap
-    d = _TINY if abs(d) < _TINY else d
-    d = 1.0 / d
-    h = d
-    for m in range(1, _MAX_ITER + 1):
-        m2 = 2 * m
-        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
-        d = 1.0 + aa * d
-        d = _TINY if abs(d) < _TINY else d
-        c = 1.0 + aa / c
-        c = _TINY if abs(c) < _TINY else c
-        d = 1.0 / d
-        h *= d * c
-        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
-        d = 1.0 + aa * d
-        d = _TINY if abs(d) < _TINY else d
-        c = 1.0 + aa / c
-        c = _TINY if abs(c) < _TINY else c
-        d = 1.0 / d
-        delta = d * c
-        h *= delta
-        if abs(delta - 1.0) < _EPS:
-            break
-    return h
+CONFIDENCE = 0.95
 
 
-def betainc(a: float, b: float, x: float) -> float:
-    """Regularized incomplete beta function I_x(a, b) for a, b > 0 and 0 <= x <= 1."""
-    if a <= 0 or b <= 0:
-        raise ValueError(f"betainc needs a, b > 0, got a={a}, b={b}")
-    if not 0.0 <= x <= 1.0:
-        raise ValueError(f"betainc needs 0 <= x <= 1, got x={x}")
-    if x == 0.0 or x == 1.0:
-        return x
-    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    front = math.exp(log_front)
-    if x < (a + 1.0) / (a + b + 2.0):
-        return front * _betacf(a, b, x) / a
-    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
+@dataclass(frozen=True)
+class Estimate:
+    """A mean over seeds with its sample std (ddof 1), 95% CI and two-sided p-value; NaN where undefined."""
+
+    n: int
+    mean: float
+    std: float
+    low: float
+    high: float
+    p: float
+
+    def contains(self, value: float) -> bool:
+        """Whether the CI contains `value` (False when there is no CI)."""
+        return not math.isnan(self.low) and self.low <= value <= self.high
 
 
-def t_sf_two_sided(t: float, df: float) -> float:
-    """Two-sided p-value P(|T| >= |t|) for Student's t with `df` degrees of freedom."""
-    if df <= 0:
-        raise ValueError(f"degrees of freedom must be > 0, got {df}")
-    if math.isnan(t):
-        return math.nan
-    if math.isinf(t):
-        return 0.0
-    return min(1.0, max(0.0, betainc(df / 2.0, 0.5, df / (df + t * t))))
+NONE = Estimate(0, math.nan, math.nan, math.nan, math.nan, math.nan)
 
 
-def one_sample_t_test(values: Sequence[float], mu: float = 0.0) -> tuple[float, float]:
-    """Two-sided one-sample t-test of mean(values) == mu: returns (t, p). NaN values are dropped.
+def _finite(values: Sequence[float]) -> np.ndarray:
+    a = np.asarray([float(v) for v in values if v is not None], dtype=float)
+    return a[np.isfinite(a)]
 
-    A paired t-test is this test on the paired differences with mu = 0. Needs n >= 2 (else (nan, nan)).
-    With zero spread: p = 1 if the mean equals mu exactly, else p = 0 (t = +-inf).
-    """
-    xs = [float(v) for v in values if v is not None and not math.isnan(float(v))]
-    n = len(xs)
-    if n < 2:
-        return math.nan, math.nan
-    mean = sum(xs) / n
-    var = sum((v - mean) ** 2 for v in xs) / (n - 1)
-    diff = mean - mu
-    if var <= 0.0 or math.sqrt(var) <= 1e-12 * max(1.0, abs(mean)):
-        if abs(diff) <= 1e-12 * max(1.0, abs(mu)):
-            return 0.0, 1.0
-        return math.copysign(math.inf, diff), 0.0
-    t = diff / math.sqrt(var / n)
-    return t, t_sf_two_sided(t, n - 1)
+
+def _no_spread(a: np.ndarray) -> bool:
+    return float(np.ptp(a)) <= 1e-12 * max(1.0, float(np.max(np.abs(a))))
+
+
+def estimate(values: Sequence[float], mu: float = 0.0) -> Estimate:
+    """Mean, std and 95% CI of `values` (non-finite ones dropped), p-value of the t-test of mean == mu."""
+    a = _finite(values)
+    n = len(a)
+    if n == 0:
+        return NONE
+    mean = float(a.mean())
+    if n == 1:
+        return Estimate(1, mean, math.nan, math.nan, math.nan, math.nan)
+    std = float(a.std(ddof=1))
+    if _no_spread(a):
+        return Estimate(n, mean, 0.0, math.nan, math.nan, math.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        res = stats.ttest_1samp(a, mu)
+        ci = res.confidence_interval(CONFIDENCE)
+    return Estimate(n, mean, std, float(ci.low) + 0.0, float(ci.high) + 0.0, float(res.pvalue))
+
+
+def paired(values: Sequence[float], references: Sequence[float]) -> Estimate:
+    """The paired difference values - references (seed by seed): mean, std, 95% CI and the paired t-test's p.
+
+    Pairs where either side is missing are dropped."""
+    a = np.asarray(values, dtype=float)
+    b = np.asarray(references, dtype=float)
+    ok = np.isfinite(a) & np.isfinite(b)
+    a, b = a[ok], b[ok]
+    d = a - b
+    n = len(d)
+    if n < 2 or _no_spread(d):
+        return estimate(d)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        res = stats.ttest_rel(a, b)
+        ci = res.confidence_interval(CONFIDENCE)
+    return Estimate(n, float(d.mean()), float(d.std(ddof=1)), float(ci.low), float(ci.high), float(res.pvalue))

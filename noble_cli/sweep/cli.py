@@ -28,7 +28,8 @@ from noble_cli.sweep.manifest import build_manifest, compare, counts, manifest_p
 from noble_cli.sweep.progress import runs_table
 
 ablate_app = typer.Typer(
-    help="Sweeps: NOBLE against its baseline over activations, ranks, layers and (vision) augmentations. "
+    help="Sweeps: NOBLE against its baseline (and controls) over activations, ranks, layers and (vision) "
+    "augmentations. "
     "Every seed gets its baseline; finished runs are skipped, interrupted ones resumed.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -58,7 +59,10 @@ WAIT = typer.Option(True, "--wait/--no-wait", help="Wait for runs another proces
 BRANCH = typer.Option("cosnet", "--branch", help="The NOBLE branch activation.")
 RANK = typer.Option(None, "--rank", help="Branch rank (default: the recipe's).")
 DENSE_MATCH = typer.Option(False, "--dense-match", help="Add a baseline widened to the parameter count of the "
-                           "main NOBLE setting, to tell a speedup from 'more parameters'.")
+                           "main NOBLE setting, to tell a speedup from 'more parameters' (= --controls dense).")
+CONTROLS = typer.Option("", "--controls", help="Controls of the main NOBLE setting, comma-separated: dense (the "
+                        "baseline widened to its parameter count), init (init-only: no branch, NOBLE's main-weight "
+                        "re-init on the same layers), own-init (the branch with the model's own init).")
 
 
 def execute_plan(plan: grids.SweepPlan, *, out: Path, dry_run: bool = False, force: bool = False,
@@ -154,16 +158,17 @@ def activations(
     activations: str = typer.Option(",".join(grids.PAPER_ACTIVATIONS), "--activations",
                                     help="Branch activations, comma-separated (default: the paper's list)."),
     rank: Optional[int] = RANK,
-    dense_match: bool = DENSE_MATCH,
+    dense_match: bool = DENSE_MATCH, controls: str = CONTROLS,
     recipe: str = LANG_RECIPE, seeds: str = SEEDS, max_steps: Optional[int] = MAX_STEPS, set_: list[str] = SETS,
     out: Path = OUT, name: Optional[str] = NAME, dry_run: bool = DRY_RUN, force: bool = FORCE,
     launcher: str = LAUNCHER, gpus: Optional[str] = GPUS, slurm_opt: list[str] = SLURM_OPT, wait: bool = WAIT,
     isolate: bool = ISOLATE,
 ):
-    """Baseline + NOBLE with each branch activation, at one rank. --dense-match adds the baseline widened to
-    CosNet's parameter count at that rank."""
+    """Baseline + NOBLE with each branch activation, at one rank. --controls (--dense-match) adds CosNet's controls
+    at that rank."""
     plan = grids.activations_sweep(_recipe(recipe), grids.parse_activations(activations), grids.parse_seeds(seeds),
-                                   rank=rank, dense_match=dense_match, max_steps=max_steps, sets=set_, name=name)
+                                   rank=rank, dense_match=dense_match, max_steps=max_steps, sets=set_, name=name,
+                                   controls=grids.parse_controls(controls))
     execute_plan(plan, out=out, dry_run=dry_run, force=force, launcher=launcher, gpus=gpus, slurm_opts=slurm_opt,
                  wait=wait, isolate=isolate)
 
@@ -173,17 +178,18 @@ def ranks(
     ranks: Optional[str] = typer.Option(None, "--ranks", help="Ranks, comma-separated (default: 16,32,64,128, "
                                         "leaving out those too large for the model)."),
     branch: str = BRANCH,
-    dense_match: bool = DENSE_MATCH,
+    dense_match: bool = DENSE_MATCH, controls: str = CONTROLS,
     recipe: str = LANG_RECIPE, seeds: str = SEEDS, max_steps: Optional[int] = MAX_STEPS, set_: list[str] = SETS,
     out: Path = OUT, name: Optional[str] = NAME, dry_run: bool = DRY_RUN, force: bool = FORCE,
     launcher: str = LAUNCHER, gpus: Optional[str] = GPUS, slurm_opt: list[str] = SLURM_OPT, wait: bool = WAIT,
     isolate: bool = ISOLATE,
 ):
-    """Baseline + NOBLE at each rank. --dense-match adds the baseline widened to the branch's parameter count at
-    the recipe's rank (or the largest swept rank when the recipe's is not swept)."""
+    """Baseline + NOBLE at each rank. --controls (--dense-match) adds the branch's controls at the recipe's rank
+    (or the largest swept rank when the recipe's is not swept)."""
     rank_list = grids.parse_int_list("--ranks", ranks, minimum=1, example="16,32,64,128") if ranks else None
     plan = grids.ranks_sweep(_recipe(recipe), rank_list, grids.parse_seeds(seeds), branch=grids.parse_branch(branch),
-                             dense_match=dense_match, max_steps=max_steps, sets=set_, name=name)
+                             dense_match=dense_match, max_steps=max_steps, sets=set_, name=name,
+                             controls=grids.parse_controls(controls))
     execute_plan(plan, out=out, dry_run=dry_run, force=force, launcher=launcher, gpus=gpus, slurm_opts=slurm_opt,
                  wait=wait, isolate=isolate)
 
@@ -194,17 +200,17 @@ def layers(
                                 help="Which linears get a branch: attn, mlp, all, alternate, comma-separated (glob "
                                 "pattern sets: separate the sets with ';')."),
     branch: str = BRANCH, rank: Optional[int] = RANK,
-    dense_match: bool = DENSE_MATCH,
+    dense_match: bool = DENSE_MATCH, controls: str = CONTROLS,
     recipe: str = LANG_RECIPE, seeds: str = SEEDS, max_steps: Optional[int] = MAX_STEPS, set_: list[str] = SETS,
     out: Path = OUT, name: Optional[str] = NAME, dry_run: bool = DRY_RUN, force: bool = FORCE,
     launcher: str = LAUNCHER, gpus: Optional[str] = GPUS, slurm_opt: list[str] = SLURM_OPT, wait: bool = WAIT,
     isolate: bool = ISOLATE,
 ):
-    """Baseline + NOBLE on different sets of layers (noble.targets). --dense-match adds the baseline widened to the
-    parameter count of the branch on all layers."""
+    """Baseline + NOBLE on different sets of layers (noble.targets). --controls (--dense-match) adds the controls
+    of the branch on the recipe's targets (normally all)."""
     plan = grids.layers_sweep(_recipe(recipe), grids.parse_targets(targets), grids.parse_seeds(seeds),
                               branch=grids.parse_branch(branch), rank=rank, dense_match=dense_match,
-                              max_steps=max_steps, sets=set_, name=name)
+                              max_steps=max_steps, sets=set_, name=name, controls=grids.parse_controls(controls))
     execute_plan(plan, out=out, dry_run=dry_run, force=force, launcher=launcher, gpus=gpus, slurm_opts=slurm_opt,
                  wait=wait, isolate=isolate)
 
@@ -212,16 +218,17 @@ def layers(
 @ablate_app.command()
 def mixup(
     recipe: Optional[str] = VISION_RECIPE,
-    branch: str = BRANCH, rank: Optional[int] = RANK,
+    branch: str = BRANCH, rank: Optional[int] = RANK, controls: str = CONTROLS,
     seeds: str = SEEDS, max_steps: Optional[int] = MAX_STEPS, set_: list[str] = SETS,
     out: Path = OUT, name: Optional[str] = NAME, dry_run: bool = DRY_RUN, force: bool = FORCE,
     launcher: str = LAUNCHER, gpus: Optional[str] = GPUS, slurm_opt: list[str] = SLURM_OPT, wait: bool = WAIT,
     isolate: bool = ISOLATE,
 ):
-    """Vision: baseline and NOBLE, each with Mixup+CutMix on and off (data.mixup, data.cutmix)."""
+    """Vision: baseline and NOBLE, each with Mixup+CutMix on and off (data.mixup, data.cutmix); --controls adds
+    NOBLE's controls under each setting."""
     recipe = grids.require_vision("mixup", recipe, set_)
     plan = grids.mixup_sweep(recipe, grids.parse_seeds(seeds), branch=grids.parse_branch(branch), rank=rank,
-                             max_steps=max_steps, sets=set_, name=name)
+                             max_steps=max_steps, sets=set_, name=name, controls=grids.parse_controls(controls))
     execute_plan(plan, out=out, dry_run=dry_run, force=force, launcher=launcher, gpus=gpus, slurm_opts=slurm_opt,
                  wait=wait, isolate=isolate)
 
@@ -231,7 +238,7 @@ def augment(
     recipe: Optional[str] = VISION_RECIPE,
     augments: str = typer.Option(",".join(grids.AUGMENTS), "--augments",
                                  help="Augmentations, each alone, comma-separated (none = all off)."),
-    branch: str = BRANCH, rank: Optional[int] = RANK,
+    branch: str = BRANCH, rank: Optional[int] = RANK, controls: str = CONTROLS,
     random_erasing: float = typer.Option(0.25, "--random-erasing", help="Probability when random erasing is on."),
     label_smoothing: float = typer.Option(0.1, "--label-smoothing", help="Value when label smoothing is on."),
     drop_path: float = typer.Option(0.1, "--drop-path", help="Stochastic depth rate when it is on."),
@@ -241,12 +248,29 @@ def augment(
     isolate: bool = ISOLATE,
 ):
     """Vision: baseline and NOBLE under each augmentation alone: none, mixup, cutmix, both, randaugment,
-    random_erasing, label_smoothing, stochastic_depth."""
+    random_erasing, label_smoothing, stochastic_depth; --controls adds NOBLE's controls under each."""
     recipe = grids.require_vision("augment", recipe, set_)
     plan = grids.augment_sweep(recipe, grids.parse_augments(augments), grids.parse_seeds(seeds),
                                branch=grids.parse_branch(branch), rank=rank, random_erasing=random_erasing,
                                label_smoothing=label_smoothing, drop_path=drop_path, max_steps=max_steps, sets=set_,
-                               name=name)
+                               name=name, controls=grids.parse_controls(controls))
+    execute_plan(plan, out=out, dry_run=dry_run, force=force, launcher=launcher, gpus=gpus, slurm_opts=slurm_opt,
+                 wait=wait, isolate=isolate)
+
+
+@ablate_app.command("controls")
+def controls_(
+    branch: str = BRANCH, rank: Optional[int] = RANK,
+    recipe: str = LANG_RECIPE, seeds: str = SEEDS, max_steps: Optional[int] = MAX_STEPS, set_: list[str] = SETS,
+    out: Path = OUT, name: Optional[str] = NAME, dry_run: bool = DRY_RUN, force: bool = FORCE,
+    launcher: str = LAUNCHER, gpus: Optional[str] = GPUS, slurm_opt: list[str] = SLURM_OPT, wait: bool = WAIT,
+    isolate: bool = ISOLATE,
+):
+    """Is the speedup the branch's? Baseline, NOBLE (--branch at --rank, default the recipe's) and its controls:
+    dense-matched (same parameter count, no branch), init-only (no branch, NOBLE's main-weight re-init on the same
+    layers) and the branch with the model's own init (noble.main_init_scale=null). Any recipe, vision included."""
+    plan = grids.controls_sweep(_recipe(recipe), grids.parse_seeds(seeds), branch=grids.parse_branch(branch),
+                                rank=rank, max_steps=max_steps, sets=set_, name=name)
     execute_plan(plan, out=out, dry_run=dry_run, force=force, launcher=launcher, gpus=gpus, slurm_opts=slurm_opt,
                  wait=wait, isolate=isolate)
 

@@ -13,8 +13,12 @@ Conventions (see docs/sweeps.md):
   silently turn every variant into the same run.
 - The sweep name is `<ablation>-<recipe>-<hash>`; the hash covers what every run shares (recipe, `--set`,
   `--max-steps`, the fixed branch/rank) but not the axes (activation list, ranks, targets, augmentations, seeds,
-  --dense-match): running the same sweep with more seeds or values keeps its name and is refused as a changed
-  definition until `--force` is given.
+  --dense-match, --controls): running the same sweep with more seeds or values keeps its name and is refused as a
+  changed definition until `--force` is given.
+- Controls (`--controls dense,init,own-init`, `--dense-match` = `--controls dense`) are added once per sweep (per
+  augmentation setting in the vision sweeps), for its main NOBLE setting: the dense-matched baseline (widened to
+  that setting's parameter count), the init-only control (no branch, the same main-weight re-init on the same
+  layers: `noble.init_only`) and the branch with the model's own init (`noble.main_init_scale=null`).
 """
 
 from __future__ import annotations
@@ -43,6 +47,10 @@ AUGMENTS = ("none", "mixup", "cutmix", "both", "randaugment", "random_erasing", 
 _AUGMENT_ALIASES = {"mixup_cutmix": "both", "mixup+cutmix": "both", "drop_path": "stochastic_depth",
                     "erasing": "random_erasing", "off": "none"}
 
+# Controls a sweep can add beside its main NOBLE setting (see `control_variants`).
+CONTROLS = ("dense", "init", "own-init")
+_CONTROL_ALIASES = {"dense-match": "dense", "dense-matched": "dense", "init-only": "init", "own": "own-init"}
+
 SWEEP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
@@ -50,7 +58,7 @@ SWEEP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 class Variant:
     """One column of the grid: overrides on top of the recipe (dotted keys), before the seed is set."""
 
-    role: str  # baseline | noble | dense
+    role: str  # baseline | noble | dense | init | own-init
     overrides: dict
     group: str = ""  # the setting this variant shares with its baseline (vision sweeps: the augmentation)
 
@@ -173,6 +181,22 @@ def parse_augments(text: str) -> list[str]:
     return out
 
 
+def parse_controls(text: str | None) -> list[str]:
+    """`dense,init,own-init` -> the controls in that order (aliases: dense-match, init-only; `none` or empty:
+    no control)."""
+    out: list[str] = []
+    for part in _split(text or ""):
+        key = part.lower().replace("_", "-")
+        key = _CONTROL_ALIASES.get(key, key)
+        if key == "none":
+            continue
+        if key not in CONTROLS:
+            raise choices_error("control", part, CONTROLS + ("none",))
+        if key not in out:
+            out.append(key)
+    return out
+
+
 def check_sweep_name(name: str) -> str:
     if not SWEEP_NAME.match(name):
         raise NobleError(f"sweep name {name!r} is invalid; use letters, digits, '.', '_' and '-' (at most 100, "
@@ -249,17 +273,30 @@ def expand(ablation: str, recipe: str, variants: list[Variant], seeds: list[int]
     _check_sets(sets, reserved, ablation)
 
     label = recipe_label(recipe)
+    notes: list[str] = []
     runs: list[PlannedRun] = []
     seen: set[str] = set()
     params: dict[str, tuple[int, int]] = {}
     for seed in seeds:
         for v in variants:
             overrides = {**common, **v.overrides, "seed": seed}
-            cfg = C.resolve(recipe, overrides, sets)
+            # resolve() skips None overrides (an unset option): a null the sweep means goes in as a --set
+            nulls = [f"{k}=null" for k, value in overrides.items() if value is None]
+            if v.role == "init" and C.resolve(recipe, {**overrides, "noble.init_only": False},
+                                              nulls + sets).noble.main_init_scale is None:
+                # NOBLE keeps the model's init here (noble.main_init_scale: null): nothing to control for
+                if seed == seeds[0]:
+                    notes.append("the init control is left out: noble.main_init_scale is null, so NOBLE does not "
+                                 "re-initialise the main weights and the control would be the baseline")
+                continue
+            cfg = C.resolve(recipe, overrides, nulls + sets)
             if label_groups and v.group:
                 cfg.name = f"{cfg.variant} | {v.group}"
             rid = C.run_id(cfg)
             if rid in seen:  # e.g. two spellings of one activation
+                if v.role in ("dense", "init", "own-init") and seed == seeds[0]:
+                    notes.append(f"the {v.role} control is the same run as another of the sweep ({cfg.variant}): "
+                                 "left out")
                 continue
             seen.add(rid)
             run = PlannedRun(rid, cfg, v.role, v.group)
@@ -274,7 +311,7 @@ def expand(ablation: str, recipe: str, variants: list[Variant], seeds: list[int]
     sweep_name = check_sweep_name(name) if name else f"{ablation}-{label}-{C.digest(shared, 6)}"
     definition = {"ablation": ablation, "recipe": recipe, "seeds": seeds, "max_steps": max_steps, "sets": sets,
                   **name_params, **axes}
-    return SweepPlan(ablation, label, sweep_name, list(seeds), runs, definition)
+    return SweepPlan(ablation, label, sweep_name, list(seeds), runs, definition, notes)
 
 
 def model_params(cfg: C.RunConfig) -> tuple[int | None, int | None]:
@@ -296,42 +333,71 @@ def model_params(cfg: C.RunConfig) -> tuple[int | None, int | None]:
 
 
 def _baseline() -> Variant:
-    return Variant("baseline", {"noble.branch": "none", "noble.dense_match": False})
+    return Variant("baseline", {"noble.branch": "none", "noble.dense_match": False, "noble.init_only": False})
 
 
-def _noble(branch: str, rank: int | None, targets: str | None = None, group: str = "", extra: dict | None = None
-           ) -> Variant:
-    ov: dict[str, Any] = {"noble.branch": branch, "noble.dense_match": False}
+def _noble(branch: str, rank: int | None, targets: str | None = None, group: str = "", extra: dict | None = None,
+           role: str = "noble") -> Variant:
+    ov: dict[str, Any] = {"noble.branch": branch, "noble.dense_match": False, "noble.init_only": False}
     if rank is not None:
         ov["noble.rank"] = rank
     if targets is not None:
         ov["noble.targets"] = targets
-    return Variant("noble", {**ov, **(extra or {})}, group)
+    return Variant(role, {**ov, **(extra or {})}, group)
 
 
-def _dense(branch: str, rank: int | None) -> Variant:
-    ov: dict[str, Any] = {"noble.branch": "none", "noble.dense_match": True, "noble.match_branch": branch}
+def _dense(branch: str, rank: int | None, group: str = "", extra: dict | None = None) -> Variant:
+    ov: dict[str, Any] = {"noble.branch": "none", "noble.dense_match": True, "noble.match_branch": branch,
+                          "noble.init_only": False}
     if rank is not None:
         ov["noble.rank"] = rank
-    return Variant("dense", ov)
+    return Variant("dense", {**ov, **(extra or {})}, group)
+
+
+def control_variants(controls: list[str], branch: str, rank: int | None, group: str = "",
+                     extra: dict | None = None) -> list[Variant]:
+    """The controls of the main NOBLE setting (`branch` at `rank` on the recipe's targets), in the order asked:
+    - dense: the baseline widened (MLP) to that setting's parameter count: is a speedup more than "more parameters"?
+    - init: no branch, the targeted layers' main weights re-initialised as NOBLE re-initialises them
+      (noble.init_only, at the recipe's noble.main_init_scale): is a speedup more than the init change?
+    - own-init: the branch with the model's own init (noble.main_init_scale=null): the branch alone."""
+    made = {
+        "dense": lambda: _dense(branch, rank, group, extra),
+        "init": lambda: Variant("init", {"noble.branch": "none", "noble.dense_match": False, "noble.init_only": True,
+                                         **(extra or {})}, group),
+        "own-init": lambda: _noble(branch, rank, group=group, extra={**(extra or {}), "noble.main_init_scale": None},
+                                   role="own-init"),
+    }
+    return [made[c]() for c in controls]
+
+
+def _with_dense(controls: list[str] | None, dense_match: bool) -> list[str]:
+    """`--dense-match` is `--controls dense` (kept first, where it always was)."""
+    controls = list(controls or [])
+    if dense_match and "dense" not in controls:
+        controls.insert(0, "dense")
+    return controls
 
 
 def activations_sweep(recipe: str, activations: list[str], seeds: list[int], rank: int | None = None,
                       dense_match: bool = False, max_steps: int | None = None, sets: list[str] | None = None,
-                      name: str | None = None, check_models: bool = True) -> SweepPlan:
-    """Baseline + one NOBLE run per activation at one rank (`--rank`, else the recipe's); optionally the baseline
-    widened to the parameter count of CosNet at that rank."""
-    variants = [_baseline()] + [_noble(a, rank) for a in activations]
-    if dense_match:
-        variants.append(_dense("cosnet", rank))
+                      name: str | None = None, check_models: bool = True, controls: list[str] | None = None
+                      ) -> SweepPlan:
+    """Baseline + one NOBLE run per activation at one rank (`--rank`, else the recipe's); optionally the controls
+    of CosNet at that rank (`controls`; `dense_match` adds the dense-matched one)."""
+    controls = _with_dense(controls, dense_match)
+    variants = [_baseline()] + [_noble(a, rank) for a in activations] + control_variants(controls, "cosnet", rank)
     return expand("activations", recipe, variants, seeds, max_steps, sets or [], name, {"rank": rank},
-                  {"activations": activations, "dense_match": dense_match}, check_models)
+                  {"activations": activations, "dense_match": "dense" in controls, "controls": controls},
+                  check_models)
 
 
 def ranks_sweep(recipe: str, ranks: list[int] | None, seeds: list[int], branch: str = "cosnet",
                 dense_match: bool = False, max_steps: int | None = None, sets: list[str] | None = None,
-                name: str | None = None, check_models: bool = True) -> SweepPlan:
+                name: str | None = None, check_models: bool = True, controls: list[str] | None = None
+                ) -> SweepPlan:
     """Baseline + NOBLE at each rank. Without --ranks, the paper's 16,32,64,128, keeping those the model allows."""
+    controls = _with_dense(controls, dense_match)
     notes: list[str] = []
     _check_sets(sets or [], {"seed", "noble.branch", "noble.rank", "noble.dense_match"}, "ranks")
     if ranks is None:
@@ -350,50 +416,54 @@ def ranks_sweep(recipe: str, ranks: list[int] | None, seeds: list[int], branch: 
                              "pass --ranks with smaller values")
     recipe_rank = C.resolve(recipe, {}, sets).noble.rank
     dense_rank = recipe_rank if recipe_rank in ranks else max(ranks)
-    variants = [_baseline()] + [_noble(branch, r) for r in ranks]
-    if dense_match:
-        variants.append(_dense(branch, dense_rank))
-        if dense_rank != recipe_rank:
-            notes.append(f"dense-matched baseline matches {branch} r{dense_rank} (the recipe's rank {recipe_rank} "
-                         "is not swept; the largest swept rank is used)")
+    variants = [_baseline()] + [_noble(branch, r) for r in ranks] + control_variants(controls, branch, dense_rank)
+    if controls and dense_rank != recipe_rank:
+        notes.append(f"the controls ({', '.join(controls)}) are those of {branch} r{dense_rank} (the recipe's rank "
+                     f"{recipe_rank} is not swept; the largest swept rank is used)")
     plan = expand("ranks", recipe, variants, seeds, max_steps, sets or [], name, {"branch": branch},
-                  {"ranks": ranks, "dense_match": dense_match}, check_models)
+                  {"ranks": ranks, "dense_match": "dense" in controls, "controls": controls}, check_models)
     plan.notes = notes + plan.notes
     return plan
 
 
 def layers_sweep(recipe: str, targets: list[str], seeds: list[int], branch: str = "cosnet", rank: int | None = None,
                  dense_match: bool = False, max_steps: int | None = None, sets: list[str] | None = None,
-                 name: str | None = None, check_models: bool = True) -> SweepPlan:
-    """Baseline + NOBLE on each set of layers (attn, mlp, all, alternate, or glob patterns)."""
-    variants = [_baseline()] + [_noble(branch, rank, t) for t in targets]
-    if dense_match:
-        variants.append(_dense(branch, rank))
+                 name: str | None = None, check_models: bool = True, controls: list[str] | None = None
+                 ) -> SweepPlan:
+    """Baseline + NOBLE on each set of layers (attn, mlp, all, alternate, or glob patterns); the controls are those
+    of the branch on the recipe's targets."""
+    controls = _with_dense(controls, dense_match)
+    variants = [_baseline()] + [_noble(branch, rank, t) for t in targets] + control_variants(controls, branch, rank)
     return expand("layers", recipe, variants, seeds, max_steps, sets or [], name, {"branch": branch, "rank": rank},
-                  {"targets": targets, "dense_match": dense_match}, check_models)
+                  {"targets": targets, "dense_match": "dense" in controls, "controls": controls}, check_models)
 
 
 def mixup_sweep(recipe: str, seeds: list[int], branch: str = "cosnet", rank: int | None = None,
                 max_steps: int | None = None, sets: list[str] | None = None, name: str | None = None,
-                check_models: bool = True) -> SweepPlan:
-    """Baseline and NOBLE, each with Mixup+CutMix on and off (the paper's ViT finding)."""
+                check_models: bool = True, controls: list[str] | None = None) -> SweepPlan:
+    """Baseline and NOBLE (and the controls), each with Mixup+CutMix on and off (the paper's ViT finding)."""
     sets = sets or []
+    controls = list(controls or [])
     require_vision("mixup", recipe, sets)
     variants = []
     for group, on in (("mixup+cutmix on", True), ("mixup+cutmix off", False)):
         extra = {"data.mixup": on, "data.cutmix": on}
         variants.append(Variant("baseline", {**_baseline().overrides, **extra}, group))
         variants.append(_noble(branch, rank, group=group, extra=extra))
-    return expand("mixup", recipe, variants, seeds, max_steps, sets, name, {"branch": branch, "rank": rank}, {},
-                  check_models, label_groups=True)
+        variants += control_variants(controls, branch, rank, group, extra)
+    return expand("mixup", recipe, variants, seeds, max_steps, sets, name, {"branch": branch, "rank": rank},
+                  {"controls": controls} if controls else {}, check_models, label_groups=True)
 
 
 def augment_sweep(recipe: str, augments: list[str], seeds: list[int], branch: str = "cosnet",
                   rank: int | None = None, random_erasing: float = 0.25, label_smoothing: float = 0.1,
                   drop_path: float = 0.1, max_steps: int | None = None, sets: list[str] | None = None,
-                  name: str | None = None, check_models: bool = True) -> SweepPlan:
-    """Baseline and NOBLE under each augmentation alone ("none" = all off); Mixup/CutMix alphas stay the recipe's."""
+                  name: str | None = None, check_models: bool = True, controls: list[str] | None = None
+                  ) -> SweepPlan:
+    """Baseline and NOBLE (and the controls) under each augmentation alone ("none" = all off); Mixup/CutMix alphas
+    stay the recipe's."""
     sets = sets or []
+    controls = list(controls or [])
     require_vision("augment", recipe, sets)
     for opt, v in (("--random-erasing", random_erasing), ("--label-smoothing", label_smoothing)):
         if not 0 < v < 1:
@@ -412,7 +482,19 @@ def augment_sweep(recipe: str, augments: list[str], seeds: list[int], branch: st
         extra = {**AUGMENT_OFF, **on[aug]}
         variants.append(Variant("baseline", {**_baseline().overrides, **extra}, aug))
         variants.append(_noble(branch, rank, group=aug, extra=extra))
+        variants += control_variants(controls, branch, rank, aug, extra)
     return expand("augment", recipe, variants, seeds, max_steps, sets, name,
                   {"branch": branch, "rank": rank, "random_erasing": random_erasing,
                    "label_smoothing": label_smoothing, "drop_path": drop_path},
-                  {"augments": augments}, check_models, label_groups=True)
+                  {"augments": augments, **({"controls": controls} if controls else {})}, check_models,
+                  label_groups=True)
+
+
+def controls_sweep(recipe: str, seeds: list[int], branch: str = "cosnet", rank: int | None = None,
+                   max_steps: int | None = None, sets: list[str] | None = None, name: str | None = None,
+                   check_models: bool = True) -> SweepPlan:
+    """Is a NOBLE speedup the branch's? Baseline, NOBLE (`branch` at `rank`, else the recipe's), and its three
+    controls: dense-matched, init-only, and the branch with the model's own init."""
+    variants = [_baseline(), _noble(branch, rank)] + control_variants(list(CONTROLS), branch, rank)
+    return expand("controls", recipe, variants, seeds, max_steps, sets or [], name, {"branch": branch, "rank": rank},
+                  {"controls": list(CONTROLS)}, check_models)

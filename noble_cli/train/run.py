@@ -20,6 +20,8 @@ from noble_cli.config import RunConfig, config_hash, from_dict, run_id, to_yaml
 from noble_cli.errors import InterruptedRun, NobleError
 from noble_cli.tasks import get_task
 from noble_cli.train import PREPARED_ENV, decided_by_parent, mark_decided
+from noble_cli.train.flops import FlopsProbe
+from noble_cli.train.kernel_check import KernelSelfCheck
 from noble_cli.train.recorder import AtomicCheckpointIO, DivergedError, RunRecorder
 from noble_cli.train.run_folder import RunFolder
 
@@ -178,6 +180,7 @@ def build_trainer(cfg: RunConfig, module, folder: RunFolder, recorder: RunRecord
     t = cfg.trainer
     on_gpu = t.accelerator in ("gpu", "cuda") or (t.accelerator == "auto" and torch.cuda.is_available())
     callbacks = [
+        KernelSelfCheck(folder),  # first: the fused kernels are checked (and maybe replaced) before anything runs
         recorder,
         ModelCheckpoint(dirpath=folder.checkpoint_dir, filename="best", monitor="eval_loss", mode="min",
                         save_top_k=1, save_last=True, enable_version_counter=False, auto_insert_metric_name=False),
@@ -228,7 +231,7 @@ def train(
     task = get_task(cfg.task).load()
     module = task.build_module(cfg)
     recorder = RunRecorder(folder, warmup_steps=cfg.trainer.kernel_warmup_steps, log_every=cfg.trainer.log_every)
-    trainer = build_trainer(cfg, module, folder, recorder, progress, callbacks)
+    trainer = build_trainer(cfg, module, folder, recorder, progress, [*callbacks, FlopsProbe(folder)])
     state = decide_folder(trainer, cfg, folder, resume, overwrite)
     if state == "done":
         return TrainResult(folder.path, folder.read_json(folder.summary_path), folder.read_json(folder.meta_path),
@@ -269,7 +272,7 @@ def _train_prepared(cfg: RunConfig, task, module, trainer: L.Trainer, recorder: 
         if not meta:
             meta = folder.write_meta(cfg, rid, module.params.total, module.params.branch,
                                      world_size=trainer.world_size, data_identity=data_identity,
-                                     kernel=module.kernel, data_stream=DATA_STREAM)
+                                     data_stream=DATA_STREAM, **module.implementation.meta())
         atomic_write_text(folder.checkpoint_dir / "hyperparameters.yaml", to_yaml(cfg))
 
     with warnings.catch_warnings():
@@ -291,4 +294,5 @@ def _train_prepared(cfg: RunConfig, task, module, trainer: L.Trainer, recorder: 
             ) from None
     recorder.status = "completed"
     summary = recorder.finish(trainer)
-    return TrainResult(folder.path, summary, meta)
+    # meta.json as the self-check left it (the implementation that actually ran)
+    return TrainResult(folder.path, summary, folder.read_json(folder.meta_path) or meta)

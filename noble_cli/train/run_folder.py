@@ -68,6 +68,15 @@ def device_description() -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
+def run_role(cfg: RunConfig) -> str:
+    """What a run is in a comparison: "baseline", "noble" (a branch), or a control without a branch: "dense" (the
+    dense-matched baseline, widened to NOBLE's parameter count) or "init" (the init-only control)."""
+    n = cfg.noble
+    if n.enabled:
+        return "noble"
+    return "dense" if n.dense_match else "init" if n.init_only else "baseline"
+
+
 STATUSES = ("running", "completed", "interrupted", "failed", "diverged")  # summary.json's `status`
 FINISHED = ("completed", "diverged")  # a run that has its result (a divergence is one: retrying repeats it)
 
@@ -113,12 +122,18 @@ class RunFolder:
             "run_id": run_id, "recipe": cfg.recipe, "task": cfg.task, "variant": cfg.variant,
             "variant_key": variant_key(cfg), "pair_key": pair_key(cfg, world_size, data_identity), "seed": cfg.seed,
             "world_size": world_size, "data_identity": data_identity or {},
-            "is_baseline": not cfg.noble.enabled and not cfg.noble.dense_match, "max_steps": cfg.trainer.max_steps,
+            "is_baseline": run_role(cfg) == "baseline", "role": run_role(cfg), "max_steps": cfg.trainer.max_steps,
             "git_commit": commit, "git_dirty": dirty, "versions": library_versions(), "device": device_description(),
             "params_total": params_total, "params_branch": params_branch,
             "param_overhead": params_branch / max(1, params_total - params_branch),
             "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **extra,
         }
+        atomic_write_json(self.meta_path, meta)
+        return meta
+
+    def update_meta(self, changes: dict) -> dict:
+        """meta.json with `changes` merged in (global rank 0 only, like write_meta)."""
+        meta = {**self.read_json(self.meta_path), **changes}
         atomic_write_json(self.meta_path, meta)
         return meta
 
