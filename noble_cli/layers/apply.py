@@ -142,15 +142,17 @@ def reinit_main_weights(model: nn.Module, targets: str = "all", scale: float = 0
     `in_features`), so the control and a NOBLE run can never drift apart in how they re-initialize.
     Returns the qualified names of the re-initialized layers.
     """
-    match = target_matcher(targets)
-    chosen = [(name, layer) for name, _, _, layer in _replaceable_linears(model) if match(name)]
+    chosen, skipped = select(model, targets)
     if not chosen:
-        names = [n for n, *_ in _replaceable_linears(model)]
-        shown = ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
-        raise NobleError(f"targets {targets!r} matched no linear layer; the model's linear layers are: {shown}")
-    for _, layer in chosen:
-        NobleLinear.reset_main(layer, scale)
-    return [name for name, _ in chosen]
+        raise NobleError(_nothing_matched(model, targets, skipped))
+    for site in chosen:
+        if site.kind == "linear":
+            NobleLinear.reset_main(site.module, scale)
+        else:  # GPT-2's Conv1D: the same i.i.d. normal in its (in, out) layout, fan-in = its nx
+            with torch.no_grad():
+                site.module.weight.normal_(0.0, scale / site.in_features**0.5)
+                site.module.bias.zero_()
+    return [site.name for site in chosen]
 
 
 def noble_layers(model: nn.Module) -> list[tuple[str, NobleLinear]]:
