@@ -7,19 +7,26 @@ and a forward and backward pass that reaches every branch.
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
 import torch
-import torchvision
-from torch import nn
 
-from noble_cli.errors import NobleError
-from noble_cli.layers import apply_noble, noble_layers
-from noble_cli.layers.targets import find_blocks, linear_sites
+if not torch.cuda.is_available():  # transformers loads triton: the CPU kernel tests need this set before it does
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
-T = pytest.importorskip("transformers")
+import torchvision  # noqa: E402
+from torch import nn  # noqa: E402
+
+from noble_cli.errors import NobleError  # noqa: E402
+from noble_cli.layers import apply_noble, noble_layers  # noqa: E402
+from noble_cli.layers.targets import find_blocks, linear_sites  # noqa: E402
+from noble_cli.models.external import import_transformers  # noqa: E402
+
+pytest.importorskip("transformers")
 timm = pytest.importorskip("timm")
+T = import_transformers()  # not the plain import: see its docstring (this checkout's kernels/ folder)
 T.logging.set_verbosity_error()
 
 RANK = 4

@@ -33,9 +33,35 @@ def _import(name: str):
         raise NobleError(f"{name} is not installed; install the optional extra: {HF_EXTRA}") from None
 
 
+def _is_checkout(entry: str) -> bool:
+    """A sys.path entry that is a checkout of this repository (its `kernels/` folder is importable as `kernels`)."""
+    root = Path(entry or ".")
+    return (root / "kernels" / "__init__.py").is_file() and (root / "noble_cli").is_dir()
+
+
+def import_transformers():
+    """transformers with its model code loaded, never taking this repository's `kernels/` folder for Hugging Face's
+    `kernels` package. From a checkout (`python -m ...`, or PYTHONPATH) that folder is importable as `kernels`; with no
+    version metadata to read, transformers imports it to find one, a second copy of the Triton kernels under
+    another name, which breaks the interpreted kernels that share the process. The check is cached, so hiding the
+    checkout while `transformers.modeling_utils` first loads is enough."""
+    import importlib
+    import sys
+
+    transformers = _import("transformers")
+    if "transformers.modeling_utils" not in sys.modules:
+        saved = list(sys.path)
+        sys.path[:] = [p for p in saved if not _is_checkout(p)]
+        try:
+            importlib.import_module("transformers.modeling_utils")
+        finally:
+            sys.path[:] = saved
+    return transformers
+
+
 def hf_config(spec: str):
     """`hf:MODEL_TYPE` (tiny sizes) or a config.json path -> a transformers config."""
-    transformers = _import("transformers")
+    transformers = import_transformers()
     if spec.startswith("hf:"):
         model_type, overrides = spec[3:], HF_TINY
     else:
@@ -70,7 +96,7 @@ def _tiny(defaults) -> dict:
 
 def hf_model(config) -> nn.Module:
     """The family's masked-LM, causal-LM or image-classification model for `config`, else its bare model."""
-    transformers = _import("transformers")
+    transformers = import_transformers()
     for auto, mapping in (("AutoModelForMaskedLM", "MODEL_FOR_MASKED_LM_MAPPING"),
                           ("AutoModelForCausalLM", "MODEL_FOR_CAUSAL_LM_MAPPING"),
                           ("AutoModelForImageClassification", "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING"),
