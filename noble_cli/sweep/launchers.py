@@ -34,6 +34,8 @@ from rich.table import Table
 from noble_cli import config as C
 from noble_cli.atomic import atomic_write_text
 from noble_cli.errors import InterruptedRun, NobleError
+from noble_cli.parsing import split_list
+from noble_cli.recipes import from_dict
 from noble_cli.sweep.locks import HOST, RunLock, describe_holder, now_iso
 from noble_cli.sweep.manifest import (
     FINISHED,
@@ -106,7 +108,7 @@ def execute_entry(manifest: Path, index: int, train_fn: TrainFn | None = None, p
     if decided_by_parent(run_dir):
         # a process Lightning's DDP launcher spawned from this entry's own run: the lock and the manifest are the
         # first process's; this one only trains alongside it
-        (train_fn or default_train())(C.from_dict(e["config"]), out=out, resume=True, run_dir=run_dir,
+        (train_fn or default_train())(from_dict(e["config"]), out=out, resume=True, run_dir=run_dir,
                                       progress=False)
         return "done"
     if finished():
@@ -119,7 +121,7 @@ def execute_entry(manifest: Path, index: int, train_fn: TrainFn | None = None, p
     try:
         if finished():  # finished by another process between the check and the lock
             return "skipped"
-        cfg = C.from_dict(e["config"])
+        cfg = from_dict(e["config"])
         if C.run_id(cfg) != e["run_id"]:
             update_entry(manifest, index, status="failed",
                          error="the stored config no longer hashes to its run id (the config schema changed)")
@@ -282,13 +284,13 @@ def run_local(manifest: Path, train_fn: TrainFn | None = None, console: Console 
 # --- gpus: one subprocess per GPU -----------------------------------------------------------------------------------
 def parse_gpus(text: str | None) -> list[str]:
     if text:
-        gpus = [g.strip() for g in text.split(",") if g.strip()]
+        gpus = split_list(text)
         if not gpus or not all(g.isdigit() or g.startswith(("GPU-", "MIG-")) for g in gpus):
             raise NobleError(f"malformed --gpus {text!r}; expected comma-separated GPU indices, e.g. 0,1,2,3")
         return list(dict.fromkeys(gpus))
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible:
-        return [g.strip() for g in visible.split(",") if g.strip()]
+        return split_list(visible)
     try:
         import torch
 
