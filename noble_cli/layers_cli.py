@@ -55,22 +55,24 @@ class LayerReport:
 
 def _recipe_model(spec: str, branch: str, rank: int | None, targets: str | None):
     """(model with branches, example input, config) of a recipe, built as `noble train` builds it."""
-    from noble_cli import config as C
+    from noble_cli.recipes import resolve
     from noble_cli.tasks import get_task
 
     overrides = {"noble.branch": branch, "noble.rank": rank, "noble.targets": targets}
-    cfg = C.resolve(spec, overrides)
+    cfg = resolve(spec, overrides)
     with torch.device("meta"):
-        model = get_task(cfg.task).load().build_module(cfg).model
+        model = get_task(cfg.task).build_module(cfg).model
         example = _recipe_input(cfg)
     return model, example, cfg
 
 
 def _recipe_input(cfg) -> torch.Tensor:
+    """One image for models with an image size, else token ids of the data's sequence length (or the context)."""
     m, d = cfg.model, cfg.data
-    if "image_size" in m:
-        return torch.zeros(1, m.get("in_channels", 3), m["image_size"], m["image_size"])
-    return torch.zeros(1, d.get("seq_len") or m.get("block_size") or 128, dtype=torch.long)
+    size = getattr(m, "image_size", None)
+    if size:
+        return torch.zeros(1, getattr(m, "in_channels", 3), size, size)
+    return torch.zeros(1, getattr(d, "seq_len", None) or getattr(m, "block_size", None) or 128, dtype=torch.long)
 
 
 def _external_model(spec: str):
@@ -90,8 +92,8 @@ def _is_external(spec: str) -> bool:
 
 def build(spec: str, branch: str = "cosnet", rank: int | None = None, targets: str | None = None):
     """(model with branches on the meta device, example input, resolved branch, rank, targets)."""
-    from noble_cli import config as C
     from noble_cli.layers import resolve_activation
+    from noble_cli.recipes import list_recipes
 
     if branch == "none":
         raise NobleError("--branch none adds no layer; give a branch such as cosnet")
@@ -104,7 +106,7 @@ def build(spec: str, branch: str = "cosnet", rank: int | None = None, targets: s
             warnings.simplefilter("ignore")
             apply_noble(model, rank=rank, activation=branch, targets=targets)
         return model, example, branch, rank, targets
-    if not spec.endswith((".yaml", ".yml")) and spec not in C.list_recipes():
+    if not spec.endswith((".yaml", ".yml")) and spec not in list_recipes():
         raise NobleError(f"unknown model or recipe {spec!r}; valid: {', '.join(SOURCES)}")
     model, example, cfg = _recipe_model(spec, branch, rank, targets)
     return model, example, branch, cfg.noble.rank, cfg.noble.targets
@@ -284,7 +286,7 @@ def print_recipe_layers(cfg, console: Console) -> None:
     from noble_cli.tasks import get_task
 
     with torch.device("meta"):
-        model = get_task(cfg.task).load().build_module(cfg).model
+        model = get_task(cfg.task).build_module(cfg).model
         example = _recipe_input(cfg)
     render(report_of(model, example, cfg.recipe or "config", cfg.noble.branch, cfg.noble.rank, cfg.noble.targets),
            console)

@@ -38,9 +38,9 @@ def _gpt2() -> Tokenizer:
 TOKENIZERS: dict[str, Callable[[], Tokenizer]] = {"gpt2": _gpt2}
 
 
-def run_tokenizer(data_cfg: dict) -> Tokenizer:
-    """The tokenizer a run's data was tokenized with, from its resolved `data:` section."""
-    name = data_cfg.get("tokenizer") or "gpt2"
+def run_tokenizer(data_cfg) -> Tokenizer:
+    """The tokenizer a run's data was tokenized with, from its resolved `data:` section (the config or a dict)."""
+    name = (data_cfg.get("tokenizer") if isinstance(data_cfg, dict) else getattr(data_cfg, "tokenizer", None)) or "gpt2"
     if name not in TOKENIZERS:
         raise NobleError(f"noble sample does not know the run's tokenizer {name!r}; known: {', '.join(TOKENIZERS)}")
     return TOKENIZERS[name]()
@@ -63,7 +63,7 @@ def checkpoint_path(run: Path, which: str) -> Path:
 
 def load_run(run: Path, which: str = "best", device: str = "cpu"):
     """(the run's model in eval mode, its resolved config) from a checkpoint of a text causal-LM run."""
-    from noble_cli.config import from_dict
+    from noble_cli.recipes import from_dict
     from noble_cli.data.image_tokens import read_checkpoint
     from noble_cli.tasks import get_task
 
@@ -74,7 +74,7 @@ def load_run(run: Path, which: str = "best", device: str = "cpu"):
         raise NobleError(f"{run} is a {cfg.task!r} run; noble sample needs a text language model "
                          f"(task {', '.join(TEXT_TASKS)})")
     cfg.noble.kernel = "torch"  # the branch's plain PyTorch form: any device, same parameters
-    module = get_task(cfg.task).load().build_module(cfg)
+    module = get_task(cfg.task).build_module(cfg)
     module.load_state_dict(ckpt["state_dict"])
     return module.model.to(device).eval(), cfg
 

@@ -13,10 +13,9 @@ import torch
 if not torch.cuda.is_available():  # transformers loads triton: the CPU kernel tests need this set before it does
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from noble_cli import config as C  # noqa: E402
+from noble_cli import recipes as C  # noqa: E402
 from noble_cli.cli import main  # noqa: E402
 from noble_cli.layers_cli import report  # noqa: E402
-from noble_cli.recipes import count_recipe_params  # noqa: E402
 
 pytest.importorskip("transformers")
 pytest.importorskip("timm")
@@ -74,7 +73,7 @@ def test_the_cli_table_for_a_transformers_type_and_a_config_json(tmp_path, monke
 def test_recipes_timm_and_the_dry_run_list_the_same_layers(tmp_path, monkeypatch, capsys):
     rep = report("llm-tiny", rank=4)
     cfg = C.resolve("llm-tiny", {"noble.branch": "cosnet", "noble.rank": 4})
-    assert (rep.params_total, rep.params_branch) == count_recipe_params(cfg)
+    assert (rep.params_total, rep.params_branch) == C.count_recipe_params(cfg)
     assert [c.site.name for c in rep.layers] == [f"blocks.{i}.{p}" for i in (0, 1)
                                                  for p in ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.fc", "mlp.fc2")]
 

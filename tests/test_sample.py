@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from noble_cli import config as C
+from noble_cli import recipes as C
 from noble_cli.cli import main
 from noble_cli.errors import NobleError
 from noble_cli.layers import noble_layers
