@@ -7,7 +7,6 @@ The tokenizer is looked up from the run's `data:` section by `run_tokenizer` (on
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -15,35 +14,18 @@ import torch
 import typer
 from torch import nn
 
+from noble_cli.data.text_tokenizers import DEFAULT, TextTokenizer, get_tokenizer
 from noble_cli.errors import NobleError
 
 TEXT_TASKS = ("causal_lm",)  # tasks whose tokens are text (image_lm's are VQGAN codes)
 CHECKPOINTS = ("best", "last")
 
 
-@dataclass(frozen=True)
-class Tokenizer:
-    encode: Callable[[str], list[int]]
-    decode: Callable[[list[int]], str]
-    start_id: int  # what an empty prompt starts from (the document separator the data puts between texts)
-
-
-def _gpt2() -> Tokenizer:
-    from noble_cli.data import tokenizer as t
-
-    return Tokenizer(t.encode, t.decode, t.EOT_ID)
-
-
-# `data.tokenizer` -> how to build it; a run without the field was tokenized with GPT-2 BPE.
-TOKENIZERS: dict[str, Callable[[], Tokenizer]] = {"gpt2": _gpt2}
-
-
-def run_tokenizer(data_cfg) -> Tokenizer:
-    """The tokenizer a run's data was tokenized with, from its resolved `data:` section (the config or a dict)."""
-    name = (data_cfg.get("tokenizer") if isinstance(data_cfg, dict) else getattr(data_cfg, "tokenizer", None)) or "gpt2"
-    if name not in TOKENIZERS:
-        raise NobleError(f"noble sample does not know the run's tokenizer {name!r}; known: {', '.join(TOKENIZERS)}")
-    return TOKENIZERS[name]()
+def run_tokenizer(data_cfg) -> TextTokenizer:
+    """The tokenizer a run's data was tokenized with, from its resolved `data:` section (the config or a dict); a run
+    without the field was tokenized with GPT-2 BPE."""
+    name = (data_cfg.get("tokenizer") if isinstance(data_cfg, dict) else getattr(data_cfg, "tokenizer", None))
+    return get_tokenizer(name or DEFAULT)
 
 
 # --- the run --------------------------------------------------------------------------------------------------------
@@ -63,8 +45,8 @@ def checkpoint_path(run: Path, which: str) -> Path:
 
 def load_run(run: Path, which: str = "best", device: str = "cpu"):
     """(the run's model in eval mode, its resolved config) from a checkpoint of a text causal-LM run."""
-    from noble_cli.recipes import from_dict
     from noble_cli.data.image_tokens import read_checkpoint
+    from noble_cli.recipes import from_dict
     from noble_cli.tasks import get_task
 
     path = checkpoint_path(run, which)
@@ -122,7 +104,7 @@ def sample_text(run: Path, prompt: str = "", tokens: int = 100, temperature: flo
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, cfg = load_run(run, checkpoint, device)
     tok = run_tokenizer(cfg.data)
-    ids = tok.encode(prompt) if prompt else [tok.start_id]
+    ids = tok.encode(prompt) if prompt else [tok.eot_id]  # the separator the data puts between documents
     new = generate(model, ids, tokens, temperature, seed, context_length(model))
     return prompt + tok.decode(new)
 

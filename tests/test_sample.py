@@ -102,8 +102,9 @@ def test_the_loop_takes_any_module_returning_logits_and_keeps_the_context_window
 
 def test_the_tokenizer_comes_from_the_run_data_config():
     tok = run_tokenizer({"dataset": "embedded"})  # runs before data.tokenizer existed: GPT-2 BPE
-    assert tok.encode("Hello world") == [15496, 995] and tok.start_id == 50256
-    with pytest.raises(NobleError, match="tokenizer 'klingon'; known: gpt2"):
+    assert tok.encode("Hello world") == [15496, 995] and tok.eot_id == 50256
+    assert run_tokenizer({"tokenizer": "bytes"}).encode("Hé") == [72, 195, 169]
+    with pytest.raises(NobleError, match="tokenizer 'klingon'; valid: gpt2, bytes"):
         run_tokenizer({"tokenizer": "klingon"})
 
 

@@ -43,6 +43,9 @@ class TextTokenizer:
         so it pickles into `datasets.map` worker processes."""
         return functools.partial(self.module.encode_documents, num_threads=num_threads)
 
+    def encode(self, text: str) -> list[int]:
+        return self.module.encode(text)
+
     def decode(self, ids) -> str:
         return self.module.decode(ids)
 
