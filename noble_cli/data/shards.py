@@ -35,23 +35,28 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from noble_cli.atomic import atomic_file, atomic_write_json, is_stale_temp
+from noble_cli.atomic import atomic_write_json, is_stale_temp
+from noble_cli.data.shard_format import (  # noqa: F401 (re-exported: the shard format is part of this module's API)
+    FORMAT,
+    FORMAT_VERSION,
+    LOCAL_SUFFIXES,
+    VAL_BUCKETS,
+    Fingerprint,
+    write_split,
+)
 from noble_cli.data.text_tokenizers import get_tokenizer
 from noble_cli.errors import NobleError
 
-FORMAT = "noble-lm-shards"
-FORMAT_VERSION = 1
 TRAIN_BIN, VAL_BIN, META_JSON = "train.bin", "val.bin", "meta.json"
 SPLITS = ("train", "val")
 DTYPE = np.uint16
 VAL_FRACTION = 0.01
-VAL_BUCKETS = 10_000
 DATA_DIR_ENV = "NOBLE_DATA_DIR"
 
 # Named datasets: name -> (HF path, config). `embedded` is the offline default.
@@ -59,7 +64,6 @@ HF_DATASETS: dict[str, tuple[str, str | None]] = {
     "openwebtext": ("Skylion007/openwebtext", None),
     "fineweb-edu": ("HuggingFaceFW/fineweb-edu", "sample-10BT"),
 }
-LOCAL_SUFFIXES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 VALID_DATASETS = ("embedded", *HF_DATASETS, "hf:<name>[:<config>]", "a path to .txt/.jsonl/.parquet files or a folder")
 
 
@@ -168,31 +172,6 @@ def _remove_dead_temps(folder: Path) -> None:
         if is_stale_temp(p):
             with contextlib.suppress(OSError):
                 p.unlink()
-
-
-class Fingerprint:
-    """sha256 over the train tokens then the val tokens (little-endian uint16 bytes), headed by the tokenizer."""
-
-    def __init__(self, tokenizer: str = "gpt2") -> None:
-        self.h = hashlib.sha256(f"{FORMAT}/{FORMAT_VERSION}/{tokenizer}".encode())
-
-    def update(self, split: str, arr: np.ndarray) -> None:
-        self.h.update(np.ascontiguousarray(arr, dtype="<u2").data)
-
-    def hexdigest(self) -> str:
-        return "sha256:" + self.h.hexdigest()
-
-
-def write_split(folder: Path, split: str, chunks: Iterable[np.ndarray], fingerprint: Fingerprint) -> int:
-    """Write `<split>.bin` atomically from uint16 chunks; returns the token count."""
-    n = 0
-    with atomic_file(folder / f"{split}.bin") as f:
-        for chunk in chunks:
-            chunk = np.ascontiguousarray(chunk, dtype="<u2")
-            fingerprint.update(split, chunk)
-            f.write(chunk.data)
-            n += chunk.size
-    return n
 
 
 # ---------------------------------------------------------------------------------------------------------------
