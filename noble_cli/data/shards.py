@@ -399,7 +399,9 @@ def prepare(dataset: str | os.PathLike = "embedded", cache_dir: str | os.PathLik
         split_lengths = None
         if tok.name != "gpt2":
             gpt2 = get_tokenizer("gpt2").encoder(num_proc)
-            split_lengths = lambda texts: [a.size for a in gpt2(texts)]  # noqa: E731
+
+            def split_lengths(texts: list[str]) -> list[int]:
+                return [a.size for a in gpt2(texts)]
         meta.update(prepare_embedded(folder, sources, limit, val_fraction, tok.encoder(num_proc), tok.name,
                                      split_lengths))
     else:
