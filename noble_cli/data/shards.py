@@ -253,7 +253,8 @@ def load_tokens(folder: str | os.PathLike, split: str = "train") -> np.memmap:
 def verify(folder: str | os.PathLike) -> bool:
     """Recompute the content fingerprint and compare it with meta.json."""
     meta = read_meta(folder)
-    fp = Fingerprint(meta.get("tokenizer", "gpt2"))
+    # folders from before the tag was written: GPT-2's, or "bytes" for the first byte shards
+    fp = Fingerprint(meta.get("fingerprint_tag") or ("bytes" if meta.get("tokenizer") == "bytes" else "gpt2"))
     for split in SPLITS:
         tokens = load_tokens(folder, split)
         for i in range(0, len(tokens), 1 << 22):
@@ -270,7 +271,8 @@ def _base_meta(spec: DatasetSpec, params: dict, tokenizer: str = "gpt2") -> dict
     eot = "<|endoftext|>" if tok.name == "gpt2" else f"end-of-text ({tok.eot_id})"
     return {"format": FORMAT, "version": FORMAT_VERSION, "dataset": spec.id, "params": params,
             "tokenizer": tok.name, "tokenizer_source": tok.source, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id,
-            "dtype": "uint16", "document_separator": f"each document is followed by {eot}"}
+            "dtype": "uint16", "document_separator": f"each document is followed by {eot}",
+            "fingerprint_tag": tok.name}  # what heads the content fingerprint (`verify` needs it)
 
 
 def embedded_val_split(names: list[str], source: str, lengths: list[int], val_fraction: float) -> set[int]:
