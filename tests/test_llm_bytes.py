@@ -147,8 +147,9 @@ def _shard_folder(path, tok: str, texts: list[str]):
 
 @pytest.mark.parametrize("tok, vocab", [("bytes", 257), ("gpt2", 50257)])
 def test_eval_bpb_is_summed_nats_over_ln2_times_the_target_bytes(tmp_path, tok, vocab):
-    texts = ["The quick brown fox jumps over the lazy dog.", "Ünïcödé — “quotes” 🤖", "KING LEAR. Nothing will come "
-             "of nothing: speak again.", "In the beginning God created the heaven and the earth."] * 3
+    texts = ["The quick brown fox jumps over the lazy dog.", "Ünïcödé — “quotes” 🤖",
+             "KING LEAR. Nothing will come of nothing: speak again.",
+             "In the beginning God created the heaven and the earth."] * 3
     folder = _shard_folder(tmp_path / tok, tok, texts)
     cfg = recipes.resolve("llm-tiny", {"data.dataset": str(folder), "data.tokenizer": tok, "model.vocab_size": vocab,
                                  "data.seq_len": 24, "trainer.batch_size": 3, "trainer.eval_batches": 3,
