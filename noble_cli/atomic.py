@@ -52,9 +52,11 @@ def atomic_file(final: Path, mode: str = "wb") -> Iterator:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if isinstance(e, OSError) and e.filename is None:  # a write or fsync on a full disk names no file
+            raise OSError(e.errno, e.strerror or str(e), str(final)) from e
         raise
 
 

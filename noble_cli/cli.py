@@ -65,6 +65,8 @@ def train(
     label_smoothing: Optional[float] = typer.Option(None, help="Vision: label smoothing."),
     name: Optional[str] = typer.Option(None, help="Variant label shown in reports (default: from the branch)."),
     set_: list[str] = typer.Option([], "--set", help="Any config field: --set section.key=value (repeatable)."),
+    logger: list[str] = typer.Option([], "--logger", help="Also send the run to an experiment tracker: tensorboard, "
+                                     "wandb or mlflow (repeatable; offline by default, see the README)."),
     out: Path = typer.Option(Path("results"), help="Results folder; the run goes to OUT/runs/<run-id>/."),
     resume: bool = typer.Option(False, "--resume", help="Continue this run from its last checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete an existing run folder of this config first."),
@@ -74,6 +76,7 @@ def train(
     values = dict(locals())
     overrides = {TRAIN_OVERRIDES[k]: values[k] for k in TRAIN_OVERRIDES}
     overrides["trainer.devices"] = _devices(devices)
+    overrides["trainer.logger"] = list(logger) or None  # none given: the recipe's (or --set's) trackers
     cfg = C.resolve(recipe, overrides, set_)
     rid = C.run_id(cfg)
     if dry_run:
@@ -83,8 +86,9 @@ def train(
         total, branch_params = count_recipe_params(cfg)
         console.print(f"run id: [bold]{rid}[/]  params: {total:,} (branch {branch_params:,})")
         return
-    from noble_cli.train.run import train as run_training
+    from noble_cli.train.run import check_resume_of_run_config, train as run_training
 
+    check_resume_of_run_config(recipe, cfg, resume)
     result = run_training(cfg, out=out, resume=resume, overwrite=overwrite)
     from lightning.pytorch.utilities import rank_zero_only
 

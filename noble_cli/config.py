@@ -91,6 +91,9 @@ class TrainerConfig:
     strategy: str = "auto"  # auto | ddp | fsdp | any Lightning strategy name
     kernel_warmup_steps: int = 5  # steps left out of the median step time
     num_workers: int = 0
+    # Experiment trackers that mirror the run folder: a list of tensorboard, wandb, mlflow, or one comma-separated
+    # string (noble_cli/trackers.py makes it a tuple). Where a run is watched, not what it computes: not hashed.
+    logger: Any = added_field(())
 
 
 @dataclass
@@ -336,6 +339,9 @@ def validate(cfg: RunConfig) -> None:
             raise NobleError(f"trainer.{name} must be >= 0, got {getattr(t, name)}")
     if t.precision not in PRECISIONS:
         raise choices_error("trainer.precision", t.precision, PRECISIONS)
+    from noble_cli.trackers import parse_loggers
+
+    t.logger = parse_loggers(t.logger)
     if not 0 <= cfg.seed < 2**32:
         raise NobleError(f"seed must be in [0, 2^32), got {cfg.seed}")
     _check_ranges(cfg)
@@ -363,7 +369,7 @@ def _check_ranges(cfg: RunConfig) -> None:
 
 
 # Fields that change where or how fast a run goes, not what it computes: left out of the config hash.
-_NOT_HASHED = {"trainer": ("devices", "num_nodes", "strategy", "accelerator", "num_workers", "log_every")}
+_NOT_HASHED = {"trainer": ("devices", "num_nodes", "strategy", "accelerator", "num_workers", "log_every", "logger")}
 
 
 def _noble_identity(n: NobleConfig) -> dict:

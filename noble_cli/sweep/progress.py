@@ -35,7 +35,10 @@ def eta(m: dict, left: int, parallel: int = 1) -> tuple[float | None, float | No
     return mean * left / max(1, parallel), mean
 
 
-def overview(manifest: Path, m: dict, current: int | None = None, parallel: int = 1, note: str = "") -> Panel:
+def overview(manifest: Path, m: dict, current: int | None = None, parallel: int = 1, note: str = "",
+             plain: bool = False) -> Panel | Group:
+    """The sweep's state: a panel on a terminal; `plain` (a log file) the same lines without the box, whose border
+    would span the log's whole width."""
     c = counts(manifest, m)
     total = len(m["runs"])
     remaining, mean = eta(m, c["left"] + c["running"], parallel)
@@ -55,7 +58,9 @@ def overview(manifest: Path, m: dict, current: int | None = None, parallel: int 
                                    f"{e['variant']} · seed {e['seed']} · ", (e["run_id"], "dim")))
     if note:
         parts.append(Text(note, style="yellow"))
-    title = f"sweep [bold]{m['name']}[/] · {m['ablation']} on {m['recipe']}"
+    title = f"sweep [bold]{escape(str(m['name']))}[/] · {escape(str(m['ablation']))} on {escape(str(m['recipe']))}"
+    if plain:
+        return Group(Text.from_markup(title), *parts)
     return Panel(Group(*parts), title=title, title_align="left", border_style="blue")
 
 
