@@ -55,7 +55,8 @@ def atomic_file(final: Path, mode: str = "wb") -> Iterator:
     except BaseException as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        if isinstance(e, OSError) and e.filename is None:  # a write or fsync on a full disk names no file
+        # a write or fsync on a full disk names no file, an open the temporary one: name the file being written
+        if isinstance(e, OSError) and e.filename in (None, str(tmp)):
             raise OSError(e.errno, e.strerror or str(e), str(final)) from e
         raise
 

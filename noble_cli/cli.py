@@ -6,11 +6,11 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from noble_cli import config as C
+from noble_cli.console import make_console
 from noble_cli.entry import run_app
 
 app = typer.Typer(
@@ -20,7 +20,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console()
+console = make_console()  # full width in a log file: lines and tables unfolded
 
 # Options of `noble train` that map onto config fields (None = keep the recipe's value).
 TRAIN_OVERRIDES = {

@@ -6,9 +6,9 @@ import errno
 import importlib
 import sys
 
-from rich.console import Console
 from rich.markup import escape
 
+from noble_cli.console import make_console
 from noble_cli.errors import InterruptedRun, NobleError
 
 
@@ -60,7 +60,7 @@ def os_error_line(e: OSError) -> str:
 
 def run_app(app, prog_name: str | None = None) -> None:
     """Run a Typer app: user errors become one line on stderr and a non-zero exit, never a traceback."""
-    err_console = Console(stderr=True)
+    err_console = make_console(stderr=True)  # an error stays one line in a log file
     try:
         # standalone_mode=False returns typer.Exit's code (Ctrl-C becomes 130) instead of raising it
         code = app(standalone_mode=False, prog_name=prog_name)

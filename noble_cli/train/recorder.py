@@ -161,15 +161,18 @@ class RunRecorder(L.Callback):
 
     # --- state across resumes ---------------------------------------------------------------------------------
     def on_train_start(self, trainer, pl_module):
-        step = trainer.global_step  # > 0 when resumed from a checkpoint (restored by now, unlike on_fit_start)
+        self._restore(trainer.global_step)  # > 0 when resumed (restored by now, unlike on_fit_start)
+        self._started = True
+        self._flush(trainer, force=True)
+
+    def _restore(self, step: int) -> None:
+        """The rows of the run so far, up to the checkpoint's step (a resume repeats the steps after it)."""
         old = self.folder.read_metrics()
         if not old.empty and step > 0:
             old = old[old["step"] <= step]
             self.rows = {int(r["step"]): {k: v for k, v in r.items() if pd.notna(v)} for r in old.to_dict("records")}
             self.wallclock = float(old["wallclock_s"].max()) if "wallclock_s" in old and len(old) else 0.0
             self._resumed = True
-        self._started = True
-        self._flush(trainer, force=True)
 
     # --- timing -------------------------------------------------------------------------------------------------
     def _sync(self, pl_module):
@@ -276,6 +279,8 @@ class RunRecorder(L.Callback):
             self._close_trackers()  # a full or read-only disk: the exception being raised already says so
 
     def finish(self, trainer) -> dict:
+        if not self._started:  # a resume at the budget's end: Lightning trains nothing and never starts training
+            self._restore(trainer.global_step)
         try:
             self._flush(trainer, force=True)
             if trainer.is_global_zero:

@@ -350,7 +350,7 @@ def _train_prepared(cfg: RunConfig, task, module, trainer: L.Trainer, recorder: 
     """The run itself, once the folder's state is decided: fit, finish the end, summarise."""
     datamodule = task.build_datamodule(cfg)
     if cfg.schedule.warmup_steps >= cfg.trainer.max_steps and rank_zero_only.rank == 0:
-        Console(stderr=True).print(
+        make_console(stderr=True).print(
             f"[yellow]note:[/] schedule.warmup_steps ({cfg.schedule.warmup_steps}) >= trainer.max_steps "
             f"({cfg.trainer.max_steps}): this run never leaves the learning-rate warm-up")
     if cfg.trainer.compile:
@@ -363,7 +363,7 @@ def _train_prepared(cfg: RunConfig, task, module, trainer: L.Trainer, recorder: 
             f"cannot resume {folder.path} on {trainer.world_size} device(s): it was started on "
             f"{meta.get('world_size', 1)}; resume with the same --devices/--num-nodes")
     if state == "resume" and meta.get("data_stream") != DATA_STREAM and rank_zero_only.rank == 0:
-        Console(stderr=True).print(
+        make_console(stderr=True).print(
             f"[yellow]note:[/] {folder.path} was started by an older noble whose batches, augmentations and "
             "dropout were drawn differently: from here on the run sees different draws than it would have")
     if state == "resume" and "data_identity" in meta and meta["data_identity"] != data_identity:
