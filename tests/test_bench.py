@@ -102,3 +102,29 @@ def test_bench_step_refuses_fused_variants_for_other_branches_before_timing(tmp_
     result = runner.invoke(bench_app, ["step", "--recipe", "llm-tiny", "--branch", "none", "--variants",
                                        "baseline,noble-torch", "--out", str(tmp_path / "x.json")])
     assert "baseline against itself" in str(result.exception)
+
+
+def test_bench_layer_writes_its_json_after_every_row(tmp_path, monkeypatch):
+    """A command cut off after its first row keeps that row (complete: false); a finished one says complete."""
+    import noble_cli.bench.layer as L
+
+    real = L.layer_rows
+
+    def cut_after_one(*args, **kwargs):
+        rows = real(*args, **kwargs)
+        yield next(rows)
+        raise RuntimeError("cut off")
+
+    monkeypatch.setattr(L, "layer_rows", cut_after_one)
+    out = tmp_path / "layer.json"
+    with pytest.raises(RuntimeError, match="cut off"):
+        runner.invoke(bench_app, ["layer", "--tokens", "16", "--shapes", "q:16x24", "--ranks", "4", "--variants",
+                                  "baseline,noble-torch", "--warmup", "0", "--iters", "1", "--device", "cpu",
+                                  "--out", str(out)], catch_exceptions=False)
+    data = json.loads(out.read_text())
+    assert data["complete"] is False and [r["variant"] for r in data["rows"]] == ["baseline"]
+    monkeypatch.setattr(L, "layer_rows", real)
+    _run(["layer", "--tokens", "16", "--shapes", "q:16x24", "--ranks", "4", "--variants", "baseline,noble-torch",
+          "--warmup", "0", "--iters", "1", "--device", "cpu", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["complete"] is True and len(data["rows"]) == 2

@@ -16,19 +16,7 @@ from torch import nn
 
 from noble_cli.errors import NobleError
 from noble_cli.layers.activations import activation_spec, resolve_activation
-
-KERNELS = ("torch", "triton")
-
-
-def fused_kernels_run_on(x: torch.Tensor) -> bool:
-    """Whether the Triton kernels can take `x`: any CUDA tensor; a CPU tensor only in Triton's interpreter (tests)."""
-    if x.is_cuda:
-        return True
-    try:
-        from noble_kernels import available  # needs only torch; triton itself is optional off CUDA
-    except ImportError:
-        return False
-    return available(x.device)
+from noble_cli.layers.implementation import KERNELS, import_noble_kernels, runs_fused
 
 
 class NobleLinear(nn.Linear):
@@ -37,7 +25,8 @@ class NobleLinear(nn.Linear):
     Attribute names `down`, `up`, `act` and, for CosNet, `act.freq1/phase1/mix/freq2/phase2` are a stable API.
     `kernel` picks the implementation of the forward: "torch" (any activation, any device) or "triton"
     (fused CosNet kernels on CUDA, or on the CPU under TRITON_INTERPRET=1; falls back to torch where the fused path
-    does not apply: another activation, or a device the kernels cannot run on).
+    does not apply: another activation, or a device the kernels cannot run on). Which one a run's layers get, and
+    the self-check before a run trusts the fused path, are decided in noble_cli/layers/implementation.py.
     """
 
     def __init__(
@@ -91,11 +80,9 @@ class NobleLinear(nn.Linear):
         return self.up(self.act(self.down(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel == "triton" and self.activation == "cosnet" and fused_kernels_run_on(x):
-            from noble_kernels import cosnet_linear
-
+        if runs_fused(self.kernel, self.activation, x):
             a = self.act
-            return cosnet_linear(
+            return import_noble_kernels().cosnet_linear(
                 x, self.weight, self.bias, self.down.weight, self.down.bias,
                 a.freq1, a.phase1, a.mix.weight, a.mix.bias, a.freq2, a.phase2, self.up.weight,
             )

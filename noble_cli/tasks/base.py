@@ -17,24 +17,20 @@ from torch import nn
 from noble_cli.config import NobleConfig, RunConfig
 from noble_cli.layers import LRMultipliers, apply_noble, count_parameters, param_groups
 from noble_cli.layers.apply import reinit_main_weights
+from noble_cli.layers.implementation import Choice, plan
 from noble_cli.seeding import STEP, derive_seed
 
 
+def planned_implementation(noble: NobleConfig, on_cuda: bool) -> Choice:
+    """The branch implementation a run starts with (noble_cli/layers/implementation.py decides: a CosNet branch
+    with `noble.kernel` triton, or auto on CUDA, plans the fused kernels, pending their self-check before the first
+    step; everything else runs torch)."""
+    return plan(noble.branch, noble.kernel, "cuda" if on_cuda else "cpu")
+
+
 def resolved_kernel(noble: NobleConfig, on_cuda: bool) -> str:
-    """The branch implementation a run uses: "triton" only where the fused kernels apply and can run (a CosNet
-    branch, on CUDA or under TRITON_INTERPRET=1 on the CPU; `auto` picks them on CUDA only), else "torch", which is
-    also what NobleLinear falls back to. This is what meta.json records."""
-    if noble.branch != "cosnet" or noble.kernel == "torch":
-        return "torch"
-    if on_cuda:
-        return "triton"
-    if noble.kernel == "auto":
-        return "torch"
-    try:
-        from noble_kernels import available
-    except ImportError:
-        return "torch"
-    return "triton" if available("cpu") else "torch"
+    """"triton" or "torch": what `planned_implementation` picks."""
+    return planned_implementation(noble, on_cuda).kernel
 
 
 def _with_branches(make: Callable, model_cfg, noble: NobleConfig, branch: str, kernel: str = "torch") -> nn.Module:
@@ -101,8 +97,10 @@ class NobleTask(L.LightningModule):
         # The resolved config goes into every checkpoint (hyper_parameters), so a checkpoint alone can be rebuilt.
         self.save_hyperparameters({"config": cfg.to_dict()})
         self.cfg, self.model_cfg, self.data_cfg = cfg, model_cfg, data_cfg
-        self.kernel = resolved_kernel(cfg.noble, on_cuda=torch.cuda.is_available() and cfg.trainer.accelerator != "cpu")
-        self.model = build_model(self.make_model, model_cfg, cfg.noble, self.kernel)
+        # what the layers run; noble_cli/train/kernel_check.py replaces it with the self-check's verdict
+        self.implementation = planned_implementation(
+            cfg.noble, on_cuda=torch.cuda.is_available() and cfg.trainer.accelerator != "cpu")
+        self.model = build_model(self.make_model, model_cfg, cfg.noble, self.implementation.kernel)
         self.params = count_parameters(self.model)
 
     # --- what a task writes -------------------------------------------------------------------------------------

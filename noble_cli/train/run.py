@@ -24,6 +24,7 @@ from noble_cli.errors import InterruptedRun, NobleError
 from noble_cli.tasks import get_task
 from noble_cli.train import PREPARED_ENV, decided_by_parent, mark_decided
 from noble_cli.train.flops import FlopsProbe
+from noble_cli.train.kernel_check import KernelSelfCheck
 from noble_cli.train.recorder import AtomicCheckpointIO, DivergedError, RunRecorder
 from noble_cli.train.run_folder import RunFolder
 
@@ -283,6 +284,7 @@ def build_trainer(cfg: RunConfig, module, folder: RunFolder, recorder: RunRecord
     t = cfg.trainer
     on_gpu = t.accelerator in ("gpu", "cuda") or (t.accelerator == "auto" and torch.cuda.is_available())
     callbacks = [
+        KernelSelfCheck(folder),  # first: the fused kernels are checked (and maybe replaced) before anything runs
         recorder,
         ModelCheckpoint(dirpath=folder.checkpoint_dir, filename="best", monitor="eval_loss", mode="min",
                         save_top_k=1, save_last=True, enable_version_counter=False, auto_insert_metric_name=False),
@@ -374,7 +376,7 @@ def _train_prepared(cfg: RunConfig, task, module, trainer: L.Trainer, recorder: 
         if not meta:
             meta = folder.write_meta(cfg, rid, module.params.total, module.params.branch,
                                      world_size=trainer.world_size, data_identity=data_identity,
-                                     kernel=module.kernel, data_stream=DATA_STREAM)
+                                     data_stream=DATA_STREAM, **module.implementation.meta())
         atomic_write_text(folder.checkpoint_dir / "hyperparameters.yaml", to_yaml(cfg))
         if cfg.trainer.logger:  # mirrors of the run folder, once it is decided and described
             recorder.trackers = trackers.open_trackers(
@@ -400,4 +402,5 @@ def _train_prepared(cfg: RunConfig, task, module, trainer: L.Trainer, recorder: 
             ) from None
     recorder.status = "completed"
     summary = recorder.finish(trainer)
-    return TrainResult(folder.path, summary, meta)
+    # meta.json as the self-check left it (the implementation that actually ran)
+    return TrainResult(folder.path, summary, folder.read_json(folder.meta_path) or meta)

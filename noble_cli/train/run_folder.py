@@ -131,6 +131,12 @@ class RunFolder:
         atomic_write_json(self.meta_path, meta)
         return meta
 
+    def update_meta(self, changes: dict) -> dict:
+        """meta.json with `changes` merged in (global rank 0 only, like write_meta)."""
+        meta = {**self.read_json(self.meta_path), **changes}
+        atomic_write_json(self.meta_path, meta)
+        return meta
+
     def read_json(self, path: Path) -> dict:
         """A JSON object file of the folder; {} when missing or unreadable (a broken folder must not crash callers)."""
         try:
