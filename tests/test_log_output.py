@@ -17,7 +17,8 @@ from noble_cli.errors import NobleError
 from noble_cli.sweep import grids
 from noble_cli.train.run import LogProgress, StepProgressBar, progress_callback
 
-LINE = re.compile(r"^train step (\d+)/4 \((\d+)%\)  loss (\d+\.\d{4})  tokens/s \d+(\.\d)?k?  elapsed \d+s(  ETA \d+s)?$")
+LINE = re.compile(r"^train step (\d+)/4 \((\d+)%\)  loss (\d+\.\d{4})  tokens/s \d+(\.\d)?k?  elapsed \d+s"
+                  r"(  ETA \d+s)?$")
 
 
 def test_a_log_gets_a_progress_line_per_interval_and_a_line_per_evaluation(tracked_run):
@@ -96,13 +97,20 @@ def test_a_sweep_in_a_log_prints_plain_overviews(tmp_path, monkeypatch):
     monkeypatch.delenv("COLUMNS", raising=False)
     plan = grids.activations_sweep("llm-tiny", ["cosnet"], [0], max_steps=10, check_models=False)
     con = make_console(file=io.StringIO())
-    execute_plan(plan, out=tmp_path, con=con,
-                 train_fn=lambda cfg, **kw: SimpleNamespace(summary={"status": "completed"}))
+
+    def train(cfg, run_dir, **kw):
+        run_dir.mkdir(parents=True)
+        (run_dir / "summary.json").write_text('{"status": "completed", "steps": 10}')
+        return SimpleNamespace(summary={"status": "completed"})
+
+    execute_plan(plan, out=tmp_path, con=con, train_fn=train)
     text = con.file.getvalue()
     assert "╭" not in text and "│" not in text.split("sweep " + plan.name + ":")[0]  # no panel before the table
     assert f"sweep {plan.name} · activations on llm-tiny" in text
     assert f"▶ run 1/2: baseline · seed 0 · {plan.run_ids[0]}" in text
     assert f"▶ run 2/2: cosnet r8 · seed 0 · {plan.run_ids[1]}" in text
+    # the final table's title on one line, not wrapped to the table's width
+    assert re.search(rf"^sweep {plan.name}: 2 done, 0 failed, 0 running, 0 left *$", text, re.M)
 
 
 def test_the_gpus_launcher_in_a_log_says_when_runs_start_and_finish(tmp_path, monkeypatch):

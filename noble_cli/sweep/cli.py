@@ -132,7 +132,7 @@ def _final(path: Path, con: Console) -> dict:
     m = read_manifest(path)
     c = counts(path, m)
     con.print(runs_table(path, m, title=f"sweep {m['name']}: {c['done']} done, {c['failed']} failed, "
-                                         f"{c['running']} running, {c['left']} left"))
+                                         f"{c['running']} running, {c['left']} left", plain_title=not con.is_terminal))
     return m
 
 
@@ -142,7 +142,7 @@ def show_dry_run(plan: grids.SweepPlan, path: Path, con: Console) -> None:
     c = counts(path, m)
     con.print(runs_table(path, m, title=f"sweep {plan.name} (dry run): {len(m['runs'])} runs, {c['done']} done, "
                                         f"{c['running']} running, {c['failed']} failed, {c['left']} to train",
-                         plan=True))
+                         plan=True, plain_title=not con.is_terminal))
     if old is None:
         con.print(f"no manifest yet; it would be written to {escape(str(path))}")
     else:

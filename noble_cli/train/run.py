@@ -184,8 +184,8 @@ def folder_state(cfg: RunConfig, folder: RunFolder, resume: bool, overwrite: boo
 
         saved = from_dict(yaml.safe_load(folder.config_path.read_text()))
     except Exception as e:  # noqa: BLE001 - a broken folder must not be resumed blindly
-        raise NobleError(f"cannot resume {folder.path}: its config.yaml is unreadable ({str(e).splitlines()[0]}); "
-                         f"{restore}") from None
+        why = (str(e).splitlines() or [type(e).__name__])[0]
+        raise NobleError(f"cannot resume {folder.path}: its config.yaml is unreadable ({why}); {restore}") from None
     if config_hash(saved) != config_hash(cfg):
         if not folder.path.name.endswith(f"-{config_hash(saved)}"):  # the folder's name is its config's hash
             raise NobleError(f"cannot resume {folder.path}: its config.yaml was edited by hand (it no longer matches "
