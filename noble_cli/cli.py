@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import typing
 from pathlib import Path
 from typing import Optional
 
@@ -10,8 +12,11 @@ from rich.markup import escape
 from rich.table import Table
 
 from noble_cli import config as C
+from noble_cli import recipes
 from noble_cli.console import make_console
 from noble_cli.entry import run_app
+from noble_cli.errors import NobleError
+from noble_cli.tasks import train_flags
 
 app = typer.Typer(
     name="noble",
@@ -22,15 +27,13 @@ app = typer.Typer(
 )
 console = make_console()  # full width in a log file: lines and tables unfolded
 
-# Options of `noble train` that map onto config fields (None = keep the recipe's value).
+# Options of `noble train` that map onto config fields (None = keep the recipe's value). Tasks add their own
+# (`noble_cli.tasks.train_flags`, e.g. the vision augmentation switches).
 TRAIN_OVERRIDES = {
     "branch": "noble.branch", "rank": "noble.rank", "targets": "noble.targets", "kernel": "noble.kernel",
     "max_steps": "trainer.max_steps", "seed": "seed", "batch_size": "trainer.batch_size", "lr": "optim.lr",
     "devices": "trainer.devices", "num_nodes": "trainer.num_nodes", "strategy": "trainer.strategy",
     "precision": "trainer.precision", "compile": "trainer.compile", "name": "name",
-    "mixup": "data.mixup", "cutmix": "data.cutmix", "mixup_alpha": "data.mixup_alpha",
-    "cutmix_alpha": "data.cutmix_alpha", "randaugment": "data.randaugment", "random_erasing": "data.random_erasing",
-    "label_smoothing": "data.label_smoothing",
 }
 
 
@@ -40,7 +43,6 @@ def _devices(value: Optional[str]):
     return int(value) if value.isdigit() else value
 
 
-@app.command()
 def train(
     recipe: str = typer.Argument(..., help="Recipe name (see `noble recipes`) or a path to your own YAML file."),
     branch: Optional[str] = typer.Option(None, help="Branch activation (cosnet, cos, gelu_net, ...) or none."),
@@ -56,13 +58,6 @@ def train(
     precision: Optional[str] = typer.Option(None, help="auto | 32 | bf16-mixed | 16-mixed."),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model."),
     kernel: Optional[str] = typer.Option(None, help="Branch implementation: auto | torch | triton."),
-    mixup: Optional[bool] = typer.Option(None, "--mixup/--no-mixup", help="Vision: Mixup on or off."),
-    cutmix: Optional[bool] = typer.Option(None, "--cutmix/--no-cutmix", help="Vision: CutMix on or off."),
-    mixup_alpha: Optional[float] = typer.Option(None, help="Vision: Mixup alpha."),
-    cutmix_alpha: Optional[float] = typer.Option(None, help="Vision: CutMix alpha."),
-    randaugment: Optional[bool] = typer.Option(None, "--randaugment/--no-randaugment", help="Vision: RandAugment."),
-    random_erasing: Optional[float] = typer.Option(None, help="Vision: random-erasing probability."),
-    label_smoothing: Optional[float] = typer.Option(None, help="Vision: label smoothing."),
     name: Optional[str] = typer.Option(None, help="Variant label shown in reports (default: from the branch)."),
     set_: list[str] = typer.Option([], "--set", help="Any config field: --set section.key=value (repeatable)."),
     logger: list[str] = typer.Option([], "--logger", help="Also send the run to an experiment tracker: tensorboard, "
@@ -71,19 +66,19 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue this run from its last checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete an existing run folder of this config first."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved config, run id and parameters; train nothing."),
+    **task_options,
 ):
     """Train one run of RECIPE and write its run folder (config, meta, metrics, summary, checkpoints)."""
     values = dict(locals())
     overrides = {TRAIN_OVERRIDES[k]: values[k] for k in TRAIN_OVERRIDES}
     overrides["trainer.devices"] = _devices(devices)
     overrides["trainer.logger"] = list(logger) or None  # none given: the recipe's (or --set's) trackers
-    cfg = C.resolve(recipe, overrides, set_)
+    overrides.update(_task_overrides(recipe, set_, task_options))
+    cfg = recipes.resolve(recipe, overrides, set_)
     rid = C.run_id(cfg)
     if dry_run:
-        from noble_cli.recipes import count_recipe_params
-
         console.print(C.to_yaml(cfg))
-        total, branch_params = count_recipe_params(cfg)
+        total, branch_params = recipes.count_recipe_params(cfg)
         console.print(f"run id: [bold]{rid}[/]  params: {total:,} (branch {branch_params:,})")
         return
     from noble_cli.train.run import check_resume_of_run_config, train as run_training
@@ -97,21 +92,59 @@ def train(
     s = result.summary
     if result.already_done:
         console.print(f"[bold]already completed[/] {escape(str(result.run_dir))}; nothing to resume")
+    metric = s.get("metric") or "eval_loss"
     console.print(
-        f"[bold green]done[/] {escape(str(result.run_dir))}  best eval loss {s.get('best_eval_loss')} at step "
-        f"{s.get('best_step')}, median step {1000 * (s.get('median_step_time_s') or 0):.1f} ms"
+        f"[bold green]done[/] {escape(str(result.run_dir))}  best {metric.replace('_', ' ')} "
+        f"{s.get('best_' + metric)} at step {s.get('best_step')}, median step "
+        f"{1000 * (s.get('median_step_time_s') or 0):.1f} ms"
     )
 
 
-@app.command()
-def recipes():
-    """List the recipes with their task, parameter count (baseline and with a CosNet branch) and data."""
-    from noble_cli.recipes import recipe_rows
+def _task_overrides(recipe: str, sets: list[str], given: dict) -> dict:
+    """Config overrides from the task options given; an option of another task is refused."""
+    given = {k: v for k, v in given.items() if v is not None}
+    if not given:
+        return {}
+    flags, task = train_flags(), recipes.recipe_task(recipe, sets)
+    for option in given:
+        flag, tasks = flags[option]
+        if task not in tasks:
+            raise NobleError(f"--{option.replace('_', '-')} is an option of task {', '.join(tasks)}; recipe "
+                             f"{recipe} has task {task}")
+    return {flags[option][0].key: value for option, value in given.items()}
 
+
+def _with_task_options(command):
+    """`command` with the options every registered task adds, as Typer reads them from its signature."""
+    hints = typing.get_type_hints(command)  # real types: this module's annotations are strings
+    params = [p.replace(annotation=hints.get(p.name, p.annotation))
+              for p in inspect.signature(command).parameters.values() if p.kind is not p.VAR_KEYWORD]
+    for option, (flag, tasks) in train_flags().items():
+        dashed = option.replace("_", "-")
+        decls = [f"--{dashed}/--no-{dashed}"] if flag.kind is bool else [f"--{dashed}"]
+        default = typer.Option(None, *decls, help=f"{flag.help} (task {', '.join(tasks)})")
+        params.append(inspect.Parameter(option, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                        annotation=Optional[flag.kind]))
+
+    def with_options(**values):
+        return command(**values)
+
+    with_options.__signature__ = inspect.Signature(params)
+    with_options.__annotations__ = {p.name: p.annotation for p in params}
+    with_options.__doc__ = command.__doc__
+    return with_options
+
+
+app.command("train")(_with_task_options(train))
+
+
+@app.command("recipes")
+def list_recipes():
+    """List the recipes with their task, parameter count (baseline and with a CosNet branch) and data."""
     table = Table(title="recipes")
     for col in ("recipe", "task", "params", "+cosnet", "data", "steps"):
         table.add_column(col, overflow="fold")
-    for row in recipe_rows():
+    for row in recipes.recipe_rows():
         table.add_row(*row)
     console.print(table)
 

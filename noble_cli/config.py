@@ -1,127 +1,402 @@
-"""Typed run configuration: dataclasses, recipes (YAML files mirroring them), `--set` overrides and hashing.
+"""Typed run configuration: the sections of a run (pydantic models), its label and its identity.
 
-A run is fully described by one `RunConfig`. Recipes in `recipes/*.yaml` have the same sections; the task decides
-the fields of `model` and `data` (each task has its own dataclasses for them, see `noble_cli.tasks`), the other
-sections are common to every task. The resolved config saved in a run folder is enough to rerun that run.
+A run is fully described by one `RunConfig`. Its sections `optim`, `schedule`, `trainer` and `noble` are the same
+for every task; `model` and `data` are the task's own config classes (see `noble_cli.tasks`). Recipes
+(recipes/*.yaml) mirror these sections and are read into a RunConfig by `noble_cli.recipes`, which also applies
+`--set` overrides. Every field's docstring is its documentation. A value that does not fit its field is refused
+with one line naming the field and what is valid (`config_error`), before anything is trained or written.
+
+Identity: the config hash covers what a run computes (not where it runs), and is part of the run id (its folder's
+name) and of the pair key (what a variant shares with its baseline). A field added after run folders existed is
+declared with `added_field`, which keeps it out of the hash while it keeps its default, so adding it does not
+orphan earlier results (tests/test_run_ids.py pins existing ids).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
-import os
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
-from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
-from noble_cli.errors import NobleError, choices_error
+from noble_cli.errors import NobleError
+from noble_cli.parsing import split_list
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# --- field types ----------------------------------------------------------------------------------------------------
+def _type_error(kind: str, value: Any) -> PydanticCustomError:
+    return PydanticCustomError("noble_type", "must be of type {kind}, got {value}",
+                               {"kind": kind, "value": "null" if value is None else repr(value)})
 
 
-def recipes_dir() -> Path:
-    return Path(os.environ.get("NOBLE_RECIPES", REPO_ROOT / "recipes"))
+def _as_int(value: Any) -> Any:
+    """Integers, also written as `1e3` or `1000.0` (a --set value); never a boolean (YAML's true is not 1)."""
+    if isinstance(value, bool):
+        raise _type_error("int", value)
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise _type_error("int", value) from None
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        raise _type_error("int", value)
+    return int(value) if isinstance(value, float) else value
+
+
+def _as_float(value: Any) -> Any:
+    """Finite numbers (YAML reads `1e-3` as a string: it is a number here); never a boolean."""
+    if isinstance(value, bool):
+        raise _type_error("float", value)
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise _type_error("float", value) from None
+    if isinstance(value, (int, float)) and not math.isfinite(value):
+        raise _type_error("float", value)
+    return value
+
+
+def _as_str(value: Any) -> Any:
+    """Text; a number (`name=123` reads as 123) becomes its text."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return value
+
+
+def _exactly(n: int):
+    def check(value: Any) -> Any:
+        if isinstance(value, (list, tuple)) and len(value) != n:
+            raise PydanticCustomError("noble_length", "must be a list of {n} values, got {value}",
+                                      {"n": n, "value": repr(list(value))})
+        return value
+
+    return check
+
+
+Int = Annotated[int, BeforeValidator(_as_int)]
+Float = Annotated[float, BeforeValidator(_as_float)]
+Str = Annotated[str, BeforeValidator(_as_str)]
+FloatPair = Annotated[tuple[Float, Float], BeforeValidator(_exactly(2))]
 
 
 def added_field(default: Any, **kwargs) -> Any:
-    """A config field added after run folders already existed: left out of the config hash (and so of run ids and
-    pair keys) while it keeps its default, so that adding it does not orphan every earlier result."""
-    return field(default=default, metadata={"added": True}, **kwargs)
+    """A field added after run folders already existed: left out of the config hash (and so of run ids and pair
+    keys) while it keeps its default, so that adding it does not orphan every earlier result."""
+    return Field(default, json_schema_extra={"added": True}, **kwargs)
 
 
-@dataclass
-class NobleConfig:
-    """The branch. `branch: none` is the baseline."""
+class ConfigModel(BaseModel):
+    """A config section: unknown keys are refused, every assignment is validated, field docstrings document it."""
 
-    branch: str = "none"  # an activation from the registry (cosnet, cos, gelu_net, ...) or none
-    rank: int = 32
-    targets: str = "all"  # all | attn | mlp | alternate | glob patterns over module names
-    up_init_scale: float = 0.01
-    main_init_scale: float | None = 0.5  # re-init augmented layers' main W with N(0, (s/sqrt(in))^2); null keeps it
-    up_lr_power: float = 0.4
-    mix_lr_power: float = 0.5  # CosNet mix: (min(in,out)/r)^power; 0 = the reference code's effective 1
-    freq_lr_mult: float = 2.0
-    phase_lr_mult: float = 4.0
-    kernel: str = "auto"  # auto (triton on CUDA, torch elsewhere) | torch | triton
-    dense_match: bool = False  # baseline only: widen the MLP until it has the params of `match_branch` at `rank`
-    match_branch: str = "cosnet"
-    # The init-only control: no branch, but the targeted layers' main weights re-initialised as NOBLE's are
-    # (N(0, (main_init_scale/sqrt(in))^2), bias 0), so a speedup can be told from the init change that comes with it.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True,
+                              protected_namespaces=())
+
+
+# --- the common sections --------------------------------------------------------------------------------------------
+class NobleConfig(ConfigModel):
+    """The NOBLE branch. `branch: none` is the baseline (or, with `dense_match` / `init_only`, one of its controls)."""
+
+    branch: Str = "none"
+    """An activation from the registry (cosnet, cos, gelu_net, ...; `noble layers --help` lists them) or `none`."""
+    rank: Int = Field(32, ge=1)
+    """The branch's bottleneck width r (absolute, not a fraction of the layer's width)."""
+    targets: Str = "all"
+    """Which linears get a branch: all | attn | mlp | alternate, or glob patterns over module names."""
+    up_init_scale: Float = 0.01
+    """W_up ~ N(0, (up_init_scale/sqrt(r))^2): near zero, so a layer starts as its main linear map."""
+    main_init_scale: Float | None = 0.5
+    """Re-initialise an augmented layer's main W with N(0, (s/sqrt(in))^2), as the paper does; null keeps the
+    model's own init (then a speedup is the branch's alone)."""
+    up_lr_power: Float = 0.4
+    """W_up's learning-rate multiplier is (min(in, out)/r)^up_lr_power."""
+    mix_lr_power: Float = 0.5
+    """An r x r mix matrix's multiplier is (min(in, out)/r)^mix_lr_power; 0 gives the reference code's effective 1."""
+    freq_lr_mult: Float = 2.0
+    """Learning-rate multiplier of the cosine frequencies."""
+    phase_lr_mult: Float = 4.0
+    """Learning-rate multiplier of the cosine phases."""
+    kernel: Str = "auto"
+    """The branch's implementation: auto (the fused Triton kernels on CUDA, after a self-check; torch elsewhere),
+    torch, or triton (an error, not a fallback, if the fused kernels fail)."""
+    dense_match: bool = False
+    """Baseline only: widen the MLP until the model has the parameters of `match_branch` at `rank`."""
+    match_branch: Str = "cosnet"
+    """The branch whose parameter count a dense-matched baseline matches."""
     init_only: bool = added_field(False)
+    """The init-only control: no branch, but the targeted layers' main weights re-initialised as NOBLE's are
+    (N(0, (main_init_scale/sqrt(in))^2), bias 0), so a speedup can be told from the init change that comes with it."""
 
     @property
     def enabled(self) -> bool:
         return self.branch != "none"
 
+    @field_validator("branch", "match_branch")
+    @classmethod
+    def _registered_activation(cls, name: str) -> str:
+        from noble_cli.layers.activations import resolve_activation
 
-@dataclass
-class OptimConfig:
-    lr: float = 6e-4
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    grad_clip: float | None = 1.0  # 0 or null: no clipping
+        return name if name == "none" else _as_value_error(resolve_activation, name)
+
+    @field_validator("targets")
+    @classmethod
+    def _known_targets(cls, spec: str) -> str:
+        from noble_cli.layers.apply import target_matcher
+
+        _as_value_error(target_matcher, spec)
+        return spec
+
+    @field_validator("kernel")
+    @classmethod
+    def _known_kernel(cls, kernel: str) -> str:
+        from noble_cli.layers.implementation import REQUESTS
+
+        if kernel not in REQUESTS:
+            raise ValueError(f"unknown kernel {kernel!r}; valid: {', '.join(REQUESTS)}")
+        return kernel
+
+    @model_validator(mode="after")
+    def _one_arm(self) -> NobleConfig:
+        if self.match_branch == "none":
+            raise ValueError("noble.match_branch must name an activation, not none")
+        if self.dense_match and self.enabled:
+            raise ValueError("noble.dense_match is for the baseline only: set noble.branch=none with it")
+        if self.init_only:
+            if self.enabled or self.dense_match:
+                raise ValueError("noble.init_only is a control without a branch or widening: set noble.branch=none "
+                                 "and noble.dense_match=false with it")
+            if self.main_init_scale is None or self.main_init_scale <= 0:
+                shown = "null" if self.main_init_scale is None else self.main_init_scale
+                raise ValueError(f"noble.init_only re-initialises the main weights at noble.main_init_scale, which "
+                                 f"is {shown}: set a number > 0 (the paper's is 0.5)")
+        return self
 
 
-@dataclass
-class ScheduleConfig:
-    warmup_steps: int = 100
-    decay: str = "cosine"  # cosine | linear | constant
-    min_lr_ratio: float = 0.1
+def _as_value_error(check, value):
+    """A registry's NobleError as a pydantic value error (which `config_error` turns back into the same line)."""
+    try:
+        return check(value)
+    except NobleError as e:
+        raise ValueError(str(e)) from None
 
 
-@dataclass
-class TrainerConfig:
-    max_steps: int = 1000
-    batch_size: int = 16
-    accumulate: int = 1
-    eval_every: int = 100
-    eval_batches: int = 20
-    log_every: int = 1  # metrics.csv gets a row every N steps (and step 1, and every evaluation)
-    precision: str = "auto"  # auto (bf16-mixed on GPU, 32 on CPU) | 32 | bf16-mixed | 16-mixed
+class OptimConfig(ConfigModel):
+    """AdamW, with NOBLE's per-parameter learning-rate multipliers."""
+
+    lr: Float = Field(6e-4, gt=0)
+    """The base learning rate (NOBLE's branch parameters get multiples of it)."""
+    weight_decay: Float = Field(0.1, ge=0)
+    """Decoupled weight decay, on matrices only (not biases, norms, cosine frequencies and phases)."""
+    betas: FloatPair = (0.9, 0.95)
+    """AdamW's (beta1, beta2), each in [0, 1)."""
+    eps: Float = Field(1e-8, gt=0)
+    grad_clip: Float | None = Field(1.0, ge=0)
+    """Clip the global gradient norm to this; 0 or null: no clipping."""
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"optim.betas must be two values in [0, 1), got {list(betas)}")
+        return betas
+
+
+class ScheduleConfig(ConfigModel):
+    """The learning-rate schedule, stepped every optimizer step."""
+
+    warmup_steps: Int = Field(100, ge=0)
+    """Linear warm-up from lr/warmup_steps to lr."""
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    """After the warm-up, down to min_lr_ratio x lr at max_steps (or constant)."""
+    min_lr_ratio: Float = Field(0.1, ge=0, le=1)
+
+
+PRECISIONS = ("auto", "32", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "64", "64-true")
+TRACKERS = ("tensorboard", "wandb", "mlflow")  # experiment trackers (noble_cli/trackers.py)
+
+
+def parse_loggers(value: Any) -> tuple[str, ...]:
+    """`trainer.logger` / `--logger` values -> a tuple of tracker names: a list, or comma-separated strings."""
+    if value is None or value == "":
+        return ()
+    items = [value] if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else None
+    if items is None or not all(isinstance(v, str) for v in items):
+        raise NobleError(f"trainer.logger must be a list of tracker names ({', '.join(TRACKERS)}), got {value!r}")
+    names = [n.lower() for v in items for n in split_list(v)]
+    for n in names:
+        if n not in TRACKERS:
+            raise NobleError(f"unknown logger {n!r}; valid: {', '.join(TRACKERS)} (repeat --logger for several)")
+    return tuple(dict.fromkeys(names))
+
+
+Loggers = Annotated[tuple[str, ...], BeforeValidator(lambda v: _as_value_error(parse_loggers, v))]
+
+
+class TrainerConfig(ConfigModel):
+    """The training loop (Lightning's Trainer) and what it records."""
+
+    max_steps: Int = Field(1000, ge=1)
+    """The budget, in optimizer steps."""
+    batch_size: Int = Field(16, ge=1)
+    """Sequences (or images) per micro-batch, per device."""
+    accumulate: Int = Field(1, ge=1)
+    """Micro-batches per optimizer step."""
+    eval_every: Int = Field(100, ge=1)
+    """Optimizer steps between evaluations (the budget's end is always evaluated)."""
+    eval_batches: Int = Field(20, ge=1)
+    """Fixed evaluation batches, the same at every evaluation."""
+    log_every: Int = Field(1, ge=1)
+    """metrics.csv gets a row every N steps (and at step 1 and every evaluation)."""
+    precision: Literal[PRECISIONS] = "auto"
+    """auto: bf16-mixed on a GPU, 32 on the CPU; or any of Lightning's precisions listed."""
     compile: bool = False
+    """torch.compile the model."""
     activation_checkpointing: bool = False
-    accelerator: str = "auto"
+    """Recompute each transformer block's activations in the backward (FSDP: Lightning checkpoints the blocks)."""
+    accelerator: Str = "auto"
     devices: Any = "auto"
-    num_nodes: int = 1
-    strategy: str = "auto"  # auto | ddp | fsdp | any Lightning strategy name
-    kernel_warmup_steps: int = 5  # steps left out of the median step time
-    num_workers: int = 0
-    # Experiment trackers that mirror the run folder: a list of tensorboard, wandb, mlflow, or one comma-separated
-    # string (noble_cli/trackers.py makes it a tuple). Where a run is watched, not what it computes: not hashed.
-    logger: Any = added_field(())
+    """Lightning's devices: auto, a count, or a list of indices."""
+    num_nodes: Int = Field(1, ge=1)
+    strategy: Str = "auto"
+    """auto | ddp | fsdp | any Lightning strategy name."""
+    untimed_steps: Int = Field(5, ge=0, validation_alias=AliasChoices("untimed_steps", "kernel_warmup_steps"))
+    """The first steps (compilation, autotuning) left out of the median step time. Formerly kernel_warmup_steps,
+    which config files may still say."""
+    num_workers: Int = Field(0, ge=0)
+    """Data-loader worker processes."""
+    logger: Loggers = added_field(())
+    """Experiment trackers that mirror the run folder: tensorboard, wandb, mlflow (a list, or comma-separated).
+    Where a run is watched, not what it computes: not hashed."""
 
 
-@dataclass
-class RunConfig:
-    recipe: str = ""
-    task: str = "causal_lm"
-    seed: int = 0
-    name: str = ""  # a variant label; derived from `noble` when empty
-    model: dict = field(default_factory=dict)
-    data: dict = field(default_factory=dict)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    noble: NobleConfig = field(default_factory=NobleConfig)
+class RunConfig(ConfigModel):
+    """One run: the task, its model and data, and the common sections."""
+
+    recipe: Str = ""
+    """The recipe's name (or the stem of the user's YAML file)."""
+    task: Str = "causal_lm"
+    """A registered task (`noble_cli.tasks`): it decides what `model` and `data` hold."""
+    seed: Int = 0
+    """Seeds the init and every draw of data, augmentation and dropout (each a function of the seed and position)."""
+    name: Str = ""
+    """A variant label; derived from `noble` when empty."""
+    model: SerializeAsAny[ConfigModel] = Field(default_factory=ConfigModel)
+    """The task's model config (its `Task.model_class`)."""
+    data: SerializeAsAny[ConfigModel] = Field(default_factory=ConfigModel)
+    """The task's data config (its `Task.data_class`)."""
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    noble: NobleConfig = Field(default_factory=NobleConfig)
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_in_range(cls, seed: int) -> int:
+        if not 0 <= seed < 2**32:
+            raise ValueError(f"seed must be in [0, 2^32), got {seed}")
+        return seed
 
     @property
     def variant(self) -> str:
         return self.name or variant_label(self.noble)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Plain JSON-compatible values (tuples as lists): what config.yaml, manifests and checkpoints hold."""
+        return self.model_dump(mode="json")
 
 
 SECTIONS = {"optim": OptimConfig, "schedule": ScheduleConfig, "trainer": TrainerConfig, "noble": NobleConfig}
-FREE_SECTIONS = ("model", "data")  # checked by the task's own dataclasses
+TASK_SECTIONS = ("model", "data")  # the task's own config classes
 TOP_LEVEL = ("recipe", "task", "seed", "name")
 
 
+# --- errors as one line ---------------------------------------------------------------------------------------------
+def config_error(error: ValidationError, cls: type[BaseModel], prefix: str = "") -> NobleError:
+    """The first problem of a pydantic ValidationError as one line naming the field and what is valid."""
+    e = error.errors()[0]
+    loc = [str(p) for p in e["loc"] if not isinstance(p, int)]
+    where = prefix + ".".join(loc)
+    kind, value = e["type"], e.get("input")
+    shown = "null" if value is None else repr(value)
+    if kind == "value_error":
+        return NobleError(str(e["ctx"]["error"]))
+    if kind in ("noble_type", "noble_length"):
+        return NobleError(f"{where} {e['msg']}")
+    if kind == "extra_forbidden":
+        parent = _field_class(cls, loc[:-1])
+        if not prefix and len(loc) == 1:
+            valid = list(SECTIONS) + list(TASK_SECTIONS) + list(TOP_LEVEL)
+            return NobleError(f"unknown config section {loc[0]!r}; valid: {', '.join(valid)}")
+        valid = sorted(parent.model_fields) if parent else []
+        return NobleError(f"unknown key {where}; valid: {', '.join(valid)}")
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return NobleError(f"config section {where} must be a mapping of keys, got {shown}")
+    if kind == "literal_error":
+        valid = e["ctx"]["expected"].replace("'", "").replace(" or ", ", ")
+        return NobleError(f"unknown {where} {value!r}; valid: {valid}")
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        return NobleError(f"{where} must be {_bounds(cls, loc)}, got {value}")
+    for prefix_, name in (("int", "int"), ("float", "float"), ("finite", "float"), ("bool", "bool"),
+                          ("string", "str"), ("tuple", "tuple"), ("list", "list")):
+        if kind.startswith(prefix_):
+            return NobleError(f"{where} must be of type {name}, got {shown}")
+    return NobleError(f"{where}: {e['msg']}, got {shown}")
+
+
+def _field_class(cls: type[BaseModel] | None, path: list[str]) -> type[BaseModel] | None:
+    for part in path:
+        field = cls.model_fields.get(part) if cls else None
+        annotation = field.annotation if field else None
+        cls = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return cls
+
+
+def _bounds(cls: type[BaseModel], loc: list[str]) -> str:
+    """A field's range from its constraints: `>= 1`, `> 0`, `in [0, 1)`."""
+    parent = _field_class(cls, loc[:-1])
+    field = parent.model_fields[loc[-1]] if parent and loc[-1] in parent.model_fields else None
+    lo = hi = None
+    for c in field.metadata if field else ():
+        for attr, side in (("ge", "["), ("gt", "(")):
+            if getattr(c, attr, None) is not None:
+                lo = (side, getattr(c, attr))
+        for attr, side in (("le", "]"), ("lt", ")")):
+            if getattr(c, attr, None) is not None:
+                hi = (side, getattr(c, attr))
+    if lo and hi:
+        return f"in {lo[0]}{lo[1]:g}, {hi[1]:g}{hi[0]}"
+    if lo:
+        return f"{'>=' if lo[0] == '[' else '>'} {lo[1]:g}"
+    if hi:
+        return f"{'<=' if hi[0] == ']' else '<'} {hi[1]:g}"
+    return "in range"
+
+
+def validated(cls: type[BaseModel], values: Any, prefix: str = "") -> Any:
+    """`cls` from a mapping, a validation error becoming one line (fields named with `prefix`, e.g. `model.`)."""
+    if not isinstance(values, dict):
+        raise NobleError(f"config section {prefix.rstrip('.')} must be a mapping of keys, got {values!r}")
+    try:
+        return cls.model_validate(values)
+    except ValidationError as e:
+        raise config_error(e, cls, prefix) from None
+
+
+# --- labels ---------------------------------------------------------------------------------------------------------
 def _init_label(scale: float | None) -> str:
     return "own-init" if scale is None else f"main-init {scale:g}"
 
@@ -153,223 +428,18 @@ def variant_label(n: NobleConfig, in_run_id: bool = False) -> str:
     label = f"{n.branch} r{n.rank}{where}"
     for name, fmt in () if in_run_id else _LABELLED_AT_NON_DEFAULT:
         value = getattr(n, name)
-        if value != getattr(_DEFAULT_NOBLE, name):
+        if value != NobleConfig.model_fields[name].default:
             label += f" {fmt(value)}"
     # An explicit kernel is part of the label: `--kernel torch` vs `--kernel triton` is a wall-clock comparison,
     # and the two must not show up in a report as two rows of the same name.
     return label if n.kernel == "auto" or n.branch != "cosnet" else f"{label} [{n.kernel}]"
 
 
-_DEFAULT_NOBLE = NobleConfig()
-
-
-def coerce(value: Any, type_name: str, where: str) -> Any:
-    """Give a YAML or --set value the field's declared type (YAML reads 1e-3 as a string; flags arrive as text)."""
-    compact = type_name.replace(" ", "")
-    optional = "|None" in compact or "Optional[" in compact
-    base = compact.replace("|None", "").replace("Optional[", "").rstrip("]")
-    if value is None:
-        if optional or base == "Any":
-            return None
-        raise NobleError(f"{where} must be of type {base}, got null")
-    if not isinstance(value, (str, int, float, list, tuple)):
-        if base in ("str", "int", "float", "bool") or base.startswith("tuple"):
-            raise NobleError(f"{where} must be of type {base}, got {value!r}")
-        return value
-    try:
-        if base == "str":
-            if isinstance(value, (list, tuple)):
-                raise ValueError
-            return str(value)
-        if base in ("float", "int") and isinstance(value, bool):
-            raise ValueError  # YAML's true/false are not numbers here
-        if base == "float":
-            number = float(value)
-            if not math.isfinite(number):
-                raise ValueError
-            return number
-        if base == "int":
-            number = float(value) if isinstance(value, str) else value  # "1e3" from a --set is 1000
-            if isinstance(number, float) and not number.is_integer():
-                raise ValueError
-            return int(number)
-        if base == "bool":
-            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-                return value.lower() in ("true", "yes", "1")
-            if not isinstance(value, bool) and value not in (0, 1):
-                raise ValueError
-            return bool(value)
-        if base.startswith("tuple"):
-            if not isinstance(value, (list, tuple)):
-                raise ValueError
-            want = base.count(",") + 1 if "..." not in base else None
-            if want is not None and len(value) != want:
-                raise NobleError(f"{where} must be a list of {want} values, got {list(value)!r}")
-            return tuple(float(v) for v in value) if "float" in base else tuple(value)
-    except (TypeError, ValueError, OverflowError):
-        raise NobleError(f"{where} must be of type {base}, got {value!r}") from None
-    return value
-
-
-def build_typed(cls, values: dict, where: str):
-    """A dataclass from a mapping, with unknown keys and wrong types reported as one line."""
-    names = {f.name: f for f in fields(cls)}
-    unknown = set(values) - set(names)
-    if unknown:
-        raise NobleError(f"unknown key {where}.{sorted(unknown)[0]}; valid: {', '.join(sorted(names))}")
-    typed = {k: coerce(v, str(names[k].type), f"{where}.{k}") for k, v in values.items()}
-    return cls(**typed)
-
-
-def from_dict(d: dict) -> RunConfig:
-    unknown = set(d) - set(SECTIONS) - set(FREE_SECTIONS) - set(TOP_LEVEL)
-    if unknown:
-        valid = list(SECTIONS) + list(FREE_SECTIONS) + list(TOP_LEVEL)
-        raise NobleError(f"unknown config section {sorted(unknown)[0]!r}; valid: {', '.join(valid)}")
-    kwargs: dict[str, Any] = {k: d[k] for k in TOP_LEVEL if k in d}
-    if "seed" in kwargs:
-        kwargs["seed"] = coerce(kwargs["seed"], "int", "seed")
-    if "name" in kwargs:
-        kwargs["name"] = coerce(kwargs["name"], "str", "name")
-    for name in list(FREE_SECTIONS) + list(SECTIONS):
-        if not isinstance(d.get(name) or {}, dict):
-            raise NobleError(f"config section {name} must be a mapping of keys, got {d[name]!r}")
-    for name in FREE_SECTIONS:
-        kwargs[name] = dict(d.get(name) or {})
-    for name, cls in SECTIONS.items():
-        kwargs[name] = build_typed(cls, dict(d.get(name) or {}), name)
-    return RunConfig(**kwargs)
-
-
-def list_recipes() -> list[str]:
-    return sorted(p.stem for p in recipes_dir().glob("*.yaml"))
-
-
-def load_recipe(name_or_path: str) -> dict:
-    """A recipe by name (recipes/NAME.yaml) or a path to the user's own YAML file, as a plain dict."""
-    path = Path(name_or_path)
-    if not (path.suffix in (".yaml", ".yml") and path.exists()):
-        path = recipes_dir() / f"{name_or_path}.yaml"
-        if not path.exists():
-            raise choices_error("recipe", name_or_path, list_recipes() + ["<path/to/recipe.yaml>"])
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise NobleError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise NobleError(f"recipe {path} must be a mapping of sections, got {type(data).__name__}")
-    data.setdefault("recipe", path.stem)
-    return data
-
-
-def parse_set(assignment: str) -> tuple[list[str], Any]:
-    """`section.key=value` -> (['section', 'key'], parsed value). Values are read as YAML (3, 1e-3, true, [1,2])."""
-    if "=" not in assignment:
-        raise NobleError(f"malformed --set {assignment!r}; expected section.key=value, e.g. optim.lr=3e-4")
-    key, raw = assignment.split("=", 1)
-    path = key.strip().split(".")
-    if not all(path) or (len(path) < 2 and path[0] not in TOP_LEVEL):
-        raise NobleError(f"malformed --set {assignment!r}; expected section.key=value, e.g. optim.lr=3e-4")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return path, value
-
-
-def set_path(d: dict, path: list[str], value: Any) -> None:
-    node = d
-    for part in path[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise NobleError(f"cannot set {'.'.join(path)}: {part} is not a section")
-    node[path[-1]] = value
-
-
-def resolve(recipe: str, overrides: dict[str, Any] | None = None, sets: list[str] | None = None) -> RunConfig:
-    """Recipe + explicit overrides ({'noble.branch': 'cosnet'}) + `--set` strings -> a validated RunConfig."""
-    d = load_recipe(recipe)
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            set_path(d, key.split("."), value)
-    for s in sets or []:
-        path, value = parse_set(s)
-        set_path(d, path, value)
-    cfg = from_dict(d)
-    validate(cfg)
-    return cfg
-
-
-def validate(cfg: RunConfig) -> None:
-    """Checks that need no model: names from registries and value ranges. The task checks model/data."""
-    from noble_cli.layers import KERNELS, resolve_activation
-    from noble_cli.layers.apply import target_matcher
-    from noble_cli.tasks import TASKS
-
-    if cfg.task not in TASKS:
-        raise choices_error("task", cfg.task, list(TASKS))
-    n = cfg.noble
-    if n.enabled:
-        n.branch = resolve_activation(n.branch)
-    if n.dense_match:
-        if n.enabled:
-            raise NobleError("noble.dense_match is for the baseline only: set noble.branch=none with it")
-        n.match_branch = resolve_activation(n.match_branch)
-    if n.init_only:
-        if n.enabled or n.dense_match:
-            raise NobleError("noble.init_only is a control without a branch or widening: set noble.branch=none "
-                             "and noble.dense_match=false with it")
-        if n.main_init_scale is None or n.main_init_scale <= 0:
-            shown = "null" if n.main_init_scale is None else n.main_init_scale
-            raise NobleError(f"noble.init_only re-initialises the main weights at noble.main_init_scale, which is "
-                             f"{shown}: set a number > 0 (the paper's is 0.5)")
-    target_matcher(n.targets)
-    if n.rank < 1:
-        raise NobleError(f"rank {n.rank} is invalid; it must be >= 1 and < min(in, out) of every augmented layer")
-    if n.kernel not in ("auto",) + KERNELS:
-        raise choices_error("kernel", n.kernel, ("auto",) + KERNELS)
-    if cfg.schedule.decay not in ("cosine", "linear", "constant"):
-        raise choices_error("schedule.decay", cfg.schedule.decay, ("cosine", "linear", "constant"))
-    t = cfg.trainer
-    for name in ("max_steps", "batch_size", "eval_every", "eval_batches", "accumulate", "log_every"):
-        if getattr(t, name) < 1:
-            raise NobleError(f"trainer.{name} must be >= 1, got {getattr(t, name)}")
-    for name in ("num_workers", "kernel_warmup_steps"):
-        if getattr(t, name) < 0:
-            raise NobleError(f"trainer.{name} must be >= 0, got {getattr(t, name)}")
-    if t.precision not in PRECISIONS:
-        raise choices_error("trainer.precision", t.precision, PRECISIONS)
-    from noble_cli.trackers import parse_loggers
-
-    t.logger = parse_loggers(t.logger)
-    if not 0 <= cfg.seed < 2**32:
-        raise NobleError(f"seed must be in [0, 2^32), got {cfg.seed}")
-    _check_ranges(cfg)
-    TASKS[cfg.task].check(cfg)
-
-
-PRECISIONS = ("auto", "32", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "64", "64-true")
-
-
-def _check_ranges(cfg: RunConfig) -> None:
-    """Values the optimizer or schedule would take silently and train wrongly with (or crash on mid-run)."""
-    o, s = cfg.optim, cfg.schedule
-    checks = [
-        ("optim.lr", o.lr, o.lr > 0, "> 0"),
-        ("optim.eps", o.eps, o.eps > 0, "> 0"),
-        ("optim.weight_decay", o.weight_decay, o.weight_decay >= 0, ">= 0"),
-        ("optim.grad_clip", o.grad_clip, o.grad_clip is None or o.grad_clip >= 0, ">= 0 (0 or null: no clipping)"),
-        ("optim.betas", list(o.betas), all(0 <= b < 1 for b in o.betas), "two values in [0, 1)"),
-        ("schedule.warmup_steps", s.warmup_steps, s.warmup_steps >= 0, ">= 0"),
-        ("schedule.min_lr_ratio", s.min_lr_ratio, 0 <= s.min_lr_ratio <= 1, "in [0, 1]"),
-    ]
-    for name, value, ok, rule in checks:
-        if not ok:
-            raise NobleError(f"{name} must be {rule}, got {value}")
-
-
+# --- identity -------------------------------------------------------------------------------------------------------
 # Fields that change where or how fast a run goes, not what it computes: left out of the config hash.
 _NOT_HASHED = {"trainer": ("devices", "num_nodes", "strategy", "accelerator", "num_workers", "log_every", "logger")}
+# Renamed fields keep the name they had when their runs were hashed.
+_HASHED_UNDER = {("trainer", "untimed_steps"): "kernel_warmup_steps"}
 
 
 def _noble_identity(n: NobleConfig) -> dict:
@@ -378,8 +448,7 @@ def _noble_identity(n: NobleConfig) -> dict:
     dense-matched baseline depends only on what its width is matched to, the init-only control only on its
     re-init (scale and layers)."""
     if n.enabled:
-        d = _json(n.__dict__)
-        _drop_added_defaults(d, NobleConfig)
+        d = _hashed_fields(n)
         if n.branch != "cosnet":  # the fused kernels are CosNet's only: any other branch runs the torch path
             d["kernel"] = "auto"
         return d
@@ -391,36 +460,29 @@ def _noble_identity(n: NobleConfig) -> dict:
     return {"branch": "none"}
 
 
+def _hashed_fields(section: BaseModel) -> dict:
+    """A section's values as JSON, without the added fields that still have their defaults."""
+    d = section.model_dump(mode="json")
+    for name, field in type(section).model_fields.items():
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        if extra.get("added") and d.get(name) == _json(field.get_default(call_default_factory=True)):
+            del d[name]
+    return d
+
+
 def _json(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def _drop_added_defaults(d: dict, cls) -> None:
-    for f in fields(cls):
-        if f.metadata.get("added") and f.name in d:
-            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-            if d[f.name] == _json(default):
-                del d[f.name]
-
-
-def _section_classes(cfg: RunConfig) -> dict:
-    from noble_cli.tasks import TASKS
-
-    classes = dict(SECTIONS)
-    if cfg.task in TASKS:
-        task = TASKS[cfg.task].load()
-        classes.update(model=task.ModelConfig, data=task.DataConfig)
-    return classes
-
-
 def hashable_dict(cfg: RunConfig) -> dict:
-    d = _json(cfg.to_dict())
+    d = {name: getattr(cfg, name) for name in TOP_LEVEL}
+    for section in (*TASK_SECTIONS, *SECTIONS):
+        d[section] = _hashed_fields(getattr(cfg, section))
     for section, keys in _NOT_HASHED.items():
         for k in keys:
             d[section].pop(k, None)
-    for section, cls in _section_classes(cfg).items():
-        if section != "noble":
-            _drop_added_defaults(d[section], cls)
+    for (section, name), old in _HASHED_UNDER.items():
+        d[section][old] = d[section].pop(name)
     d["noble"] = _noble_identity(cfg.noble)
     return d
 
@@ -437,7 +499,7 @@ def config_hash(cfg: RunConfig) -> str:
 def pair_key(cfg: RunConfig, world_size: int = 1, data_identity: dict | None = None) -> str:
     """What a variant and its baseline share: everything but the branch, the seed and the label. `batch_size` is
     per device, so a run on several devices (known once the trainer is up) pairs only with the same world size;
-    `data_identity` is what the data depends on beyond the config (the task's `data_identity()`)."""
+    `data_identity` is what the data depends on beyond the config (the task module's `data_identity()`)."""
     d = hashable_dict(cfg)
     for k in ("noble", "seed", "name"):
         d.pop(k, None)
@@ -462,10 +524,6 @@ def run_id(cfg: RunConfig) -> str:
 
 
 def to_yaml(obj: Any) -> str:
-    if is_dataclass(obj):
-        obj = asdict(obj)
-    return yaml.safe_dump(json.loads(json.dumps(obj, default=str)), sort_keys=False)
-
-
-def replace(cfg: RunConfig, **changes) -> RunConfig:
-    return dataclasses.replace(cfg, **changes)
+    if isinstance(obj, BaseModel):
+        obj = obj.model_dump(mode="json")
+    return yaml.safe_dump(_json(obj), sort_keys=False)

@@ -29,41 +29,30 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from noble_cli.errors import NobleError
+from rich.markup import escape
 
-TRACKERS = ("tensorboard", "wandb", "mlflow")
-# The package each tracker needs, and the extra that installs it.
+from noble_cli.config import TRACKERS, parse_loggers  # noqa: F401 - the tracker names live with the field
+from noble_cli.console import make_console
+
+# The package each tracker needs; the extra that installs it has the tracker's name (noble-cli[wandb], ...).
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow-skinny"}
 SWEEP_ENV = "NOBLE_SWEEP_NAME"  # set by a sweep while it trains one of its runs: the trackers' group
 DEFAULT_PROJECT = "noble"
 
 
-def parse_loggers(value: Any) -> tuple[str, ...]:
-    """`trainer.logger` / `--logger` values -> a tuple of tracker names: a list, or comma-separated strings."""
-    if value is None or value == "":
-        return ()
-    items = [value] if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else None
-    if items is None or not all(isinstance(v, str) for v in items):
-        raise NobleError(f"trainer.logger must be a list of tracker names ({', '.join(TRACKERS)}), got {value!r}")
-    names = [n.strip().lower() for v in items for n in v.split(",") if n.strip()]
-    for n in names:
-        if n not in TRACKERS:
-            raise NobleError(f"unknown logger {n!r}; valid: {', '.join(TRACKERS)} (repeat --logger for several)")
-    return tuple(dict.fromkeys(names))
-
-
 def _warn_console(message: str) -> None:
-    from noble_cli.console import make_console
-
-    from rich.markup import escape
-
     make_console(stderr=True).print(f"[yellow]warning:[/] {escape(message)}", highlight=False)
 
 
 def _note_console(message: str) -> None:
-    from noble_cli.console import make_console
-
     make_console(stderr=True).print(message, highlight=False, markup=False)
+
+
+def _number(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 class Trackers:
@@ -77,10 +66,6 @@ class Trackers:
     def __bool__(self) -> bool:
         return bool(self.loggers)
 
-    @property
-    def names(self) -> list[str]:
-        return [name for name, _ in self.loggers]
-
     def _call(self, what: str, fn: Callable[[str, Any], None]) -> None:
         for name, logger in list(self.loggers):
             try:
@@ -91,7 +76,8 @@ class Trackers:
                            "(its run folder has every metric)")
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        metrics = {k: float(v) for k, v in metrics.items() if k != "step" and v is not None}
+        metrics = {k: _number(v) for k, v in metrics.items() if k != "step"}
+        metrics = {k: v for k, v in metrics.items() if v is not None}
         if metrics:
             self._call(f"logging step {step}", lambda _, lg: lg.log_metrics(metrics, step=step))
 
@@ -107,8 +93,7 @@ class Trackers:
 
         def close_one(name: str, logger) -> None:
             logger.finalize(lightning_status)
-            if name == "wandb" and getattr(logger, "_experiment", None) is not None:
-                # the run ends here, not at exit: the next run of an in-process sweep gets its own W&B run
+            if name == "wandb":  # the run ends here, not at exit: the next run of an in-process sweep gets its own
                 logger.experiment.finish(exit_code=0 if status == "completed" else 1)
 
         self._call("closing its run", close_one)
@@ -191,11 +176,11 @@ def _mlflow(out: Path, run_id: str, group: str | None, instance: str, meta: dict
         # what an offline run needs (mlflow-skinny has no SQL backend anyway)
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     experiment = group or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_PROJECT
-    existing = None
-    found = MlflowClient(uri).get_experiment_by_name(experiment)
+    existing = None  # this run folder's MLflow run, if it has one (a resume)
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
     if found is not None:
-        runs = MlflowClient(uri).search_runs([found.experiment_id], f"tags.`noble.instance` = '{instance}'",
-                                             max_results=1)
+        runs = client.search_runs([found.experiment_id], f"tags.`noble.instance` = '{instance}'", max_results=1)
         existing = runs[0].info.run_id if runs else None
     tags = {"noble.run_id": run_id, "noble.instance": instance, "noble.variant": str(meta.get("variant", "")),
             "noble.recipe": str(meta.get("recipe", "")), "noble.seed": str(meta.get("seed", ""))}

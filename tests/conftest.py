@@ -39,11 +39,11 @@ def tracked_run(tmp_path_factory):
     with stdout and stderr captured as a log file would (not a terminal; a progress line at every step), and a
     fourth tracker that breaks at its third call."""
     from noble_cli import config as C
-    from noble_cli import trackers
+    from noble_cli import recipes, trackers
     from noble_cli.train.run import train
 
     out = tmp_path_factory.mktemp("tracked")
-    cfg = C.resolve("llm-tiny", sets=TRACKED_SETS + ["trainer.logger=[tensorboard, wandb, mlflow]"])
+    cfg = recipes.resolve("llm-tiny", sets=TRACKED_SETS + ["trainer.logger=[tensorboard, wandb, mlflow]"])
     stdout, stderr = io.StringIO(), io.StringIO()
     broken = BrokenTracker()
     with pytest.MonkeyPatch.context() as mp:

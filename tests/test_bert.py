@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from noble_cli.config import resolve
+from noble_cli.recipes import resolve
 from noble_cli.data.mlm import IGNORE_INDEX, Masking, prepare_all
 from noble_cli.data.wordpiece import SPECIAL_TOKENS, load_vocab, train_or_load
 from noble_cli.errors import NobleError
@@ -103,7 +103,7 @@ def test_masking_statistics_and_specials():
 
 
 def test_loss_only_on_chosen_tokens(wordpiece):
-    module = masked_lm.build_module(small_cfg(**{"model.dropout": 0.0}))
+    module = masked_lm.TASK.build_module(small_cfg(**{"model.dropout": 0.0}))
     module.eval()
     ids = torch.randint(5, VOCAB, (4, 32), generator=torch.Generator().manual_seed(0))
     ids[:, 0], ids[:, -1] = wordpiece.cls_id, wordpiece.sep_id
@@ -125,7 +125,7 @@ def test_loss_only_on_chosen_tokens(wordpiece):
 @pytest.mark.parametrize("norm", ["pre", "post"])
 def test_noble_on_exactly_qkvo_and_ffn(norm):
     cfg = small_cfg(**{"noble.branch": "cosnet", "model.norm": norm, "model.n_layer": 3})
-    module = masked_lm.build_module(cfg)
+    module = masked_lm.TASK.build_module(cfg)
     names = {name for name, _ in noble_layers(module.model)}
     expected = {f"layers.{i}.{p}" for i in range(3) for p in ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.fc",
                                                               "mlp.fc2")}
@@ -134,7 +134,7 @@ def test_noble_on_exactly_qkvo_and_ffn(norm):
     assert module.model.head.decoder.weight is module.model.embed.tok.weight  # tied
     x = torch.randint(5, VOCAB, (2, 16))
     assert module(x).shape == (2, 16, VOCAB)
-    baseline = masked_lm.build_module(small_cfg(**{"model.norm": norm, "model.n_layer": 3}))
+    baseline = masked_lm.TASK.build_module(small_cfg(**{"model.norm": norm, "model.n_layer": 3}))
     assert not any(isinstance(m, NobleLinear) for m in baseline.modules())
 
 
@@ -157,7 +157,7 @@ def test_shards_and_fixed_eval_masks(data_root, wordpiece):
     assert prepare_all("embedded", VOCAB, limit=LIMIT)[1] == folder  # cached
 
     def eval_batches(seed):
-        dm = masked_lm.build_datamodule(small_cfg(seed=seed, **{"trainer.eval_batches": 2}))
+        dm = masked_lm.TASK.build_datamodule(small_cfg(seed=seed, **{"trainer.eval_batches": 2}))
         dm.prepare_data()
         dm.setup("fit")
         return list(dm.val_dataloader()), dm

@@ -1,11 +1,10 @@
 """Typed config: recipes, overrides, validation, hashing, parameter counts of the recipes."""
 
-import dataclasses
-
 import pytest
 import yaml
 
 from noble_cli import config as C
+from noble_cli import recipes
 from noble_cli.errors import NobleError
 from noble_cli.layers import count_parameters
 from noble_cli.models.gpt import GPT, GPTConfig
@@ -14,37 +13,37 @@ from noble_cli.tasks.base import build_model, dense_matched_config, lr_factor
 
 
 def test_recipe_resolves_with_overrides_and_sets():
-    cfg = C.resolve("llm-tiny", {"noble.branch": "cos_net", "trainer.max_steps": 7, "seed": None},
+    cfg = recipes.resolve("llm-tiny", {"noble.branch": "cos_net", "trainer.max_steps": 7, "seed": None},
                     ["optim.lr=1e-3", "optim.betas=[0.8, 0.9]", "model.n_layer=3", "trainer.compile=true"])
     assert cfg.noble.branch == "cosnet"  # the reference code's spelling is an alias
     assert cfg.trainer.max_steps == 7 and cfg.seed == 0
     assert cfg.optim.lr == 1e-3 and cfg.optim.betas == (0.8, 0.9)
-    assert cfg.model["n_layer"] == 3 and cfg.trainer.compile is True
+    assert cfg.model.n_layer == 3 and cfg.trainer.compile is True
     assert cfg.variant == "cosnet r8"
 
 
 def test_branch_only_settings_do_not_make_a_second_baseline():
     """noble.* settings that only a branch sees leave the baseline's identity alone (one run, trained once);
     what a dense-matched baseline is matched to does not."""
-    base = C.resolve("llm-tiny")
-    tweaked = C.resolve("llm-tiny", sets=["noble.mix_lr_power=0", "noble.rank=16", "noble.kernel=torch"])
+    base = recipes.resolve("llm-tiny")
+    tweaked = recipes.resolve("llm-tiny", sets=["noble.mix_lr_power=0", "noble.rank=16", "noble.kernel=torch"])
     assert C.run_id(tweaked) == C.run_id(base) and C.variant_key(tweaked) == C.variant_key(base)
     assert C.pair_key(tweaked) == C.pair_key(base)
-    cos = C.resolve("llm-tiny", {"noble.branch": "cosnet"})
-    assert C.run_id(C.resolve("llm-tiny", {"noble.branch": "cosnet"}, ["noble.mix_lr_power=0"])) != C.run_id(cos)
-    dense = [C.resolve("llm-tiny", {"noble.dense_match": True, "noble.rank": r}) for r in (8, 16)]
+    cos = recipes.resolve("llm-tiny", {"noble.branch": "cosnet"})
+    assert C.run_id(recipes.resolve("llm-tiny", {"noble.branch": "cosnet"}, ["noble.mix_lr_power=0"])) != C.run_id(cos)
+    dense = [recipes.resolve("llm-tiny", {"noble.dense_match": True, "noble.rank": r}) for r in (8, 16)]
     assert C.run_id(dense[0]) != C.run_id(dense[1])
     assert C.pair_key(base, world_size=8) != C.pair_key(base) == C.pair_key(base, world_size=1)
 
 
 def test_variant_labels_name_targets_and_an_explicit_kernel():
-    label = lambda **kw: C.resolve("llm-tiny", {"noble.branch": "cosnet", **kw}).variant  # noqa: E731
+    label = lambda **kw: recipes.resolve("llm-tiny", {"noble.branch": "cosnet", **kw}).variant  # noqa: E731
     assert label() == "cosnet r8"
     assert label(**{"noble.targets": "mlp", "noble.rank": 4}) == "cosnet r4 mlp"
     torch_, triton_ = label(**{"noble.kernel": "torch"}), label(**{"noble.kernel": "triton"})
     assert (torch_, triton_) == ("cosnet r8 [torch]", "cosnet r8 [triton]")  # two rows of a report, not one name
-    assert C.resolve("llm-tiny", {"noble.kernel": "torch"}).variant == "baseline"
-    gelu = [C.resolve("llm-tiny", {"noble.branch": "gelu_net", "noble.kernel": k}) for k in ("auto", "triton")]
+    assert recipes.resolve("llm-tiny", {"noble.kernel": "torch"}).variant == "baseline"
+    gelu = [recipes.resolve("llm-tiny", {"noble.branch": "gelu_net", "noble.kernel": k}) for k in ("auto", "triton")]
     assert gelu[1].variant == "gelu_net r8" and C.run_id(gelu[0]) == C.run_id(gelu[1])  # no fused gelu: same run
 
 
@@ -52,46 +51,46 @@ def test_a_vocabulary_smaller_than_the_tokenizer_is_refused_with_the_data():
     from noble_cli.tasks import causal_lm
 
     with pytest.raises(NobleError, match="smaller than the GPT-2 vocabulary"):
-        causal_lm.build_datamodule(C.resolve("llm-tiny", sets=["model.vocab_size=100"]))
+        causal_lm.TASK.build_datamodule(recipes.resolve("llm-tiny", sets=["model.vocab_size=100"]))
 
 
 def test_a_recipe_section_that_is_not_a_mapping_is_refused(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("task: causal_lm\noptim: 3\n")
     with pytest.raises(NobleError, match="config section optim must be a mapping of keys, got 3"):
-        C.resolve(str(bad))
+        recipes.resolve(str(bad))
 
 
 def test_set_values_are_coerced_to_the_field_types():
-    cfg = C.resolve("llm-tiny", sets=["trainer.max_steps=1e3", "name=123", "noble.main_init_scale=null",
+    cfg = recipes.resolve("llm-tiny", sets=["trainer.max_steps=1e3", "name=123", "noble.main_init_scale=null",
                                       "optim.grad_clip=null", "trainer.compile=1"])
     assert cfg.trainer.max_steps == 1000 and cfg.name == "123" and cfg.noble.main_init_scale is None
     assert cfg.optim.grad_clip is None and cfg.trainer.compile is True
     for bad in ("optim.lr=true", "trainer.max_steps=false", "optim.lr=inf", "noble.up_init_scale=nan",
                 "trainer.compile=2"):
         with pytest.raises(NobleError, match="must be of type"):
-            C.resolve("llm-tiny", sets=[bad])
+            recipes.resolve("llm-tiny", sets=[bad])
 
 
 def test_saved_config_round_trips_to_the_same_hash(tmp_path):
-    cfg = C.resolve("llm-tiny", {"noble.branch": "gelu_net"})
+    cfg = recipes.resolve("llm-tiny", {"noble.branch": "gelu_net"})
     path = tmp_path / "my.yaml"
     path.write_text(C.to_yaml(cfg))
-    again = C.resolve(str(path))  # a user's own YAML file is a recipe too
+    again = recipes.resolve(str(path))  # a user's own YAML file is a recipe too
     assert C.config_hash(again) == C.config_hash(cfg)
     assert C.run_id(again) == C.run_id(cfg)
 
 
 def test_hash_and_pairing_keys():
-    base = C.resolve("llm-tiny")
-    variant = C.resolve("llm-tiny", {"noble.branch": "cosnet"})
-    seed1 = C.resolve("llm-tiny", {"seed": 1})
-    two_gpus = C.resolve("llm-tiny", {"trainer.devices": 2})
+    base = recipes.resolve("llm-tiny")
+    variant = recipes.resolve("llm-tiny", {"noble.branch": "cosnet"})
+    seed1 = recipes.resolve("llm-tiny", {"seed": 1})
+    two_gpus = recipes.resolve("llm-tiny", {"trainer.devices": 2})
     assert C.pair_key(base) == C.pair_key(variant) == C.pair_key(seed1)
     assert C.config_hash(base) != C.config_hash(variant) != C.config_hash(seed1)
     assert C.config_hash(base) == C.config_hash(two_gpus), "where a run goes is not what it computes"
     assert C.variant_key(base) == C.variant_key(seed1) != C.variant_key(variant)
-    assert C.pair_key(C.resolve("llm-tiny", {"trainer.max_steps": 5})) != C.pair_key(base)
+    assert C.pair_key(recipes.resolve("llm-tiny", {"trainer.max_steps": 5})) != C.pair_key(base)
 
 
 @pytest.mark.parametrize(
@@ -123,28 +122,28 @@ def test_hash_and_pairing_keys():
 )
 def test_bad_input_names_what_is_valid(recipe, overrides, sets, message):
     with pytest.raises(NobleError, match=message):
-        C.resolve(recipe, overrides, sets)
+        recipes.resolve(recipe, overrides, sets)
 
 
 def test_every_recipe_resolves_and_the_paper_shapes_have_the_paper_sizes():
-    for name in C.list_recipes():
-        C.resolve(name)
-    total, _ = count_recipe_params(C.resolve("llm-250m"))
+    for name in recipes.list_recipes():
+        recipes.resolve(name)
+    total, _ = count_recipe_params(recipes.resolve("llm-250m"))
     assert 240e6 < total < 270e6
-    total, _ = count_recipe_params(C.resolve("llm-1.5b"))
+    total, _ = count_recipe_params(recipes.resolve("llm-1.5b"))
     assert 1.45e9 < total < 1.65e9
 
 
 def test_llm_250m_branch_overhead_is_the_measured_figure():
     # NOBLE.md: CosNet r=64 on Q, K, V, O, fc, fc2 at the llm-250m shape adds 7.6% parameters
-    total, branch = count_recipe_params(C.resolve("llm-250m", {"noble.branch": "cosnet"}))
+    total, branch = count_recipe_params(recipes.resolve("llm-250m", {"noble.branch": "cosnet"}))
     assert branch / (total - branch) == pytest.approx(0.076, abs=0.002)
 
 
 def test_dense_matched_baseline_has_the_noble_parameter_count():
     cfg = GPTConfig(vocab_size=100, block_size=16, n_layer=2, n_head=2, d_model=32)
     noble = C.NobleConfig(branch="none", rank=4, dense_match=True, match_branch="cosnet")
-    target = count_parameters(build_model(GPT, cfg, dataclasses.replace(noble, branch="cosnet", dense_match=False)))
+    target = count_parameters(build_model(GPT, cfg, noble.model_copy(update={"branch": "cosnet", "dense_match": False})))
     wide = dense_matched_config(GPT, cfg, noble)
     assert wide.mlp_hidden > cfg.mlp_hidden
     matched = count_parameters(build_model(GPT, cfg, noble))
@@ -163,30 +162,30 @@ def test_schedule_warms_up_then_decays_to_the_floor():
 
 
 def test_recipe_files_mirror_the_dataclasses():
-    for name in C.list_recipes():
-        raw = yaml.safe_load((C.recipes_dir() / f"{name}.yaml").read_text())
+    for name in recipes.list_recipes():
+        raw = yaml.safe_load((recipes.recipes_dir() / f"{name}.yaml").read_text())
         for section in C.SECTIONS:
-            known = {f.name for f in dataclasses.fields(C.SECTIONS[section])}
+            known = set(C.SECTIONS[section].model_fields)
             assert set(raw.get(section) or {}) <= known, (name, section)
 
 
 # --- the init-only control, own-init, labels ----------------------------------------------------------------------
 def test_init_only_control_config_identity_and_label():
-    base = C.resolve("llm-tiny")
-    ctl = C.resolve("llm-tiny", {"noble.init_only": True})
+    base = recipes.resolve("llm-tiny")
+    ctl = recipes.resolve("llm-tiny", {"noble.init_only": True})
     assert ctl.variant == "init-only(main-init 0.5)" and C.pair_key(ctl) == C.pair_key(base)
     assert C.run_id(ctl) != C.run_id(base) and C.variant_key(ctl) != C.variant_key(base)
     from noble_cli.train.run_folder import run_role
 
     assert (run_role(base), run_role(ctl)) == ("baseline", "init")
     # its identity is what it reads (the scale and the layers), nothing a branch alone would see
-    same = C.resolve("llm-tiny", {"noble.init_only": True}, ["noble.rank=4", "noble.mix_lr_power=0",
+    same = recipes.resolve("llm-tiny", {"noble.init_only": True}, ["noble.rank=4", "noble.mix_lr_power=0",
                                                               "noble.up_init_scale=0.1", "noble.kernel=torch"])
     assert C.run_id(same) == C.run_id(ctl)
-    other = [C.resolve("llm-tiny", {"noble.init_only": True}, [s])
+    other = [recipes.resolve("llm-tiny", {"noble.init_only": True}, [s])
              for s in ("noble.main_init_scale=0.25", "noble.targets=mlp")]
     assert len({C.run_id(c) for c in other + [ctl]}) == 3
-    assert C.resolve("llm-tiny", {"noble.init_only": True, "noble.targets": "mlp"},
+    assert recipes.resolve("llm-tiny", {"noble.init_only": True, "noble.targets": "mlp"},
                      ["noble.main_init_scale=0.25"]).variant == "init-only(main-init 0.25 mlp)"
     for overrides, sets, message in (
         ({"noble.init_only": True, "noble.branch": "cosnet"}, [], "noble.init_only is a control without a branch"),
@@ -194,23 +193,23 @@ def test_init_only_control_config_identity_and_label():
         ({"noble.init_only": True}, ["noble.main_init_scale=null"], "which is null: set a number > 0"),
     ):
         with pytest.raises(NobleError, match=message):
-            C.resolve("llm-tiny", overrides, sets)
+            recipes.resolve("llm-tiny", overrides, sets)
 
 
 def test_labels_name_every_branch_setting_away_from_its_default():
-    label = lambda *sets: C.resolve("llm-tiny", {"noble.branch": "cosnet"}, list(sets)).variant  # noqa: E731
+    label = lambda *sets: recipes.resolve("llm-tiny", {"noble.branch": "cosnet"}, list(sets)).variant  # noqa: E731
     assert label() == "cosnet r8"
     assert label("noble.main_init_scale=null") == "cosnet r8 own-init"  # was "cosnet r8" like the paper's init
     assert label("noble.main_init_scale=0.25") == "cosnet r8 main-init 0.25"
     assert label("noble.up_init_scale=0.1", "noble.up_lr_power=0.2", "noble.mix_lr_power=0", "noble.freq_lr_mult=1",
                  "noble.phase_lr_mult=1") == "cosnet r8 up-init 0.1 up-lr^0.2 mix-lr^0 freq-lr x1 phase-lr x1"
-    own = C.resolve("llm-tiny", {"noble.branch": "cosnet"}, ["noble.main_init_scale=null"])
+    own = recipes.resolve("llm-tiny", {"noble.branch": "cosnet"}, ["noble.main_init_scale=null"])
     # run ids keep the label they always had (existing folders keep their names); the config hash tells them apart
-    assert C.run_id(own).startswith("llm-tiny-cosnet-r8-s0-") and C.run_id(own) != C.run_id(C.resolve(
+    assert C.run_id(own).startswith("llm-tiny-cosnet-r8-s0-") and C.run_id(own) != C.run_id(recipes.resolve(
         "llm-tiny", {"noble.branch": "cosnet"}))
-    dense = C.resolve("llm-tiny", {"noble.dense_match": True, "noble.targets": "mlp"})
+    dense = recipes.resolve("llm-tiny", {"noble.dense_match": True, "noble.targets": "mlp"})
     assert dense.variant == "dense-matched(cosnet r8 mlp)"
-    assert C.resolve("llm-tiny", {"noble.dense_match": True}).variant == "dense-matched(cosnet r8)"
+    assert recipes.resolve("llm-tiny", {"noble.dense_match": True}).variant == "dense-matched(cosnet r8)"
 
 
 def test_init_only_model_reinitialises_the_targeted_main_weights_and_adds_no_branch():

@@ -9,7 +9,7 @@ import types
 import pytest
 import torch
 
-from noble_cli import config as C
+from noble_cli import recipes
 from noble_cli.tasks import get_task
 from noble_cli.train.flops import FlopsProbe, micro_batch_flops
 from noble_cli.train.run_folder import RunFolder
@@ -18,8 +18,8 @@ B, T = 8, 64
 
 
 def module(**overrides):
-    cfg = C.resolve("llm-tiny", overrides)
-    return get_task(cfg.task).load().build_module(cfg)
+    cfg = recipes.resolve("llm-tiny", overrides)
+    return get_task(cfg.task).build_module(cfg)
 
 
 def batch():

@@ -23,9 +23,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from noble_cli import config as C  # noqa: E402
+from noble_cli import recipes  # noqa: E402
 from noble_cli.layers import implementation as impl  # noqa: E402
-from noble_cli.layers.implementation import LayerShape  # noqa: E402
+from noble_cli.layers import selfcheck  # noqa: E402
+from noble_cli.layers.selfcheck import LayerShape  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -41,9 +42,9 @@ SETS = ["model.d_model=16", "model.n_head=2", "model.n_layer=1", "model.block_si
 
 @pytest.fixture(autouse=True)
 def fresh_verdicts():
-    impl.clear_cache()
+    selfcheck.clear_cache()
     yield
-    impl.clear_cache()
+    selfcheck.clear_cache()
 
 
 def _fault(monkeypatch, kind: str) -> None:
@@ -124,7 +125,7 @@ SHAPE = LayerShape(16, 24, 3, bias=True)
 @needs_fused
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
 def test_the_real_kernels_pass(precision):
-    result = impl.check_shape(SHAPE, DEVICE, precision, tokens=40)
+    result = selfcheck.check_shape(SHAPE, DEVICE, precision, tokens=40)
     assert result.ok, result.error
     # the output, x and all 11 parameters of a biased CosNet layer were compared
     assert len(result.errors) == 13 and all(result.errors[k] <= result.tolerance[k] for k in result.errors)
@@ -138,7 +139,7 @@ def test_the_real_kernels_pass(precision):
 ])
 def test_faults_fail_the_check(monkeypatch, kind, message):
     _fault(monkeypatch, kind)
-    result = impl.check_shape(SHAPE, DEVICE, "32-true", tokens=40)
+    result = selfcheck.check_shape(SHAPE, DEVICE, "32-true", tokens=40)
     assert not result.ok and message in result.error and "\n" not in result.error
 
 
@@ -146,7 +147,7 @@ def test_faults_fail_the_check(monkeypatch, kind, message):
 def test_the_check_leaves_the_random_state_alone():
     torch.manual_seed(3)
     before = torch.get_rng_state()
-    assert impl.check_shape(SHAPE, DEVICE, "32-true", tokens=40).ok
+    assert selfcheck.check_shape(SHAPE, DEVICE, "32-true", tokens=40).ok
     assert torch.equal(torch.get_rng_state(), before)
 
 
@@ -154,14 +155,14 @@ def test_the_check_leaves_the_random_state_alone():
 def test_verdicts_are_cached_per_shape_and_stop_at_the_first_failure(monkeypatch):
     other = LayerShape(24, 16, 3, bias=False)
     calls = []
-    real = impl.check_shape
-    monkeypatch.setattr(impl, "check_shape", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
-    assert impl.self_check([SHAPE, other], DEVICE).ok
-    assert impl.self_check([other, SHAPE], DEVICE).ok
+    real = selfcheck.check_shape
+    monkeypatch.setattr(selfcheck, "check_shape", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    assert selfcheck.self_check([SHAPE, other], DEVICE).ok
+    assert selfcheck.self_check([other, SHAPE], DEVICE).ok
     assert calls == [SHAPE, other]  # the second model's shapes were known
     _fault(monkeypatch, "raise")
-    impl.clear_cache()
-    verdict = impl.self_check([SHAPE, other], DEVICE)
+    selfcheck.clear_cache()
+    verdict = selfcheck.self_check([SHAPE, other], DEVICE)
     assert not verdict.ok and [c.shape for c in verdict.checks] == [SHAPE]
     assert verdict.failure.shape == SHAPE and verdict.summary()["ok"] is False
 
@@ -172,7 +173,7 @@ def test_verdicts_are_cached_per_shape_and_stop_at_the_first_failure(monkeypatch
 def _train(tmp_path, kernel: str):
     from noble_cli.train.run import train
 
-    cfg = C.resolve("llm-tiny", sets=SETS + [f"noble.kernel={kernel}"])
+    cfg = recipes.resolve("llm-tiny", sets=SETS + [f"noble.kernel={kernel}"])
     result = train(cfg, out=tmp_path, progress=False)
     meta = json.loads((result.run_dir / "meta.json").read_text())
     return meta, pd.read_csv(result.run_dir / "metrics.csv").set_index("step")
@@ -220,7 +221,8 @@ def test_auto_keeps_the_fused_path_when_the_check_passes(tmp_path, monkeypatch):
 def test_processes_agree_when_another_one_failed(tmp_path, monkeypatch):
     """DDP/FSDP: every process follows the all-reduced verdict, also one whose own check passed."""
     from noble_cli.layers import NobleLinear
-    from noble_cli.layers.implementation import Choice, Verdict
+    from noble_cli.layers.implementation import Choice
+    from noble_cli.layers.selfcheck import Verdict
     from noble_cli.train import kernel_check
     from noble_cli.train.run_folder import RunFolder
 

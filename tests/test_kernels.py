@@ -291,7 +291,7 @@ def test_training_run_matches_torch_path(tmp_path, monkeypatch):
     summation-order noise, bf16 autocast on a GPU to bf16 noise."""
     import pandas as pd
 
-    from noble_cli import config as C
+    from noble_cli import recipes
     from noble_cli.train.run import train
 
     calls = _count_fused_calls(monkeypatch)
@@ -302,7 +302,7 @@ def test_training_run_matches_torch_path(tmp_path, monkeypatch):
     # (MLP only: fc and fc2 cover both in < out and in > out, at a third of the interpreter's time for all six)
     curves = {}
     for kernel in ("torch", "triton"):
-        cfg = C.resolve("llm-tiny", sets=sets + [f"noble.kernel={kernel}"])
+        cfg = recipes.resolve("llm-tiny", sets=sets + [f"noble.kernel={kernel}"])
         result = train(cfg, out=tmp_path, progress=False)
         assert result.meta["kernel"] == kernel
         curves[kernel] = pd.read_csv(result.run_dir / "metrics.csv").set_index("step")

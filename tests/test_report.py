@@ -125,7 +125,7 @@ def row(summary: pd.DataFrame, variant: str) -> pd.Series:
 
 
 def test_steps_to_target_interpolates():
-    ev = pd.DataFrame({"step": STEPS, "eval_loss": [3.9, 3.3, 3.0, 2.9]})
+    ev = pd.DataFrame({"step": STEPS, "score": [3.9, 3.3, 3.0, 2.9]})
     # crosses 3.1 between 200 (3.3) and 300 (3.0): 200 + 100 * (3.3 - 3.1) / (3.3 - 3.0) = 266.67
     assert steps_to_target(ev, 3.1) == pytest.approx(266.6667, abs=1e-3)
     assert steps_to_target(ev, 3.3) == 200.0  # exactly equal counts as reached: 100 + 100 * 0.6/0.6

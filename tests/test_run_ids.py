@@ -5,6 +5,7 @@ they keep their defaults. The configs are written out in full (not read from rec
 import pytest
 
 from noble_cli import config as C
+from noble_cli import recipes
 
 PINNED = [
     (
@@ -467,24 +468,23 @@ PINNED = [
 
 @pytest.mark.parametrize("config, run_id, pair_key", PINNED, ids=[p[1] for p in PINNED])
 def test_existing_configs_keep_their_run_id_and_pair_key(config, run_id, pair_key):
-    cfg = C.from_dict(config)
-    C.validate(cfg)
+    cfg = recipes.from_dict(config)
     assert C.run_id(cfg) == run_id
     assert C.pair_key(cfg) == pair_key
 
 
 
 def test_an_added_field_stays_out_of_the_hash_while_at_its_default():
-    from dataclasses import dataclass
-
-    @dataclass
-    class Section:
+    class Section(C.ConfigModel):
         old: int = 1
         new: tuple[int, int] = C.added_field((2, 3))
 
-    at_default = {"old": 1, "new": [2, 3]}
-    C._drop_added_defaults(at_default, Section)
-    assert at_default == {"old": 1}
-    changed = {"old": 1, "new": [2, 4]}
-    C._drop_added_defaults(changed, Section)
-    assert changed == {"old": 1, "new": [2, 4]}
+    assert C._hashed_fields(Section()) == {"old": 1}
+    assert C._hashed_fields(Section(new=(2, 4))) == {"old": 1, "new": [2, 4]}
+
+
+def test_a_renamed_field_is_read_under_its_old_name_and_hashed_under_it():
+    old = recipes.resolve("llm-tiny", sets=["trainer.kernel_warmup_steps=7"])
+    new = recipes.resolve("llm-tiny", sets=["trainer.untimed_steps=7"])
+    assert old.trainer.untimed_steps == new.trainer.untimed_steps == 7
+    assert C.run_id(old) == C.run_id(new) and C.hashable_dict(new)["trainer"]["kernel_warmup_steps"] == 7

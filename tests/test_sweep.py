@@ -20,6 +20,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from noble_cli import config as C
+from noble_cli import recipes
 from noble_cli.errors import NobleError
 from noble_cli.sweep import grids
 from noble_cli.sweep.cli import ablate_app, execute_plan
@@ -157,21 +158,21 @@ def test_ranks_layers_and_vision_grids():
     plan = grids.mixup_sweep("vit-tiny", [0, 1], check_models=False)
     assert len(plan.runs) == 8
     for seed in (0, 1):
-        on = [r for r in plan.runs if r.seed == seed and r.cfg.data["mixup"]]
-        off = [r for r in plan.runs if r.seed == seed and not r.cfg.data["mixup"]]
+        on = [r for r in plan.runs if r.seed == seed and r.cfg.data.mixup]
+        off = [r for r in plan.runs if r.seed == seed and not r.cfg.data.mixup]
         assert [r.role for r in on] == [r.role for r in off] == ["baseline", "noble"]
-        assert all(r.cfg.data["cutmix"] for r in on) and not any(r.cfg.data["cutmix"] for r in off)
+        assert all(r.cfg.data.cutmix for r in on) and not any(r.cfg.data.cutmix for r in off)
         assert C.pair_key(on[0].cfg) == C.pair_key(on[1].cfg) != C.pair_key(off[0].cfg)
 
     plan = grids.augment_sweep("vit-tiny", grids.parse_augments("none,both,random-erasing,drop_path"), [0],
                                check_models=False)
     assert len(plan.runs) == 8
     none = plan.runs[0].cfg
-    assert (none.data["mixup"], none.data["cutmix"], none.data["randaugment"], none.data["random_erasing"],
-            none.data["label_smoothing"], none.model["drop_path"]) == (False, False, False, 0.0, 0.0, 0.0)
+    assert (none.data.mixup, none.data.cutmix, none.data.randaugment, none.data.random_erasing,
+            none.data.label_smoothing, none.model.drop_path) == (False, False, False, 0.0, 0.0, 0.0)
     erasing = [r.cfg for r in plan.runs if r.group == "random_erasing"]
-    assert all(c.data["random_erasing"] == 0.25 and not c.data["mixup"] for c in erasing)
-    assert [r.cfg.model["drop_path"] for r in plan.runs if r.group == "stochastic_depth"] == [0.1, 0.1]
+    assert all(c.data.random_erasing == 0.25 and not c.data.mixup for c in erasing)
+    assert [r.cfg.model.drop_path for r in plan.runs if r.group == "stochastic_depth"] == [0.1, 0.1]
     assert plan.runs[1].cfg.variant == "cosnet r8 | none"
 
 
@@ -247,7 +248,7 @@ def test_sweeps_add_controls_like_the_dense_match():
 
 
 def test_controls_that_would_repeat_a_run_are_left_out_with_a_note(tmp_path):
-    recipe = C.load_recipe("llm-tiny")
+    recipe = recipes.load_recipe("llm-tiny")
     recipe.setdefault("noble", {})["main_init_scale"] = None  # a recipe that already keeps the model's init
     path = tmp_path / "own.yaml"
     path.write_text(C.to_yaml(recipe))
@@ -303,7 +304,7 @@ def test_manifest_written_before_first_run(tmp_path, fake):
     assert [e["run_id"] for e in m["runs"]] == plan.run_ids
     e = m["runs"][0]
     assert e["status"] == "done" and e["attempts"] == 1 and e["run_dir"] == f"runs/{e['run_id']}"
-    assert C.run_id(C.from_dict(e["config"])) == e["run_id"]
+    assert C.run_id(recipes.from_dict(e["config"])) == e["run_id"]
     assert e["started_at"] and e["finished_at"] and e["duration_s"] is not None
     assert plan.name.startswith("activations-llm-tiny-")
 

@@ -14,6 +14,7 @@ import pytest
 from conftest import TRACKED_SETS
 
 from noble_cli import config as C
+from noble_cli import recipes
 from noble_cli import trackers
 from noble_cli.console import make_console
 from noble_cli.errors import NobleError
@@ -36,7 +37,7 @@ def test_the_run_completes_with_its_trackers(tracked_run):
     config = tracked_run.result.run_dir / "config.yaml"
     assert "logger:" in config.read_text()  # the resolved config says where the run went ...
     # ... but its run id is the one without trackers
-    assert tracked_run.result.run_dir.name == C.run_id(C.resolve("llm-tiny", sets=TRACKED_SETS))
+    assert tracked_run.result.run_dir.name == C.run_id(recipes.resolve("llm-tiny", sets=TRACKED_SETS))
 
 
 def test_tensorboard_event_files_hold_every_metric(tracked_run):
@@ -168,12 +169,12 @@ def test_logger_values(value, parsed):
 
 
 def test_a_logger_is_not_part_of_the_run_id_and_a_bad_one_is_refused():
-    plain = C.resolve("llm-tiny")
-    tracked = C.resolve("llm-tiny", {"trainer.logger": ["wandb", "mlflow"]})
+    plain = recipes.resolve("llm-tiny")
+    tracked = recipes.resolve("llm-tiny", {"trainer.logger": ["wandb", "mlflow"]})
     assert tracked.trainer.logger == ("wandb", "mlflow")
     assert C.run_id(tracked) == C.run_id(plain) and C.pair_key(tracked) == C.pair_key(plain)
     with pytest.raises(NobleError, match=r"^unknown logger 'neptune'; valid: tensorboard, wandb, mlflow"):
-        C.resolve("llm-tiny", sets=["trainer.logger=neptune"])
+        recipes.resolve("llm-tiny", sets=["trainer.logger=neptune"])
 
 
 def test_noble_train_logger_option_bad_value_is_one_line(monkeypatch, capsys):

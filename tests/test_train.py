@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from noble_cli import config as C
+from noble_cli import recipes
 from noble_cli.errors import NobleError
 from noble_cli.tasks.base import lr_factor
 from noble_cli.train.run import train
@@ -27,7 +28,7 @@ TINY = ["model.d_model=32", "model.n_head=2", "model.n_layer=2", "model.block_si
 
 def tiny_cfg(**overrides) -> C.RunConfig:
     sets = TINY + [f"{k}={v}" for k, v in overrides.items()]
-    return C.resolve("llm-tiny", sets=sets)
+    return recipes.resolve("llm-tiny", sets=sets)
 
 
 def eval_curve(run_dir: Path) -> pd.Series:
@@ -68,7 +69,7 @@ def test_tiny_run_learns_and_fills_the_run_folder(tmp_path):
     assert meta["variant"] == "cosnet r4" and meta["is_baseline"] is False and meta["params_branch"] > 0
     assert {"torch", "lightning", "python"} <= set(meta["versions"])
 
-    saved = C.from_dict(yaml.safe_load((run / "config.yaml").read_text()))
+    saved = recipes.from_dict(yaml.safe_load((run / "config.yaml").read_text()))
     assert C.config_hash(saved) == C.config_hash(cfg), "the saved config is enough to rerun the run"
     assert (run / "checkpoints" / "last.ckpt").exists() and (run / "checkpoints" / "best.ckpt").exists()
     assert (run / "checkpoints" / "hyperparameters.yaml").exists()
@@ -148,14 +149,14 @@ def test_log_every_thins_the_rows_not_the_clock(tmp_path):
 
 
 def test_meta_records_the_kernel_that_runs(monkeypatch):
-    from noble_cli.tasks.base import resolved_kernel
+    from noble_cli.tasks.base import planned_implementation
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     noble = tiny_cfg(**{"noble.branch": "cosnet", "noble.kernel": "triton"}).noble
-    assert resolved_kernel(noble, on_cuda=True) == "triton"
-    assert resolved_kernel(noble, on_cuda=False) == "torch"  # NobleLinear falls back off CUDA: say so
+    assert planned_implementation(noble, on_cuda=True).kernel == "triton"
+    assert planned_implementation(noble, on_cuda=False).kernel == "torch"  # NobleLinear falls back off CUDA: say so
     gelu = tiny_cfg(**{"noble.branch": "gelu_net", "noble.kernel": "triton"}).noble
-    assert resolved_kernel(gelu, on_cuda=True) == "torch"  # the fused kernels are CosNet's only
+    assert planned_implementation(gelu, on_cuda=True).kernel == "torch"  # the fused kernels are CosNet's only
 
 
 def test_mfu_peak_table_matches_whole_card_names():
@@ -361,12 +362,12 @@ def test_fsdp_wraps_and_checkpoints_the_transformer_blocks():
     from lightning.pytorch.strategies import FSDPStrategy
 
     from noble_cli.models.gpt import Block
-    from noble_cli.tasks.causal_lm import build_module
+    from noble_cli.tasks.causal_lm import TASK
     from noble_cli.train.run import strategy_for
 
-    cfg = C.resolve("llm-1.5b", {"noble.branch": "cosnet", "trainer.strategy": "fsdp"},
+    cfg = recipes.resolve("llm-1.5b", {"noble.branch": "cosnet", "trainer.strategy": "fsdp"},
                     ["model.n_layer=2", "model.d_model=128", "model.n_head=2"])
-    module = build_module(cfg)
+    module = TASK.build_module(cfg)
     assert module.block_types() == {Block}
     strategy = strategy_for(cfg, module)
     assert isinstance(strategy, FSDPStrategy)

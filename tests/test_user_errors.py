@@ -15,6 +15,7 @@ from conftest import TRACKED_SETS
 
 from noble_cli import atomic
 from noble_cli import config as C
+from noble_cli import recipes
 from noble_cli.train.recorder import CorruptCheckpointError
 from noble_cli.train.run import train
 
@@ -55,7 +56,7 @@ def copy_run(tracked_run, out) -> tuple:
     shutil.copytree(tracked_run.result.run_dir, run)
     summary = json.loads((run / "summary.json").read_text())
     (run / "summary.json").write_text(json.dumps({**summary, "status": "interrupted"}))
-    cfg = C.resolve("llm-tiny", sets=TRACKED_SETS)
+    cfg = recipes.resolve("llm-tiny", sets=TRACKED_SETS)
     for name in ("config.yaml", "checkpoints/hyperparameters.yaml"):  # as a resume without trackers writes them
         (run / name).write_text(C.to_yaml(cfg))
     return run, cfg
@@ -123,12 +124,12 @@ def test_a_full_or_read_only_disk_is_one_line_and_leaves_no_half_written_file(tm
     monkeypatch.setattr(atomic, "open", faulty_open, raising=False)  # every file noble writes goes through it
     code, _, err = noble(monkeypatch, capsys, *tiny_args("--out", str(out)))
     assert code == 2
-    run = out / "runs" / C.run_id(C.resolve("llm-tiny", sets=TRACKED_SETS))
+    run = out / "runs" / C.run_id(recipes.resolve("llm-tiny", sets=TRACKED_SETS))
     assert one_error_line(err).startswith(expected.format(run=run))
     assert not [p for p in out.rglob("*") if ".tmp-" in p.name], "a temporary file was left behind"
     if fault == errno.ENOSPC:  # what was written before the disk filled up is whole
         assert not (run / "metrics.csv").exists()
-        assert C.config_hash(C.from_dict(yaml.safe_load((run / "config.yaml").read_text()))) == run.name[-10:]
+        assert C.config_hash(recipes.from_dict(yaml.safe_load((run / "config.yaml").read_text()))) == run.name[-10:]
         assert json.loads((run / "meta.json").read_text())["run_id"] == run.name
 
 

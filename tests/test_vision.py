@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from noble_cli import config as C
+from noble_cli import recipes
 from noble_cli.data import images as I
 from noble_cli.errors import NobleError
 from noble_cli.layers import noble_layers
@@ -170,8 +171,8 @@ def test_mixup_cutmix_off_is_identity():
 def test_vit_datamodule_follows_the_switches():
     from noble_cli.tasks import vit
 
-    on = vit.build_datamodule(C.resolve("vit-tiny"))
-    off = vit.build_datamodule(C.resolve("vit-tiny", {"data.mixup": False, "data.cutmix": False}))
+    on = vit.TASK.build_datamodule(recipes.resolve("vit-tiny"))
+    off = vit.TASK.build_datamodule(recipes.resolve("vit-tiny", {"data.mixup": False, "data.cutmix": False}))
     assert on.train_collate_factory(10).mixer.enabled
     assert not off.train_collate_factory(10).mixer.enabled
 
@@ -184,15 +185,15 @@ def test_noble_lands_on_qkvo_fc_fc2_only():
     from noble_cli.tasks import vit, vqgan
 
     for task, recipe, blocks in ((vit, "vit-tiny", 4), (vqgan, "vqgan-tiny", 4)):
-        cfg = C.resolve(recipe, {"noble.branch": "cosnet"})
-        module = task.build_module(cfg)
+        cfg = recipes.resolve(recipe, {"noble.branch": "cosnet"})
+        module = task.TASK.build_module(cfg)
         names = [n for n, _ in noble_layers(module.model)]
         assert len(names) == 6 * blocks, recipe
         assert {n.rsplit(".", 2)[-2] + "." + n.rsplit(".", 1)[-1] for n in names} == {
             "attn.q", "attn.k", "attn.v", "attn.o", "mlp.fc", "mlp.fc2"}
         assert module.params.branch > 0
         # the baseline has the same modules, none augmented
-        assert not noble_layers(task.build_module(C.resolve(recipe)).model)
+        assert not noble_layers(task.TASK.build_module(recipes.resolve(recipe)).model)
 
 
 def test_quantizer_straight_through_and_codebook_gradients():
@@ -247,13 +248,13 @@ def test_psnr_on_known_images():
 
 def test_config_errors_are_one_line():
     with pytest.raises(NobleError, match="classes"):
-        C.resolve("vit-tiny", sets=["model.num_classes=5"])
+        recipes.resolve("vit-tiny", sets=["model.num_classes=5"])
     with pytest.raises(NobleError, match="multiple of model.patch_size"):
-        C.resolve("vit-tiny", sets=["model.patch_size=5"])
+        recipes.resolve("vit-tiny", sets=["model.patch_size=5"])
     with pytest.raises(NobleError, match="accumulate must be 1"):
-        C.resolve("vqgan-tiny", sets=["trainer.accumulate=2"])
+        recipes.resolve("vqgan-tiny", sets=["trainer.accumulate=2"])
     with pytest.raises(NobleError, match="random_erasing"):
-        C.resolve("vit-tiny", {"data.random_erasing": 1.5})
+        recipes.resolve("vit-tiny", {"data.random_erasing": 1.5})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -262,7 +263,7 @@ def test_config_errors_are_one_line():
 
 @needs_fashion
 def test_vit_tiny_trains(tmp_path):
-    cfg = C.resolve("vit-tiny", {"noble.branch": "cosnet"}, FAST + [
+    cfg = recipes.resolve("vit-tiny", {"noble.branch": "cosnet"}, FAST + [
         "trainer.max_steps=40", "trainer.eval_every=20", "trainer.batch_size=64", "schedule.warmup_steps=5"])
     result = train(cfg, out=tmp_path, progress=False)
     m = metrics(result.run_dir)
@@ -324,7 +325,7 @@ def test_image_run_resumes_exactly_when_passes_do_not_divide_by_the_accumulation
 
     _png_tree(tmp_path / "tree" / "train", classes=("a", "b"), per_class=7)
     _png_tree(tmp_path / "tree" / "val", classes=("a", "b"), per_class=1)
-    cfg = C.resolve("vit-tiny", {"noble.branch": "cosnet"}, FAST + [
+    cfg = recipes.resolve("vit-tiny", {"noble.branch": "cosnet"}, FAST + [
         f"data.dataset={tmp_path / 'tree'}", "model.num_classes=2", "trainer.max_steps=6", "trainer.eval_every=3",
         "trainer.batch_size=2", "trainer.accumulate=4", "trainer.eval_batches=1", "schedule.warmup_steps=1"])
 
@@ -348,7 +349,7 @@ def test_vit_resume_after_interruption_reaches_the_same_losses(tmp_path):
     trains on the same batches, with the same draws, as an uninterrupted one."""
     import lightning as L
 
-    cfg = C.resolve("vit-tiny", {"noble.branch": "cosnet"}, FAST + [
+    cfg = recipes.resolve("vit-tiny", {"noble.branch": "cosnet"}, FAST + [
         "trainer.max_steps=8", "trainer.eval_every=4", "trainer.batch_size=16", "schedule.warmup_steps=2",
         "model.drop_path=0.1", "trainer.num_workers=1"])
 
@@ -372,7 +373,7 @@ def vqgan_run(tmp_path_factory):
         pytest.skip("apt-get install -y dataset-fashion-mnist")
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("vqgan")
-    cfg = C.resolve("vqgan-tiny", sets=FAST + [
+    cfg = recipes.resolve("vqgan-tiny", sets=FAST + [
         "trainer.max_steps=40", "trainer.eval_every=20", "trainer.batch_size=32", "schedule.warmup_steps=5",
         "model.disc_start=20", "model.restart_every=10"])
     return train(cfg, out=out, progress=False)
@@ -435,8 +436,8 @@ def test_image_lm_trains_on_the_codes(vqgan_run, tmp_path):
     sets = FAST + [f"data.vqgan_checkpoint={vqgan_run.run_dir}", "data.limit=256",
                    f"data.cache_dir={tmp_path / 'codes'}", "trainer.max_steps=30", "trainer.eval_every=15",
                    "trainer.batch_size=16", "schedule.warmup_steps=5"]
-    cfg = C.resolve("image-lm-tiny", {"noble.branch": "cosnet"}, sets)
-    module = image_lm.build_module(cfg)
+    cfg = recipes.resolve("image-lm-tiny", {"noble.branch": "cosnet"}, sets)
+    module = image_lm.TASK.build_module(cfg)
     assert isinstance(module, CausalLM) and isinstance(module.model, GPT)
     result = train(cfg, out=tmp_path, progress=False)
     evals = metrics(result.run_dir).dropna(subset=["eval_loss"])
@@ -447,6 +448,6 @@ def test_image_lm_trains_on_the_codes(vqgan_run, tmp_path):
     assert module.seq_len == 49  # 28 px at patch 4 -> 7 x 7 codes
 
     with pytest.raises(NobleError, match="model.vocab_size=257"):
-        image_lm.build_datamodule(C.resolve("image-lm-tiny", sets=sets + ["model.vocab_size=300"]))
+        image_lm.TASK.build_datamodule(recipes.resolve("image-lm-tiny", sets=sets + ["model.vocab_size=300"]))
     with pytest.raises(NobleError, match="VQGAN checkpoint not found"):
-        image_lm.build_datamodule(C.resolve("image-lm-tiny", sets=[f"data.vqgan_checkpoint={tmp_path / 'x'}"]))
+        image_lm.TASK.build_datamodule(recipes.resolve("image-lm-tiny", sets=[f"data.vqgan_checkpoint={tmp_path / 'x'}"]))

@@ -19,7 +19,11 @@ import torch
 
 from noble_cli.atomic import atomic_write_json
 from noble_cli.errors import NobleError
-from noble_cli.layers.implementation import fused_unavailable_reason, import_noble_kernels
+from noble_cli.layers.implementation import (
+    fused_unavailable_reason,
+    import_noble_kernels,
+)
+from noble_cli.parsing import split_list
 
 VARIANTS = ("baseline", "noble-torch", "noble-triton", "noble-triton-cublas")
 # fused variants -> the noble_kernels options they run under
@@ -67,7 +71,7 @@ def autocast(dev: torch.device, precision: str):
 
 
 def csv_items(value: str, what: str, valid: tuple[str, ...] | None = None) -> list[str]:
-    items = [v.strip() for v in value.split(",") if v.strip()]
+    items = split_list(value)
     if not items:
         raise NobleError(f"--{what} is empty")
     if valid:

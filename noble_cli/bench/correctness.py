@@ -219,11 +219,11 @@ def run_item(item: dict, device: str) -> dict:
 
 
 def _selfcheck(item: dict, device: str) -> dict:
-    from noble_cli.layers import implementation as impl
+    from noble_cli.layers import selfcheck
 
-    shapes = [impl.LayerShape(s["k"], s["n"], s["r"], s["bias"]) for s in item["shapes"]]
-    impl.clear_cache()
-    verdict = impl.self_check(shapes, device, "bf16-mixed")
+    shapes = [selfcheck.LayerShape(s["k"], s["n"], s["r"], s["bias"]) for s in item["shapes"]]
+    selfcheck.clear_cache()
+    verdict = selfcheck.self_check(shapes, device, "bf16-mixed")
     return {"status": "ok" if verdict.ok else "fail", **verdict.summary()}
 
 

@@ -3,7 +3,6 @@ NOBLE per implementation, on random batches (no data needed)."""
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as _dt
 import re
 import statistics
@@ -12,6 +11,7 @@ from typing import Iterator, Optional
 
 import torch
 import typer
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from rich.console import Console
 from rich.table import Table
 
@@ -20,28 +20,13 @@ from noble_cli.bench.common import (
     fresh_compile, interpret_note, kernel_options, peak_mb, prec_label, precision_of, reset_memory, sync, time_ms,
     triton_skip_reason, use_fused,
 )
+from noble_cli.config import NobleConfig, validated
 from noble_cli.errors import NobleError
 from noble_cli.layers.activations import resolve_activation
+from noble_cli.recipes import resolve
 from noble_cli.train.run_folder import library_versions
 
 console = Console()
-STEP_TASKS = ("causal_lm", "image_lm", "vit")
-
-
-def synthetic_batch(task: str, module, batch_size: int, dev: torch.device, gen: torch.Generator):
-    """A batch of the task's shape (random tokens / images): a step's cost does not depend on the data."""
-    m = module.model_cfg
-    if task in ("causal_lm", "image_lm"):
-        seq = module.seq_len
-        x = torch.randint(0, m.vocab_size, (batch_size, seq + 1), generator=gen).to(dev)
-        return (x[:, :-1].contiguous(), x[:, 1:].contiguous()), batch_size * seq
-    if task == "vit":
-        images = torch.randn(batch_size, m.in_channels, m.image_size, m.image_size, generator=gen).to(dev)
-        labels = torch.randint(0, m.num_classes, (batch_size,), generator=gen).to(dev)
-        return (images, labels), batch_size
-    raise NobleError(f"noble bench step supports tasks {', '.join(STEP_TASKS)}; recipe task is {task!r}")
-
-
 def _peak_flops(dev: torch.device, precision: str) -> float | None:
     if dev.type != "cuda" or precision != "bf16-mixed":
         return None
@@ -53,11 +38,7 @@ def _peak_flops(dev: torch.device, precision: str) -> float | None:
 def step_config(recipe: str, branch: str, overrides: dict, sets: list[str], wanted: list[str]):
     """The recipe's config and the checked branch, before anything is timed (a late refusal would throw the
     finished rows away)."""
-    from noble_cli import config as C
-
-    base_cfg = C.resolve(recipe, overrides, sets)
-    if base_cfg.task not in STEP_TASKS:
-        raise NobleError(f"noble bench step supports tasks {', '.join(STEP_TASKS)}; {recipe} is {base_cfg.task}")
+    base_cfg = resolve(recipe, overrides, sets)
     if branch.strip().lower() == "none":
         raise NobleError("--branch none would time the baseline against itself; give a branch such as cosnet")
     branch = resolve_activation(branch)
@@ -71,7 +52,6 @@ def step_config(recipe: str, branch: str, overrides: dict, sets: list[str], want
 def step_rows(base_cfg, branch: str, wanted: list[str], modes: list[str], dev: torch.device, prec: str, warmup: int,
               iters: int) -> Iterator[dict]:
     """The table's rows, each yielded as soon as it is measured."""
-    from noble_cli import config as C
     from noble_cli.layers import noble_layers
     from noble_cli.tasks import get_task
 
@@ -87,15 +67,14 @@ def step_rows(base_cfg, branch: str, wanted: list[str], modes: list[str], dev: t
                 row["skipped"] = skip_triton
                 yield row
                 continue
-            noble = dataclasses.replace(base_cfg.noble, branch="none" if variant == "baseline" else branch,
-                                        kernel="torch", dense_match=False)
-            cfg = dataclasses.replace(base_cfg, noble=noble)
-            C.validate(cfg)
+            noble = validated(NobleConfig, {**base_cfg.noble.model_dump(), "kernel": "torch", "dense_match": False,
+                                            "branch": "none" if variant == "baseline" else branch}, "noble.")
+            cfg = base_cfg.model_copy(update={"noble": noble})
             torch.manual_seed(cfg.seed)
             module = opt = batch = None
             try:
                 with kernel_options(**FUSED_VARIANTS.get(variant, {})):
-                    module = get_task(cfg.task).load().build_module(cfg).to(dev)
+                    module = get_task(cfg.task).build_module(cfg).to(dev)
                     if hasattr(module, "configure_model"):
                         module.configure_model()
                     if variant in FUSED_VARIANTS:
@@ -104,7 +83,8 @@ def step_rows(base_cfg, branch: str, wanted: list[str], modes: list[str], dev: t
                     if mode == "compiled":
                         module.model = fresh_compile(module.model)
                     gen = torch.Generator().manual_seed(cfg.seed)
-                    batch, items = synthetic_batch(cfg.task, module, cfg.trainer.batch_size, dev, gen)
+                    batch, items = get_task(cfg.task).synthetic_batch(module, cfg.trainer.batch_size, gen)
+                    batch = move_data_to_device(batch, dev)
                     params = [p for g in opt.param_groups for p in g["params"]]
                     clip = cfg.optim.grad_clip
 
@@ -154,7 +134,7 @@ def step_header(base_cfg, branch: str, dev: torch.device, prec: str, warmup: int
     return {
         "kind": "step", "recipe": base_cfg.recipe, "task": base_cfg.task, "device": device_name(dev),
         "date": _dt.datetime.now().isoformat(timespec="seconds"), "versions": library_versions(), "precision": prec,
-        "batch_size": t.batch_size, "seq_len": base_cfg.data.get("seq_len"), "model": base_cfg.model,
+        "batch_size": t.batch_size, "seq_len": getattr(base_cfg.data, "seq_len", None), "model": base_cfg.model.model_dump(),
         "branch": branch, "rank": base_cfg.noble.rank, "targets": base_cfg.noble.targets,
         "activation_checkpointing": t.activation_checkpointing, "warmup": warmup, "iters": iters,
         "optimizer": "AdamW" + (" (fused)" if dev.type == "cuda" else ""),

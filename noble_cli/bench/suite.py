@@ -333,7 +333,7 @@ def step_phase(suite: Suite, phase: str, recipe: str, variants: list[str], compi
         status = "ok" if row["ms"] is not None else ("error" if (row["skipped"] or "").startswith("error")
                                                       else "skipped")
         suite.emit({"phase": phase, "item": item, "status": status, "recipe": cfg.recipe, "precision": prec,
-                    "batch_size": cfg.trainer.batch_size, "seq_len": cfg.data.get("seq_len"),
+                    "batch_size": cfg.trainer.batch_size, "seq_len": getattr(cfg.data, "seq_len", None),
                     "activation_checkpointing": cfg.trainer.activation_checkpointing, **row,
                     "seconds": round(seconds, 3), "predicted_s": suite.costs[key]})
 

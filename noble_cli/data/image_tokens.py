@@ -46,7 +46,8 @@ def resolve_checkpoint(spec: str | os.PathLike, results: str | os.PathLike = "re
         raise NobleError("data.vqgan_checkpoint is empty; give a VQGAN run folder, a .ckpt file or recipe:NAME")
     hint = ""
     if raw.startswith("recipe:"):
-        from noble_cli.config import resolve, run_id
+        from noble_cli.config import run_id
+        from noble_cli.recipes import resolve
 
         name = raw.split(":", 1)[1]
         path = Path(results) / "runs" / run_id(resolve(name))
@@ -89,7 +90,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
 
 
 def _vqgan_config(ckpt: dict, path: str | os.PathLike):
-    from noble_cli.config import from_dict
+    from noble_cli.recipes import from_dict
 
     cfg = from_dict(ckpt["hyper_parameters"]["config"])
     if cfg.task != "vqgan":
@@ -107,7 +108,7 @@ def load_vqgan(path: str | os.PathLike, device: str | torch.device = "cpu"):
     from noble_cli.tasks import get_task
 
     ckpt = read_checkpoint(path)
-    module = get_task("vqgan").load().build_module(_vqgan_config(ckpt, path))
+    module = get_task("vqgan").build_module(_vqgan_config(ckpt, path))
     module.load_state_dict(ckpt["state_dict"])
     return module.to(device).eval()
 
@@ -123,8 +124,8 @@ def token_folder(checkpoint: Path, dataset: str | None = None, root: str | None 
     from noble_cli.data.shards import data_root
 
     cfg = checkpoint_config(checkpoint)
-    source = resolve_image_dataset(dataset or cfg.data.get("dataset", "fashion-mnist"),
-                                   root if dataset else (root or cfg.data.get("root")))
+    source = resolve_image_dataset(dataset or cfg.data.dataset,
+                                   root if dataset else (root or cfg.data.root))
     st = checkpoint.stat()
     params = {"checkpoint": str(checkpoint), "checkpoint_size": st.st_size, "checkpoint_mtime_ns": st.st_mtime_ns,
               "limit": limit}
@@ -153,8 +154,8 @@ def encode_dataset(checkpoint: str | os.PathLike, dataset: str | None = None, ro
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     module = load_vqgan(checkpoint, device)
     cfg, m = module.cfg, module.model_cfg
-    source = resolve_image_dataset(dataset or cfg.data.get("dataset", "fashion-mnist"),
-                                   root if dataset else (root or cfg.data.get("root")))
+    source = resolve_image_dataset(dataset or cfg.data.dataset,
+                                   root if dataset else (root or cfg.data.root))
     folder.mkdir(parents=True, exist_ok=True)
     (folder / shards.META_JSON).unlink(missing_ok=True)  # "not done" until the new meta.json lands
 
@@ -173,7 +174,7 @@ def encode_dataset(checkpoint: str | os.PathLike, dataset: str | None = None, ro
 
     for split in shards.SPLITS:
         ds, _ = load_split(source, split, reconstruction_transform(source, m.image_size, m.in_channels, False),
-                           cfg.data.get("download", True))
+                           cfg.data.download)
         if limit is not None:
             ds = Subset(ds, range(min(limit, len(ds))))
         loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)

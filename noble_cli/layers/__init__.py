@@ -1,6 +1,11 @@
 """The NOBLE layer library: one place, used by every task."""
 
-from noble_cli.layers.activations import ACTIVATIONS, activation_spec, register, resolve_activation
+from noble_cli.layers.activations import (
+    ACTIVATIONS,
+    activation_spec,
+    register,
+    resolve_activation,
+)
 from noble_cli.layers.apply import (
     TARGET_SETS,
     LRMultipliers,

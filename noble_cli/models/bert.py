@@ -21,36 +21,42 @@ mask (True = a real token) masks padded keys, though the masked-LM data packs se
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from noble_cli.config import ConfigModel, Float, Int
 from noble_cli.errors import NobleError
 from noble_cli.models.transformer import MLP, SelfAttention, padded_vocab
 
-NORMS = ("pre", "post")
+class BertConfig(ConfigModel):
+    """A BERT encoder (a recipe's `model:` section for the masked-LM task)."""
 
-
-@dataclass
-class BertConfig:
-    vocab_size: int = 30522
-    max_position: int = 512
-    n_layer: int = 12
-    n_head: int = 12
-    d_model: int = 768
-    mlp_ratio: float = 4.0
-    dropout: float = 0.1  # BERT's, on embeddings, attention probabilities and residual branches
-    norm: str = "pre"  # pre | post (see the module docstring)
+    vocab_size: Int = Field(30522, gt=5, le=1 << 16)
+    """At most 65,536: token ids are stored as uint16."""
+    max_position: Int = Field(512, ge=3)
+    n_layer: Int = Field(12, ge=1)
+    n_head: Int = Field(12, ge=1)
+    d_model: Int = Field(768, ge=1)
+    mlp_ratio: Float = Field(4.0, gt=0)
+    dropout: Float = Field(0.1, ge=0, lt=1)
+    """BERT's, on embeddings, attention probabilities and residual branches."""
+    norm: Literal["pre", "post"] = "pre"
+    """pre | post (see the module docstring)."""
     bias: bool = True
-    layer_norm_eps: float = 1e-12
-    pad_vocab_to: int = 64  # round the embedding up to a multiple of this (tensor-core friendly); 1 disables
+    layer_norm_eps: Float = Field(1e-12, gt=0)
+    pad_vocab_to: Int = Field(64, ge=1)
+    """Round the embedding up to a multiple of this (tensor-core friendly); 1 disables."""
 
-    def __post_init__(self):
-        if self.norm not in NORMS:
-            raise NobleError(f"model.norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> BertConfig:
+        if self.d_model % self.n_head:
+            raise ValueError(f"model.d_model {self.d_model} must be divisible by model.n_head {self.n_head}")
+        return self
 
     @property
     def mlp_hidden(self) -> int:

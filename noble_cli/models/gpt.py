@@ -9,26 +9,38 @@ embedding and the tied LM head are never augmented. The same module serves the a
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
+from pydantic import Field, model_validator
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from noble_cli.config import ConfigModel, Float, Int
 from noble_cli.models.transformer import MLP, SelfAttention, padded_vocab
 
 
-@dataclass
-class GPTConfig:
-    vocab_size: int = 50257
-    block_size: int = 1024
-    n_layer: int = 12
-    n_head: int = 12
-    d_model: int = 768
-    mlp_ratio: float = 4.0
-    dropout: float = 0.0
+class GPTConfig(ConfigModel):
+    """A GPT-2-style decoder (a recipe's `model:` section for the causal-LM and image-token tasks)."""
+
+    vocab_size: Int = Field(50257, ge=2)
+    block_size: Int = Field(1024, ge=1)
+    """The longest context (learned positions)."""
+    n_layer: Int = Field(12, ge=1)
+    n_head: Int = Field(12, ge=1)
+    d_model: Int = Field(768, ge=1)
+    mlp_ratio: Float = Field(4.0, gt=0)
+    """MLP hidden width / d_model."""
+    dropout: Float = Field(0.0, ge=0, lt=1)
     bias: bool = False
-    pad_vocab_to: int = 64  # round the embedding up to a multiple of this (tensor-core friendly); 1 disables
+    """Biases in the linears and LayerNorms."""
+    pad_vocab_to: Int = Field(64, ge=1)
+    """Round the embedding up to a multiple of this (tensor-core friendly); 1 disables."""
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> GPTConfig:
+        if self.d_model % self.n_head:
+            raise ValueError(f"model.d_model {self.d_model} must be divisible by model.n_head {self.n_head}")
+        return self
 
     @property
     def mlp_hidden(self) -> int:

@@ -9,30 +9,48 @@ Stochastic depth is torchvision's `StochasticDepth` (row mode), its rate rising 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Literal
 
 import torch
+from pydantic import Field, model_validator
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torchvision.ops import StochasticDepth
 
+from noble_cli.config import ConfigModel, Float, Int
 from noble_cli.models.transformer import MLP, SelfAttention
 
 
-@dataclass
-class ViTConfig:
-    image_size: int = 224
-    patch_size: int = 16
-    in_channels: int = 3
-    num_classes: int = 1000
-    d_model: int = 384
-    n_layer: int = 12
-    n_head: int = 6
-    mlp_ratio: float = 4.0
-    drop_path: float = 0.1  # stochastic depth rate of the last block (linear from 0 at the first)
-    dropout: float = 0.0
+def check_transformer_shape(image_size: int, patch_size: int, d_model: int, n_head: int) -> None:
+    """What a patch transformer (ViT, the VQGAN) needs of its shape; ValueError names the fields."""
+    if image_size % patch_size:
+        raise ValueError(f"model.image_size {image_size} must be a multiple of model.patch_size {patch_size}")
+    if d_model % n_head:
+        raise ValueError(f"model.d_model {d_model} must be divisible by model.n_head {n_head}")
+
+
+class ViTConfig(ConfigModel):
+    """A ViT / DeiT classifier (a recipe's `model:` section for the vit task)."""
+
+    image_size: Int = Field(224, ge=1)
+    patch_size: Int = Field(16, ge=1)
+    in_channels: Int = Field(3, ge=1)
+    num_classes: Int = Field(1000, ge=2)
+    d_model: Int = Field(384, ge=1)
+    n_layer: Int = Field(12, ge=1)
+    n_head: Int = Field(6, ge=1)
+    mlp_ratio: Float = Field(4.0, gt=0)
+    drop_path: Float = Field(0.1, ge=0, lt=1)
+    """Stochastic depth rate of the last block (rising linearly from 0 at the first)."""
+    dropout: Float = Field(0.0, ge=0, lt=1)
     qkv_bias: bool = True
-    pool: str = "cls"  # cls (class token) | mean (average of the patch tokens)
+    pool: Literal["cls", "mean"] = "cls"
+    """cls: the class token; mean: the average of the patch tokens."""
+
+    @model_validator(mode="after")
+    def _shapes_fit(self) -> ViTConfig:
+        check_transformer_shape(self.image_size, self.patch_size, self.d_model, self.n_head)
+        return self
 
     @property
     def mlp_hidden(self) -> int:

@@ -19,46 +19,70 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import nn
 
+from noble_cli.config import ConfigModel, Float, Int
 from noble_cli.models.vit import (
     Block,
+    check_transformer_shape,
     init_transformer_weights,
     transformer_flops_per_item,
 )
 
+MAX_CODEBOOK = 65535  # codes + a BOS token must fit the uint16 token files of the image-token LM
 
-@dataclass
-class VQGANConfig:
-    image_size: int = 256
-    patch_size: int = 8
-    in_channels: int = 3
-    d_model: int = 512
-    n_layer: int = 8  # encoder blocks
-    n_layer_decoder: int | None = None  # decoder blocks (default: n_layer)
-    n_head: int = 8
-    mlp_ratio: float = 4.0
-    dropout: float = 0.0
+
+class VQGANConfig(ConfigModel):
+    """A transformer VQGAN (a recipe's `model:` section for the vqgan task; the losses are here too, so that the
+    section describes the whole VQGAN)."""
+
+    image_size: Int = Field(256, ge=1)
+    patch_size: Int = Field(8, ge=1)
+    in_channels: Int = Field(3, ge=1)
+    d_model: Int = Field(512, ge=1)
+    n_layer: Int = Field(8, ge=1)
+    """Encoder blocks."""
+    n_layer_decoder: Int | None = Field(None, ge=1)
+    """Decoder blocks (default: n_layer)."""
+    n_head: Int = Field(8, ge=1)
+    mlp_ratio: Float = Field(4.0, gt=0)
+    dropout: Float = Field(0.0, ge=0, lt=1)
     qkv_bias: bool = True
-    # quantizer
-    codebook_size: int = 8192
-    codebook_dim: int = 32  # factorized codes: look-up happens in this low-dim space
-    l2_normalize: bool = True  # cosine-similarity look-up (ViT-VQGAN)
-    beta: float = 0.25  # commitment weight
-    restart_every: int = 200  # steps between dead-code restarts; 0 = never
-    recent_size: int = 8192  # encoder outputs kept for restarts
-    # losses (the task's; here so that a recipe's `model:` section describes the whole VQGAN)
-    recon_loss: str = "l2"  # l2 | l1
-    disc_weight: float = 0.1  # adversarial weight for the generator; 0 = no discriminator
-    disc_adaptive: bool = True  # VQGAN's adaptive weight: scale the adversarial gradient at the decoder's last layer
-                                # to disc_weight x the reconstruction gradient there
-    disc_start: int = 0  # step at which the discriminator and the adversarial term start
-    disc_channels: int = 64
-    disc_layers: int = 3  # strided conv layers of the patch discriminator
-    disc_lr: float | None = None  # default: optim.lr
+    codebook_size: Int = Field(8192, ge=2, le=MAX_CODEBOOK)
+    """Codes in the codebook; with a BOS token they must fit the image-token LM's uint16 token files."""
+    codebook_dim: Int = Field(32, ge=1)
+    """Factorized codes: the look-up happens in this low-dim space."""
+    l2_normalize: bool = True
+    """Cosine-similarity look-up (ViT-VQGAN)."""
+    beta: Float = Field(0.25, ge=0)
+    """Commitment weight."""
+    restart_every: Int = Field(200, ge=0)
+    """Steps between dead-code restarts; 0 = never."""
+    recent_size: Int = Field(8192, ge=1)
+    """Encoder outputs kept for restarts."""
+    recon_loss: Literal["l2", "l1"] = "l2"
+    disc_weight: Float = Field(0.1, ge=0)
+    """Adversarial weight for the generator; 0 = no discriminator."""
+    disc_adaptive: bool = True
+    """VQGAN's adaptive weight: scale the adversarial gradient at the decoder's last layer to disc_weight x the
+    reconstruction gradient there."""
+    disc_start: Int = Field(0, ge=0)
+    """Step at which the discriminator and the adversarial term start."""
+    disc_channels: Int = Field(64, ge=1)
+    disc_layers: Int = Field(3, ge=1)
+    """Strided conv layers of the patch discriminator."""
+    disc_lr: Float | None = Field(None, gt=0)
+    """Default: optim.lr."""
+
+    @model_validator(mode="after")
+    def _shapes_fit(self) -> VQGANConfig:
+        check_transformer_shape(self.image_size, self.patch_size, self.d_model, self.n_head)
+        return self
 
     @property
     def mlp_hidden(self) -> int:

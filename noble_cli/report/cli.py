@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 from noble_cli.console import make_console
 from noble_cli.errors import NobleError
+from noble_cli.parsing import split_list
 from noble_cli.report.build import Report, load_report
 from noble_cli.report.render import print_report, write_csv, write_markdown
 
@@ -16,7 +17,7 @@ FORMATS = ("md", "csv")
 
 def parse_formats(value: str) -> list[str]:
     """'md,csv' -> ['md', 'csv']; raises NobleError naming the valid formats."""
-    items = [v.strip().lower() for v in value.split(",") if v.strip()]
+    items = [v.lower() for v in split_list(value)]
     if not items:
         raise NobleError(f"--format is empty; valid: {', '.join(FORMATS)} (comma-separated, e.g. md,csv)")
     for v in items:
@@ -31,7 +32,9 @@ def write_report(rep: Report, out: Path, formats: list[str], plots: bool = True)
     out.mkdir(parents=True, exist_ok=True)
     pngs: list[Path] = []
     if plots:
-        from noble_cli.report.plots import make_plots  # matplotlib is imported only when plotting
+        from noble_cli.report.plots import (
+            make_plots,  # matplotlib is imported only when plotting
+        )
 
         pngs = make_plots(rep, out)
     if "csv" in formats:

@@ -1,4 +1,8 @@
-"""The figures a report computes (definitions in /work/shared/NOBLE.md, "The figures a report must compute").
+"""The figures a report computes (definitions in docs/run-folder.md, "How `noble report` reads a results tree").
+
+"Eval loss" below is the run's metric (its task's, recorded in meta.json; eval_loss, lower is better, for every
+task today); a metric where higher is better is compared through its score (its negative), and its deltas are then
+positive where better.
 
 Per run, against a reference run of the same recipe, pair_key and seed (its baseline; or, in the comparisons with
 the controls, the dense-matched or init-only control of that seed):
@@ -37,15 +41,15 @@ CONTROL_ROLES = {"dense": "the dense-matched control", "init": "the init-only co
 
 
 def best_point(evals: pd.DataFrame) -> tuple[float, float]:
-    """(best eval loss, step of it); the first step when tied."""
-    i = int(np.argmin(evals["eval_loss"].to_numpy(float)))
-    return float(evals["eval_loss"].iloc[i]), float(evals["step"].iloc[i])
+    """(best score, step of it); the first step when tied. A score is the run's metric with lower = better."""
+    i = int(np.argmin(evals["score"].to_numpy(float)))
+    return float(evals["score"].iloc[i]), float(evals["step"].iloc[i])
 
 
 def steps_to_target(evals: pd.DataFrame, target: float) -> float:
-    """First (interpolated) step where eval loss <= target; NaN if never."""
+    """First (interpolated) step where the score is <= the target score; NaN if never."""
     steps = evals["step"].to_numpy(float)
-    losses = evals["eval_loss"].to_numpy(float)
+    losses = evals["score"].to_numpy(float)
     hits = np.nonzero(losses <= target)[0]
     if hits.size == 0:
         return math.nan
@@ -86,14 +90,15 @@ RUN_COLUMNS = [
 
 def run_figures(run: Run, base: Run) -> dict:
     """The per-run figures of `run` against its reference `base` (its baseline, a control, or itself)."""
-    target, base_best_step = best_point(base.evals)
-    own_best, _ = best_point(run.evals)
-    stt = steps_to_target(run.evals, target)
+    target_score, base_best_step = best_point(base.evals)
+    target = base.metric.as_lower_is_better(target_score)  # back in the metric's own units
+    own_best = run.metric.as_lower_is_better(best_point(run.evals)[0])
+    stt = steps_to_target(run.evals, target_score)
     reached = not math.isnan(stt)
     base_wc_best = base.wallclock_at(base_best_step)
     wc_to_target = run.wallclock_at(stt) if reached else math.nan
-    final = float(run.evals["eval_loss"].iloc[-1])
-    base_final = float(base.evals["eval_loss"].iloc[-1])
+    final = float(run.evals["metric"].iloc[-1])
+    base_final = float(base.evals["metric"].iloc[-1])
 
     def top1(r: Run) -> float:
         if r.has_top1:

@@ -43,7 +43,7 @@ def _mean_curve(runs: list[Run], x: str) -> tuple[np.ndarray, np.ndarray, np.nda
     """
     if len(runs) < 2 or len({tuple(r.evals["step"]) for r in runs}) != 1:
         return None
-    losses = np.stack([r.evals["eval_loss"].to_numpy(float) for r in runs])
+    losses = np.stack([r.evals["metric"].to_numpy(float) for r in runs])
     xs = np.stack([r.evals[x].to_numpy(float) for r in runs]).mean(axis=0)
     ok = ~np.isnan(xs)
     return xs[ok], losses.mean(axis=0)[ok], losses.std(axis=0, ddof=1)[ok]
@@ -68,11 +68,11 @@ def _curves(ax, runs: list[Run], colors: dict[str, str], x: str, target: float, 
             ev = r.evals[r.evals[x].notna()]
             if ev.empty:
                 continue
-            ax.plot(ev[x], ev["eval_loss"], alpha=0.85, label=label, **style)
+            ax.plot(ev[x], ev["metric"], alpha=0.85, label=label, **style)
             label = None
     if not math.isnan(target):
         ax.axhline(target, color="black", linestyle=":", linewidth=1, label=target_label)
-    ax.set_ylabel("eval loss")
+    ax.set_ylabel(runs[0].metric.name.replace("_", " "))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
 

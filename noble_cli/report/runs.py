@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from noble_cli.tasks.spec import Metric
 from noble_cli.train.run_folder import FINISHED, STATUSES
 
 # Statuses whose curves are final. A diverged run is a legitimate outcome (it usually "does not reach"), so it is
@@ -50,11 +51,14 @@ class Run:
     params_branch: float
     created_at: str
     median_step_time_s: float
-    evals: pd.DataFrame  # step, eval_loss, wallclock_s (interpolated where missing), eval_top1/eval_bpb (if any)
+    # step, metric (the task's, meta.json: eval_loss for every task today), score (the metric with lower = better),
+    # wallclock_s (interpolated where missing), eval_top1/eval_bpb (if any)
+    evals: pd.DataFrame
     wallclock: pd.DataFrame  # step, wallclock_s over every row that has both; sorted, for interpolation
     meta: dict = field(default_factory=dict)
     summary: dict = field(default_factory=dict)
     config: dict | None = None
+    metric: Metric = field(default_factory=Metric)
     role: str = "noble"  # baseline | noble | dense (dense-matched control) | init (init-only control)
     step_time_spread: float = math.nan  # within-run relative std of step_time_s (robust: IQR-based), warm-up out
     flops_per_step: float = math.nan  # meta.json (runs from before it was recorded: NaN)
@@ -229,9 +233,10 @@ def load_run(path: Path) -> Run:
         raise SkipRun(f"status {status}" + ("" if status in STATUSES else " (unknown status)"))
 
     metrics = read_metrics(path / "metrics.csv")
-    if "eval_loss" not in metrics.columns:
-        raise SkipRun("no eval points in metrics.csv (no eval_loss column)")
-    evals = metrics[metrics["eval_loss"].notna()]
+    metric = Metric.from_meta(meta.get("metric"))
+    if metric.name not in metrics.columns:
+        raise SkipRun(f"no eval points in metrics.csv (no {metric.name} column)")
+    evals = metrics[metrics[metric.name].notna()]
     if evals.empty:
         raise SkipRun("no eval points in metrics.csv")
 
@@ -239,8 +244,10 @@ def load_run(path: Path) -> Run:
         wallclock = metrics.loc[metrics["wallclock_s"].notna(), ["step", "wallclock_s"]].reset_index(drop=True)
     else:
         wallclock = pd.DataFrame({"step": pd.Series(dtype=float), "wallclock_s": pd.Series(dtype=float)})
-    cols = ["step", "eval_loss"] + [c for c in ("eval_top1", "eval_top5", "eval_bpb") if c in metrics.columns]
-    evals = evals[cols].reset_index(drop=True).astype(float)
+    extra = [c for c in ("eval_top1", "eval_top5", "eval_bpb") if c in metrics.columns and c != metric.name]
+    evals = evals[["step", metric.name, *extra]].reset_index(drop=True).astype(float)
+    evals = evals.rename(columns={metric.name: "metric"})
+    evals["score"] = evals["metric"].map(metric.as_lower_is_better)  # what targets compare: lower is better
 
     config = None
     cfg_path = path / "config.yaml"
@@ -272,6 +279,7 @@ def load_run(path: Path) -> Run:
         wallclock=wallclock,
         meta=meta,
         summary=summary,
+        metric=metric,
         config=config,
         role=_role(meta, config, is_baseline),
         step_time_spread=_step_time_spread(metrics),
@@ -305,7 +313,7 @@ def _noble_label(config: dict | None) -> str | None:
     noble = (config or {}).get("noble")
     if not isinstance(noble, dict):
         return None
-    names = {f.name for f in fields(C.NobleConfig)}
+    names = set(C.NobleConfig.model_fields)
     try:
         return C.variant_label(C.NobleConfig(**{k: v for k, v in noble.items() if k in names}))
     except Exception:  # noqa: BLE001 - a label is cosmetic; a broken config must not break the report

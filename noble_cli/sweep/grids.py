@@ -30,13 +30,15 @@ from typing import Any
 
 from noble_cli import config as C
 from noble_cli.errors import NobleError, choices_error
+from noble_cli.parsing import split_list
+from noble_cli.recipes import list_recipes, load_recipe, parse_set, recipe_task, resolve
+from noble_cli.tasks import TASKS
 
 # The paper's list (reference code's activations; cosnet first).
 PAPER_ACTIVATIONS = ("cosnet", "cos", "gelu", "silu", "tanh", "leakyrelu", "gelu_net", "silu_net", "tanh_net",
                      "leakyrelu_net", "cos_net_double", "swiglu", "identity")
 DEFAULT_RANKS = (16, 32, 64, 128)
 LAYER_TARGETS = ("attn", "mlp", "all", "alternate")
-VISION_TASKS = ("vit",)
 
 # Vision augmentation fields: "none" turns every one of them off; each other setting turns one (or two) on.
 AUGMENT_OFF: dict[str, Any] = {
@@ -97,14 +99,10 @@ class SweepPlan:
 
 
 # --- parsing of the options -----------------------------------------------------------------------------------------
-def _split(text: str) -> list[str]:
-    return [p.strip() for p in str(text).split(",") if p.strip()]
-
-
 def parse_int_list(option: str, text: str, minimum: int = 0, example: str = "0,1,2") -> list[int]:
     """`0,1,2` -> [0, 1, 2] (ranges like `0-4` are accepted); duplicates dropped, order kept."""
     values: list[int] = []
-    parts = _split(text)
+    parts = split_list(text)
     if not parts:
         raise NobleError(f"{option} is empty; expected comma-separated integers, e.g. {example}")
     for part in parts:
@@ -133,7 +131,7 @@ def parse_activations(text: str) -> list[str]:
     from noble_cli.layers import ACTIVATIONS, resolve_activation
 
     names: list[str] = []
-    parts = _split(text)
+    parts = split_list(text)
     if not parts:
         raise NobleError(f"--activations is empty; valid: {', '.join(sorted(ACTIVATIONS))}")
     for part in parts:
@@ -158,7 +156,7 @@ def parse_branch(name: str) -> str:
 def parse_targets(text: str) -> list[str]:
     from noble_cli.layers.apply import target_matcher
 
-    parts = [p.strip() for p in str(text).split(";" if ";" in str(text) else ",") if p.strip()]
+    parts = split_list(text, ";" if ";" in str(text) else ",")
     if not parts:
         raise NobleError(f"--targets is empty; valid: {', '.join(LAYER_TARGETS)} (separate glob sets with ';')")
     for p in parts:
@@ -168,7 +166,7 @@ def parse_targets(text: str) -> list[str]:
 
 def parse_augments(text: str) -> list[str]:
     out: list[str] = []
-    parts = _split(text)
+    parts = split_list(text)
     if not parts:
         raise NobleError(f"--augments is empty; valid: {', '.join(AUGMENTS)}")
     for part in parts:
@@ -185,7 +183,7 @@ def parse_controls(text: str | None) -> list[str]:
     """`dense,init,own-init` -> the controls in that order (aliases: dense-match, init-only; `none` or empty:
     no control)."""
     out: list[str] = []
-    for part in _split(text or ""):
+    for part in split_list(text or ""):
         key = part.lower().replace("_", "-")
         key = _CONTROL_ALIASES.get(key, key)
         if key == "none":
@@ -207,23 +205,19 @@ def check_sweep_name(name: str) -> str:
 # --- recipes --------------------------------------------------------------------------------------------------------
 def recipe_label(recipe: str) -> str:
     """The recipe's name as runs record it: a recipe name, or the stem of a YAML path."""
-    return str(C.load_recipe(recipe).get("recipe") or Path(recipe).stem)
+    return str(load_recipe(recipe).get("recipe") or Path(recipe).stem)
 
 
-def recipe_task(recipe: str, sets: list[str]) -> str:
-    task = C.load_recipe(recipe).get("task", C.RunConfig.task)
-    for s in sets:
-        path, value = C.parse_set(s)
-        if path == ["task"]:
-            task = value
-    return str(task)
+def augmentation_tasks() -> list[str]:
+    """The tasks whose data has the augmentation switches these sweeps turn (they declare the --mixup flag)."""
+    return [name for name, entry in TASKS.items() if any(f.name == "mixup" for f in entry.flags)]
 
 
 def vision_recipes() -> list[str]:
     out = []
-    for name in C.list_recipes():
+    for name in list_recipes():
         try:
-            if C.load_recipe(name).get("task") in VISION_TASKS:
+            if load_recipe(name).get("task") in augmentation_tasks():
                 out.append(name)
         except NobleError:
             continue
@@ -231,14 +225,15 @@ def vision_recipes() -> list[str]:
 
 
 def require_vision(ablation: str, recipe: str | None, sets: list[str]) -> str:
-    available = vision_recipes()
+    available, tasks = vision_recipes(), ", ".join(augmentation_tasks())
     hint = f"vision recipes: {', '.join(available)}" if available else "no vision recipe is installed yet"
     if not recipe:
-        raise NobleError(f"`noble ablate {ablation}` needs a vision recipe (task vit): pass --recipe NAME; {hint}")
+        raise NobleError(f"`noble ablate {ablation}` needs a vision recipe (task {tasks}): pass --recipe NAME; "
+                         f"{hint}")
     task = recipe_task(recipe, sets)
-    if task not in VISION_TASKS:
-        raise NobleError(f"`noble ablate {ablation}` is for vision recipes (task vit), but recipe {recipe!r} has "
-                         f"task {task!r}; {hint}")
+    if task not in augmentation_tasks():
+        raise NobleError(f"`noble ablate {ablation}` is for vision recipes (task {tasks}), but recipe {recipe!r} "
+                         f"has task {task!r}; {hint}")
     return recipe
 
 
@@ -249,7 +244,7 @@ def _check_sets(sets: list[str], reserved: set[str], ablation: str) -> None:
              "noble.rank": "use --rank (or --ranks)", "noble.targets": "use --targets",
              "name": "labels come from the variant"}
     for s in sets:
-        path, _ = C.parse_set(s)
+        path, _ = parse_set(s)
         key = ".".join(path)
         if key in reserved or key == "name":
             hint = hints.get(key, "it is part of what the sweep varies")
@@ -282,14 +277,14 @@ def expand(ablation: str, recipe: str, variants: list[Variant], seeds: list[int]
             overrides = {**common, **v.overrides, "seed": seed}
             # resolve() skips None overrides (an unset option): a null the sweep means goes in as a --set
             nulls = [f"{k}=null" for k, value in overrides.items() if value is None]
-            if v.role == "init" and C.resolve(recipe, {**overrides, "noble.init_only": False},
+            if v.role == "init" and resolve(recipe, {**overrides, "noble.init_only": False},
                                               nulls + sets).noble.main_init_scale is None:
                 # NOBLE keeps the model's init here (noble.main_init_scale: null): nothing to control for
                 if seed == seeds[0]:
                     notes.append("the init control is left out: noble.main_init_scale is null, so NOBLE does not "
                                  "re-initialise the main weights and the control would be the baseline")
                 continue
-            cfg = C.resolve(recipe, overrides, nulls + sets)
+            cfg = resolve(recipe, overrides, nulls + sets)
             if label_groups and v.group:
                 cfg.name = f"{cfg.variant} | {v.group}"
             rid = C.run_id(cfg)
@@ -403,7 +398,7 @@ def ranks_sweep(recipe: str, ranks: list[int] | None, seeds: list[int], branch: 
     if ranks is None:
         ranks, too_big = [], []
         for r in DEFAULT_RANKS:
-            cfg = C.resolve(recipe, {"noble.branch": branch, "noble.rank": r}, sets)
+            cfg = resolve(recipe, {"noble.branch": branch, "noble.rank": r}, sets)
             try:
                 model_params(cfg)
                 ranks.append(r)
@@ -414,7 +409,7 @@ def ranks_sweep(recipe: str, ranks: list[int] | None, seeds: list[int], branch: 
         if not ranks:
             raise NobleError(f"none of the default ranks {', '.join(map(str, DEFAULT_RANKS))} fits recipe {recipe}; "
                              "pass --ranks with smaller values")
-    recipe_rank = C.resolve(recipe, {}, sets).noble.rank
+    recipe_rank = resolve(recipe, {}, sets).noble.rank
     dense_rank = recipe_rank if recipe_rank in ranks else max(ranks)
     variants = [_baseline()] + [_noble(branch, r) for r in ranks] + control_variants(controls, branch, dense_rank)
     if controls and dense_rank != recipe_rank:

@@ -36,6 +36,8 @@ from noble_cli import trackers
 from noble_cli.atomic import atomic_write_text
 from noble_cli.console import make_console
 from noble_cli.errors import InterruptedRun, NobleError
+from noble_cli.parsing import split_list
+from noble_cli.recipes import from_dict
 from noble_cli.sweep.locks import HOST, RunLock, describe_holder, now_iso
 from noble_cli.sweep.manifest import (
     FINISHED,
@@ -113,7 +115,7 @@ def _execute_entry(manifest: Path, index: int, m: dict, train_fn: TrainFn | None
     run_dir = run_dir_of(manifest, e)
 
     def entry_config() -> C.RunConfig:
-        cfg = C.from_dict(e["config"])
+        cfg = from_dict(e["config"])
         if loggers:  # not part of the run's identity (not hashed): the manifest's config stays as it was
             cfg.trainer.logger = loggers
         return cfg
@@ -307,13 +309,13 @@ def run_local(manifest: Path, train_fn: TrainFn | None = None, console: Console 
 # --- gpus: one subprocess per GPU -----------------------------------------------------------------------------------
 def parse_gpus(text: str | None) -> list[str]:
     if text:
-        gpus = [g.strip() for g in text.split(",") if g.strip()]
+        gpus = split_list(text)
         if not gpus or not all(g.isdigit() or g.startswith(("GPU-", "MIG-")) for g in gpus):
             raise NobleError(f"malformed --gpus {text!r}; expected comma-separated GPU indices, e.g. 0,1,2,3")
         return list(dict.fromkeys(gpus))
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible:
-        return [g.strip() for g in visible.split(",") if g.strip()]
+        return split_list(visible)
     try:
         import torch
 

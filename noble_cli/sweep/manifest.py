@@ -28,7 +28,6 @@ from noble_cli.sweep.locks import HOST, RunLock, file_lock, now_iso
 from noble_cli.train.run_folder import FINISHED, RunFolder
 
 MANIFEST_VERSION = 1
-STATUSES = ("pending", "running", "done", "failed")
 
 
 def sweep_dir(out: Path, name: str) -> Path:
@@ -103,7 +102,7 @@ def new_entry(index: int, run, created: str) -> dict:
         "created_at": created, "started_at": None, "finished_at": None, "duration_s": None, "outcome": None,
         "error": None, "host": None, "pid": None, "params_total": run.params_total,
         "params_branch": run.params_branch,
-        "config": json.loads(json.dumps(run.cfg.to_dict(), default=str)),
+        "config": run.cfg.to_dict(),
     }
 
 

@@ -99,7 +99,7 @@ def runs_table(manifest: Path, m: dict, title: str = "runs", plan: bool = False,
             row += [_params(e, base_total), e["run_id"]]
         else:
             s = read_summary(run_dir_of(manifest, e))
-            best = s.get("best_eval_loss")
+            best = s.get(f"best_{s.get('metric') or 'eval_loss'}")
             row += [f"{best:.4f}" if isinstance(best, (int, float)) else "-", str(s.get("steps") or "-"),
                     fmt_duration(e.get("duration_s") or s.get("train_time_s"))]
         table.add_row(*row, escape(str(detail)) if detail else detail)

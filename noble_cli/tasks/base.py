@@ -28,11 +28,6 @@ def planned_implementation(noble: NobleConfig, on_cuda: bool) -> Choice:
     return plan(noble.branch, noble.kernel, "cuda" if on_cuda else "cpu")
 
 
-def resolved_kernel(noble: NobleConfig, on_cuda: bool) -> str:
-    """"triton" or "torch": what `planned_implementation` picks."""
-    return planned_implementation(noble, on_cuda).kernel
-
-
 def _with_branches(make: Callable, model_cfg, noble: NobleConfig, branch: str, kernel: str = "torch") -> nn.Module:
     model = make(model_cfg)
     apply_noble(
@@ -47,8 +42,6 @@ def dense_matched_config(make: Callable, model_cfg, noble: NobleConfig):
 
     Parameter counts are affine in the MLP hidden size, so two counts on the meta device give the exact width.
     """
-    import dataclasses
-
     if not hasattr(model_cfg, "mlp_ratio") or not hasattr(model_cfg, "d_model"):
         raise TypeError(f"{type(model_cfg).__name__} has no mlp_ratio/d_model to widen")
     with torch.device("meta"):
@@ -56,10 +49,10 @@ def dense_matched_config(make: Callable, model_cfg, noble: NobleConfig):
         d = model_cfg.d_model
         h0 = int(round(model_cfg.mlp_ratio * d))
         p0 = count_parameters(make(model_cfg)).total
-        p1 = count_parameters(make(dataclasses.replace(model_cfg, mlp_ratio=(h0 + 64) / d))).total
+        p1 = count_parameters(make(model_cfg.model_copy(update={"mlp_ratio": (h0 + 64) / d}))).total
     per_unit = (p1 - p0) / 64
     hidden = h0 + max(0, round((target - p0) / per_unit))
-    return dataclasses.replace(model_cfg, mlp_ratio=hidden / d)
+    return model_cfg.model_copy(update={"mlp_ratio": hidden / d})
 
 
 def build_model(make: Callable, model_cfg, noble: NobleConfig, kernel: str = "torch") -> nn.Module:
@@ -92,15 +85,15 @@ class NobleTask(L.LightningModule):
 
     items_name = "tokens"  # what a batch is counted in for throughput (tokens, images)
 
-    def __init__(self, cfg: RunConfig, model_cfg, data_cfg):
+    def __init__(self, cfg: RunConfig):
         super().__init__()
         # The resolved config goes into every checkpoint (hyper_parameters), so a checkpoint alone can be rebuilt.
         self.save_hyperparameters({"config": cfg.to_dict()})
-        self.cfg, self.model_cfg, self.data_cfg = cfg, model_cfg, data_cfg
+        self.cfg, self.model_cfg, self.data_cfg = cfg, cfg.model, cfg.data
         # what the layers run; noble_cli/train/kernel_check.py replaces it with the self-check's verdict
         self.implementation = planned_implementation(
             cfg.noble, on_cuda=torch.cuda.is_available() and cfg.trainer.accelerator != "cpu")
-        self.model = build_model(self.make_model, model_cfg, cfg.noble, self.implementation.kernel)
+        self.model = build_model(self.make_model, self.model_cfg, cfg.noble, self.implementation.kernel)
         self.params = count_parameters(self.model)
 
     # --- what a task writes -------------------------------------------------------------------------------------

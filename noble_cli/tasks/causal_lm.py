@@ -2,47 +2,26 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
-from noble_cli.config import RunConfig
+from noble_cli.config import ConfigModel, Int, RunConfig, Str
 from noble_cli.errors import NobleError
 from noble_cli.models.gpt import GPT, GPTConfig
 from noble_cli.tasks.base import NobleTask
-
-ModelConfig = GPTConfig
-
-
-@dataclass
-class DataConfig:
-    dataset: str = "embedded"  # embedded | openwebtext | fineweb-edu | hf:NAME[:CONFIG] | path to txt/jsonl/parquet
-    seq_len: int = 256
-    cache_dir: str | None = None  # default: $NOBLE_DATA_DIR or ~/.cache/noble/data
+from noble_cli.tasks.spec import Task
 
 
-def check_gpt_shape(m: GPTConfig) -> None:
-    """What GPT itself would fail on mid-run (or at build time with a Python error)."""
-    for name in ("n_layer", "n_head", "d_model", "block_size", "pad_vocab_to"):
-        if getattr(m, name) < 1:
-            raise NobleError(f"model.{name} must be >= 1, got {getattr(m, name)}")
-    if m.d_model % m.n_head:
-        raise NobleError(f"model.d_model {m.d_model} must be divisible by model.n_head {m.n_head}")
-    if m.mlp_ratio <= 0:
-        raise NobleError(f"model.mlp_ratio must be > 0, got {m.mlp_ratio}")
-    if not 0.0 <= m.dropout < 1.0:
-        raise NobleError(f"model.dropout must be in [0, 1), got {m.dropout}")
+class LMDataConfig(ConfigModel):
+    """Text for a causal LM, tokenized into cached shards."""
 
-
-def check(cfg: RunConfig) -> None:
-    from noble_cli.data.shards import resolve_dataset
-
-    m, d = ModelConfig(**cfg.model), DataConfig(**cfg.data)
-    check_gpt_shape(m)
-    if d.seq_len < 1 or d.seq_len > m.block_size:
-        raise NobleError(f"data.seq_len must be in [1, model.block_size = {m.block_size}], got {d.seq_len}")
-    resolve_dataset(d.dataset)  # an unknown name fails here, at --dry-run, not after the run folder exists
+    dataset: Str = "embedded"
+    """embedded | openwebtext | fineweb-edu | hf:NAME[:CONFIG] | a path to txt/jsonl/parquet files."""
+    seq_len: Int = Field(256, ge=1)
+    """Tokens per training sequence (at most model.block_size)."""
+    cache_dir: Str | None = None
+    """Where shards are cached; default: $NOBLE_DATA_DIR or ~/.cache/noble/data."""
 
 
 class CausalLM(NobleTask):
@@ -71,27 +50,47 @@ class CausalLM(NobleTask):
         return self.model.flops_per_token(self.seq_len)
 
 
-def build_module(cfg: RunConfig) -> CausalLM:
-    return CausalLM(cfg, ModelConfig(**cfg.model), DataConfig(**cfg.data))
+def random_tokens(vocab_size: int, batch_size: int, seq_len: int, generator: torch.Generator):
+    """A language-model batch of random token ids: (inputs, next-token targets), and the tokens it counts."""
+    x = torch.randint(0, vocab_size, (batch_size, seq_len + 1), generator=generator)
+    return (x[:, :-1].contiguous(), x[:, 1:].contiguous()), batch_size * seq_len
 
 
-def build_datamodule(cfg: RunConfig):
-    from noble_cli.data.lm_datamodule import LMDataModule
-    from noble_cli.data.tokenizer import VOCAB_SIZE
+class CausalLMTask(Task):
+    name = "causal_lm"
+    model_class = GPTConfig
+    data_class = LMDataConfig
 
-    d = DataConfig(**cfg.data)
-    vocab = ModelConfig(**cfg.model).vocab_size
-    # checked with the data, not in `check`: `noble bench` runs small vocabularies on random ids
-    if vocab < VOCAB_SIZE:
-        raise NobleError(f"model.vocab_size {vocab} is smaller than the GPT-2 vocabulary the text data is "
-                         f"tokenized with ({VOCAB_SIZE})")
-    t = cfg.trainer
-    return LMDataModule(
-        data=d.dataset, seq_len=d.seq_len, batch_size=t.batch_size, seed=cfg.seed, eval_batches=t.eval_batches,
-        num_workers=t.num_workers, cache_dir=d.cache_dir, max_steps=t.max_steps * t.accumulate,
-    )
+    def check(self, cfg: RunConfig) -> None:
+        from noble_cli.data.shards import resolve_dataset
+
+        if cfg.data.seq_len > cfg.model.block_size:
+            raise NobleError(f"data.seq_len must be in [1, model.block_size = {cfg.model.block_size}], got "
+                             f"{cfg.data.seq_len}")
+        resolve_dataset(cfg.data.dataset)  # an unknown name fails here, at --dry-run, not after the run folder exists
+
+    def build_module(self, cfg: RunConfig) -> CausalLM:
+        return CausalLM(cfg)
+
+    def build_datamodule(self, cfg: RunConfig):
+        from noble_cli.data.lm_datamodule import LMDataModule
+        from noble_cli.data.tokenizer import VOCAB_SIZE
+
+        d, t = cfg.data, cfg.trainer
+        # checked with the data, not in `check`: `noble bench` runs small vocabularies on random ids
+        if cfg.model.vocab_size < VOCAB_SIZE:
+            raise NobleError(f"model.vocab_size {cfg.model.vocab_size} is smaller than the GPT-2 vocabulary the text "
+                             f"data is tokenized with ({VOCAB_SIZE})")
+        return LMDataModule(
+            data=d.dataset, seq_len=d.seq_len, batch_size=t.batch_size, seed=cfg.seed, eval_batches=t.eval_batches,
+            num_workers=t.num_workers, cache_dir=d.cache_dir, max_steps=t.max_steps * t.accumulate,
+        )
+
+    def synthetic_batch(self, module: CausalLM, batch_size: int, generator: torch.Generator):
+        return random_tokens(module.model_cfg.vocab_size, batch_size, module.seq_len, generator)
+
+    def data_summary(self, cfg: RunConfig) -> str:
+        return f"{cfg.data.dataset} (GPT-2 BPE, seq {cfg.data.seq_len})"
 
 
-def data_summary(cfg: RunConfig) -> str:
-    d = DataConfig(**cfg.data)
-    return f"{d.dataset} (GPT-2 BPE, seq {d.seq_len})"
+TASK = CausalLMTask()

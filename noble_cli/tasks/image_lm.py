@@ -10,44 +10,38 @@ checkpoint before training. eval_loss is the cross-entropy per code (nats).
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
-from noble_cli.config import RunConfig
+import torch
+from pydantic import Field
+
+from noble_cli.config import ConfigModel, Int, RunConfig, Str
 from noble_cli.errors import NobleError
 from noble_cli.models.gpt import GPTConfig
-from noble_cli.models.vqgan import VQGANConfig
-from noble_cli.tasks.causal_lm import CausalLM
-
-ModelConfig = GPTConfig
+from noble_cli.tasks.causal_lm import CausalLM, random_tokens
+from noble_cli.tasks.spec import Task
 
 
-@dataclass
-class DataConfig:
-    vqgan_checkpoint: str = "recipe:vqgan-tiny"  # a .ckpt, a VQGAN run folder, or recipe:NAME (its default run)
-    dataset: str | None = None  # default: the data set the VQGAN was trained on
-    root: str | None = None
-    cache_dir: str | None = None  # default: $NOBLE_DATA_DIR/image-tokens-<dataset>-<hash>
-    limit: int | None = None  # encode at most this many images per split (quick runs)
-    encode_batch_size: int = 256
+class ImageTokenData(ConfigModel):
+    """Images encoded into code indices by a trained VQGAN (once, cached as LM shards)."""
 
-
-def check(cfg: RunConfig) -> None:
-    from noble_cli.tasks.causal_lm import check_gpt_shape
-
-    m, d = ModelConfig(**cfg.model), DataConfig(**cfg.data)
-    check_gpt_shape(m)
-    if not str(d.vqgan_checkpoint).strip():
-        raise NobleError("data.vqgan_checkpoint is empty; give a VQGAN run folder, a .ckpt file or recipe:NAME")
-    if d.limit is not None and d.limit < 1:
-        raise NobleError(f"data.limit must be >= 1, got {d.limit}")
+    vqgan_checkpoint: Str = Field("recipe:vqgan-tiny", min_length=1)
+    """A .ckpt file, a VQGAN run folder, or recipe:NAME (that recipe's default run)."""
+    dataset: Str | None = None
+    """Default: the data set the VQGAN was trained on."""
+    root: Str | None = None
+    cache_dir: Str | None = None
+    """Default: $NOBLE_DATA_DIR/image-tokens-<dataset>-<hash>."""
+    limit: Int | None = Field(None, ge=1)
+    """Encode at most this many images per split (quick runs)."""
+    encode_batch_size: Int = Field(256, ge=1)
 
 
 def check_against_checkpoint(cfg: RunConfig) -> dict:
     """Vocabulary and sequence length the checkpoint implies, checked against the model; returns them."""
     from noble_cli.data.image_tokens import checkpoint_config, resolve_checkpoint
 
-    m, d = ModelConfig(**cfg.model), DataConfig(**cfg.data)
-    vq = VQGANConfig(**checkpoint_config(resolve_checkpoint(d.vqgan_checkpoint)).model)
+    m, d = cfg.model, cfg.data
+    vq = checkpoint_config(resolve_checkpoint(d.vqgan_checkpoint)).model
     vocab, seq = vq.codebook_size + 1, vq.num_codes
     if m.vocab_size != vocab:
         raise NobleError(f"model.vocab_size is {m.vocab_size} but the VQGAN's codebook has {vq.codebook_size} codes: "
@@ -83,22 +77,30 @@ class ImageLM(CausalLM):
         return {"vqgan_checkpoint": checkpoint_fingerprint(resolve_checkpoint(self.data_cfg.vqgan_checkpoint))}
 
 
-def build_module(cfg: RunConfig) -> ImageLM:
-    return ImageLM(cfg, ModelConfig(**cfg.model), DataConfig(**cfg.data))
+class ImageLMTask(Task):
+    name = "image_lm"
+    model_class = GPTConfig
+    data_class = ImageTokenData
+
+    def build_module(self, cfg: RunConfig) -> ImageLM:
+        return ImageLM(cfg)
+
+    def build_datamodule(self, cfg: RunConfig):
+        from noble_cli.data.image_tokens import ImageTokenDataModule
+
+        d, t = cfg.data, cfg.trainer
+        check_against_checkpoint(cfg)
+        return ImageTokenDataModule(
+            d.vqgan_checkpoint, batch_size=t.batch_size, eval_batches=t.eval_batches, seed=cfg.seed,
+            dataset=d.dataset, root=d.root, limit=d.limit, cache_dir=d.cache_dir,
+            encode_batch_size=d.encode_batch_size, num_workers=t.num_workers, max_batches=t.max_steps * t.accumulate,
+        )
+
+    def synthetic_batch(self, module: ImageLM, batch_size: int, generator: torch.Generator):
+        return random_tokens(module.model_cfg.vocab_size, batch_size, module.seq_len, generator)
+
+    def data_summary(self, cfg: RunConfig) -> str:
+        return f"codes of {cfg.data.vqgan_checkpoint} (vocab {cfg.model.vocab_size})"
 
 
-def build_datamodule(cfg: RunConfig):
-    from noble_cli.data.image_tokens import ImageTokenDataModule
-
-    d = DataConfig(**cfg.data)
-    check_against_checkpoint(cfg)
-    return ImageTokenDataModule(
-        d.vqgan_checkpoint, batch_size=cfg.trainer.batch_size, eval_batches=cfg.trainer.eval_batches, seed=cfg.seed,
-        dataset=d.dataset, root=d.root, limit=d.limit, cache_dir=d.cache_dir, encode_batch_size=d.encode_batch_size,
-        num_workers=cfg.trainer.num_workers, max_batches=cfg.trainer.max_steps * cfg.trainer.accumulate,
-    )
-
-
-def data_summary(cfg: RunConfig) -> str:
-    m, d = ModelConfig(**cfg.model), DataConfig(**cfg.data)
-    return f"codes of {d.vqgan_checkpoint} (vocab {m.vocab_size})"
+TASK = ImageLMTask()

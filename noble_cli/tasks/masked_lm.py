@@ -10,66 +10,48 @@ BERT vocab.txt.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 
-from noble_cli.config import RunConfig
+from noble_cli.config import ConfigModel, Float, Int, RunConfig, Str
 from noble_cli.errors import NobleError
-from noble_cli.models.bert import BERT, NORMS, BertConfig
+from noble_cli.models.bert import BERT, BertConfig
 from noble_cli.tasks.base import NobleTask
-
-ModelConfig = BertConfig
-
-
-@dataclass
-class DataConfig:
-    dataset: str = "embedded"  # embedded | openwebtext | fineweb-edu | hf:NAME[:CONFIG] | path to txt/jsonl/parquet
-    seq_len: int = 128  # [CLS] + seq_len - 2 packed tokens + [SEP]
-    vocab: str | None = None  # a BERT vocab.txt to use (e.g. bert-base-uncased's); null: train one (model.vocab_size)
-    lowercase: bool = True  # uncased WordPiece (lower-case, strip accents)
-    tokenizer_every: int = 1  # train the vocabulary on every Nth document (1 = all)
-    limit: int | None = None  # at most this many documents per embedded source (or in all, HF/local): quick subsets
-    mlm_probability: float = 0.15
-    mask_ratio: float = 0.8  # of the chosen tokens: replaced by [MASK]
-    random_ratio: float = 0.1  # ... by a random token (the rest stay unchanged)
-    eval_seed: int = 0  # the fixed eval masks' seed (not the run's: every seed is scored on the same masked set)
-    cache_dir: str | None = None  # data root for vocab + shards; default: $NOBLE_DATA_DIR or ~/.cache/noble/data
+from noble_cli.tasks.spec import Task
 
 
-def check(cfg: RunConfig) -> None:
-    m, d = ModelConfig(**cfg.model), DataConfig(**cfg.data)
-    if d.seq_len > m.max_position:
-        raise NobleError(f"data.seq_len {d.seq_len} exceeds model.max_position {m.max_position}")
-    if d.seq_len < 3:
-        raise NobleError(f"data.seq_len must be >= 3 ([CLS] token [SEP]), got {d.seq_len}")
-    if m.d_model % m.n_head:
-        raise NobleError(f"model.d_model {m.d_model} must be divisible by model.n_head {m.n_head}")
-    if m.norm not in NORMS:
-        raise NobleError(f"model.norm must be one of {', '.join(NORMS)}, got {m.norm!r}")
-    if not 5 < m.vocab_size <= 1 << 16:
-        raise NobleError(f"model.vocab_size must be in (5, 65536] (ids are stored as uint16), got {m.vocab_size}")
-    if not 0.0 < d.mlm_probability < 1.0:
-        raise NobleError(f"data.mlm_probability must be in (0, 1), got {d.mlm_probability}")
-    if d.mask_ratio < 0 or d.random_ratio < 0 or d.mask_ratio + d.random_ratio > 1.0:
-        raise NobleError(f"data.mask_ratio + data.random_ratio must be within [0, 1], got {d.mask_ratio} + "
-                         f"{d.random_ratio}")
-    if d.tokenizer_every < 1:
-        raise NobleError(f"data.tokenizer_every must be >= 1, got {d.tokenizer_every}")
-    if d.limit is not None and d.limit < 1:
-        raise NobleError(f"data.limit must be >= 1, got {d.limit}")
-    from noble_cli.data.shards import resolve_dataset
+class MLMDataConfig(ConfigModel):
+    """Text for masked-LM pretraining: tokenized with a WordPiece vocabulary, masked BERT's way."""
 
-    if resolve_dataset(d.dataset).kind == "shards":
-        raise NobleError(f"data.dataset {d.dataset!r} is a prepared GPT-2 shard folder; the masked-LM task "
-                         "tokenizes raw text itself (embedded, an HF dataset, or .txt/.jsonl/.parquet files)")
-    if d.vocab is not None:
-        from noble_cli.data.wordpiece import load_vocab
+    dataset: Str = "embedded"
+    """embedded | openwebtext | fineweb-edu | hf:NAME[:CONFIG] | a path to txt/jsonl/parquet files."""
+    seq_len: Int = Field(128, ge=3)
+    """[CLS] + seq_len - 2 packed tokens + [SEP]."""
+    vocab: Str | None = None
+    """A BERT vocab.txt to use (e.g. bert-base-uncased's); null: train one of model.vocab_size on the corpus."""
+    lowercase: bool = True
+    """Uncased WordPiece (lower-case, strip accents)."""
+    tokenizer_every: Int = Field(1, ge=1)
+    """Train the vocabulary on every Nth document (1 = all)."""
+    limit: Int | None = Field(None, ge=1)
+    """At most this many documents per embedded source (or in all, HF/local): quick subsets."""
+    mlm_probability: Float = Field(0.15, gt=0, lt=1)
+    mask_ratio: Float = Field(0.8, ge=0, le=1)
+    """Of the chosen tokens: replaced by [MASK]."""
+    random_ratio: Float = Field(0.1, ge=0, le=1)
+    """... by a random token (the rest stay unchanged)."""
+    eval_seed: Int = 0
+    """The fixed eval masks' seed (not the run's: every seed is scored on the same masked set)."""
+    cache_dir: Str | None = None
+    """Data root for the vocabulary and shards; default: $NOBLE_DATA_DIR or ~/.cache/noble/data."""
 
-        size = load_vocab(d.vocab, d.lowercase).vocab_size
-        if size > m.vocab_size:
-            raise NobleError(f"data.vocab has {size} tokens, more than model.vocab_size {m.vocab_size}")
+    @model_validator(mode="after")
+    def _ratios_fit(self) -> MLMDataConfig:
+        if self.mask_ratio + self.random_ratio > 1.0:
+            raise ValueError(f"data.mask_ratio + data.random_ratio must be within [0, 1], got {self.mask_ratio} + "
+                             f"{self.random_ratio}")
+        return self
 
 
 class MaskedLM(NobleTask):
@@ -107,30 +89,59 @@ class MaskedLM(NobleTask):
         return self.model.flops_per_token(self.data_cfg.seq_len, self.data_cfg.mlm_probability)
 
 
-def build_module(cfg: RunConfig) -> MaskedLM:
-    return MaskedLM(cfg, ModelConfig(**cfg.model), DataConfig(**cfg.data))
+class MaskedLMTask(Task):
+    name = "masked_lm"
+    model_class = BertConfig
+    data_class = MLMDataConfig
+
+    def check(self, cfg: RunConfig) -> None:
+        from noble_cli.data.shards import resolve_dataset
+
+        m, d = cfg.model, cfg.data
+        if d.seq_len > m.max_position:
+            raise NobleError(f"data.seq_len {d.seq_len} exceeds model.max_position {m.max_position}")
+        if resolve_dataset(d.dataset).kind == "shards":
+            raise NobleError(f"data.dataset {d.dataset!r} is a prepared GPT-2 shard folder; the masked-LM task "
+                             "tokenizes raw text itself (embedded, an HF dataset, or .txt/.jsonl/.parquet files)")
+        if d.vocab is not None:
+            from noble_cli.data.wordpiece import load_vocab
+
+            size = load_vocab(d.vocab, d.lowercase).vocab_size
+            if size > m.vocab_size:
+                raise NobleError(f"data.vocab has {size} tokens, more than model.vocab_size {m.vocab_size}")
+
+    def build_module(self, cfg: RunConfig) -> MaskedLM:
+        return MaskedLM(cfg)
+
+    def build_datamodule(self, cfg: RunConfig):
+        from noble_cli.data.mlm import MLMDataModule
+
+        m, d, t = cfg.model, cfg.data, cfg.trainer
+        return MLMDataModule(
+            data=d.dataset, seq_len=d.seq_len, batch_size=t.batch_size, seed=cfg.seed, eval_batches=t.eval_batches,
+            num_workers=t.num_workers, vocab_size=m.vocab_size, vocab=d.vocab, lowercase=d.lowercase,
+            tokenizer_every=d.tokenizer_every, limit=d.limit, mlm_probability=d.mlm_probability,
+            mask_ratio=d.mask_ratio, random_ratio=d.random_ratio, eval_seed=d.eval_seed, cache_dir=d.cache_dir,
+            max_steps=t.max_steps * t.accumulate,
+        )
+
+    def synthetic_batch(self, module: MaskedLM, batch_size: int, generator: torch.Generator):
+        seq, d = module.data_cfg.seq_len, module.data_cfg
+        ids = torch.randint(0, module.model_cfg.vocab_size, (batch_size, seq), generator=generator)
+        chosen = torch.rand(batch_size, seq, generator=generator) < d.mlm_probability
+        chosen[:, 0] = True  # at least one chosen token per sequence
+        return {"input_ids": ids, "labels": torch.where(chosen, ids, -100)}, batch_size * seq
+
+    def data_summary(self, cfg: RunConfig) -> str:
+        m, d = cfg.model, cfg.data
+        case = "uncased" if d.lowercase else "cased"
+        if d.vocab:
+            vocab = f"WordPiece {d.vocab}"
+        else:
+            sample = "" if d.tokenizer_every == 1 else f", vocab from every {d.tokenizer_every}th doc"
+            vocab = f"WordPiece {m.vocab_size} {case}{sample}"
+        limit = f", {d.limit} docs/source" if d.limit else ""
+        return f"{d.dataset} ({vocab}{limit}; seq {d.seq_len}, {d.mlm_probability:.0%} masked)"
 
 
-def build_datamodule(cfg: RunConfig):
-    from noble_cli.data.mlm import MLMDataModule
-
-    m, d, t = ModelConfig(**cfg.model), DataConfig(**cfg.data), cfg.trainer
-    return MLMDataModule(
-        data=d.dataset, seq_len=d.seq_len, batch_size=t.batch_size, seed=cfg.seed, eval_batches=t.eval_batches,
-        num_workers=t.num_workers, vocab_size=m.vocab_size, vocab=d.vocab, lowercase=d.lowercase,
-        tokenizer_every=d.tokenizer_every, limit=d.limit, mlm_probability=d.mlm_probability,
-        mask_ratio=d.mask_ratio, random_ratio=d.random_ratio, eval_seed=d.eval_seed, cache_dir=d.cache_dir,
-        max_steps=t.max_steps * t.accumulate,
-    )
-
-
-def data_summary(cfg: RunConfig) -> str:
-    m, d = ModelConfig(**cfg.model), DataConfig(**cfg.data)
-    case = "uncased" if d.lowercase else "cased"
-    if d.vocab:
-        vocab = f"WordPiece {d.vocab}"
-    else:
-        sample = "" if d.tokenizer_every == 1 else f", vocab from every {d.tokenizer_every}th doc"
-        vocab = f"WordPiece {m.vocab_size} {case}{sample}"
-    limit = f", {d.limit} docs/source" if d.limit else ""
-    return f"{d.dataset} ({vocab}{limit}; seq {d.seq_len}, {d.mlm_probability:.0%} masked)"
+TASK = MaskedLMTask()

@@ -8,62 +8,36 @@ top-1 and top-5 accuracy (metrics.csv: eval_loss, eval_top1, eval_top5).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
-from noble_cli.config import RunConfig
+from noble_cli.config import ConfigModel, Float, Int, RunConfig, Str
 from noble_cli.errors import NobleError
 from noble_cli.models.vit import ViT, ViTConfig
 from noble_cli.tasks.base import NobleTask
+from noble_cli.tasks.spec import Task
 
-ModelConfig = ViTConfig
 
+class ImageClassificationData(ConfigModel):
+    """An image classification data set and the DeiT-style augmentations."""
 
-@dataclass
-class DataConfig:
-    dataset: str = "fashion-mnist"  # fashion-mnist | cifar10 | cifar100 | imagenet | hf:NAME | path to an ImageFolder
-    root: str | None = None  # where the data set lives (default: its standard place)
+    dataset: Str = "fashion-mnist"
+    """fashion-mnist | cifar10 | cifar100 | imagenet | hf:NAME | a path to an ImageFolder."""
+    root: Str | None = None
+    """Where the data set lives (default: its standard place)."""
     mixup: bool = True
     cutmix: bool = True
-    mixup_alpha: float = 0.8
-    cutmix_alpha: float = 1.0
+    mixup_alpha: Float = Field(0.8, gt=0)
+    cutmix_alpha: Float = Field(1.0, gt=0)
     randaugment: bool = True
-    random_erasing: float = 0.25  # probability; 0 = off
-    label_smoothing: float = 0.1
-    randaugment_ops: int = 2
-    randaugment_magnitude: int = 9
-    download: bool = True  # CIFAR only: download when missing (needs network)
-
-
-def check(cfg: RunConfig) -> None:
-    from noble_cli.data.images import resolve_image_dataset
-
-    m, d = ModelConfig(**cfg.model), DataConfig(**cfg.data)
-    check_transformer_shape(m.image_size, m.patch_size, m.d_model, m.n_head)
-    if m.pool not in ("cls", "mean"):
-        raise NobleError(f"unknown model.pool {m.pool!r}; valid: cls, mean")
-    if not 0.0 <= m.drop_path < 1.0:
-        raise NobleError(f"model.drop_path must be in [0, 1), got {m.drop_path}")
-    if not 0.0 <= d.random_erasing <= 1.0:
-        raise NobleError(f"data.random_erasing is a probability in [0, 1] (0 = off), got {d.random_erasing}")
-    if not 0.0 <= d.label_smoothing < 1.0:
-        raise NobleError(f"data.label_smoothing must be in [0, 1), got {d.label_smoothing}")
-    for on, name in ((d.mixup, "mixup_alpha"), (d.cutmix, "cutmix_alpha")):
-        if on and getattr(d, name) <= 0:
-            raise NobleError(f"data.{name} must be > 0, got {getattr(d, name)}")
-    source = resolve_image_dataset(d.dataset, d.root)
-    if source.num_classes is not None and source.num_classes != m.num_classes:
-        raise NobleError(f"dataset {source.id} has {source.num_classes} classes but model.num_classes is "
-                         f"{m.num_classes}")
-
-
-def check_transformer_shape(image_size: int, patch_size: int, d_model: int, n_head: int) -> None:
-    if patch_size < 1 or image_size % patch_size:
-        raise NobleError(f"model.image_size {image_size} must be a multiple of model.patch_size {patch_size}")
-    if d_model % n_head:
-        raise NobleError(f"model.d_model {d_model} must be divisible by model.n_head {n_head}")
+    random_erasing: Float = Field(0.25, ge=0, le=1)
+    """Probability per image; 0 = off."""
+    label_smoothing: Float = Field(0.1, ge=0, lt=1)
+    randaugment_ops: Int = Field(2, ge=1)
+    randaugment_magnitude: Int = Field(9, ge=0)
+    download: bool = True
+    """CIFAR only: download when missing (needs network)."""
 
 
 class ViTClassifier(NobleTask):
@@ -96,37 +70,57 @@ class ViTClassifier(NobleTask):
         return self.model.flops_per_image()
 
 
-def build_module(cfg: RunConfig) -> ViTClassifier:
-    return ViTClassifier(cfg, ModelConfig(**cfg.model), DataConfig(**cfg.data))
+class ViTTask(Task):
+    name = "vit"
+    model_class = ViTConfig
+    data_class = ImageClassificationData
+
+    def check(self, cfg: RunConfig) -> None:
+        from noble_cli.data.images import resolve_image_dataset
+
+        source = resolve_image_dataset(cfg.data.dataset, cfg.data.root)
+        if source.num_classes is not None and source.num_classes != cfg.model.num_classes:
+            raise NobleError(f"dataset {source.id} has {source.num_classes} classes but model.num_classes is "
+                             f"{cfg.model.num_classes}")
+
+    def build_module(self, cfg: RunConfig) -> ViTClassifier:
+        return ViTClassifier(cfg)
+
+    def build_datamodule(self, cfg: RunConfig):
+        from noble_cli.data.images import (
+            BatchMixer,
+            ImageDataModule,
+            MixCollate,
+            classification_transform,
+            resolve_image_dataset,
+        )
+
+        m, d = cfg.model, cfg.data
+        source = resolve_image_dataset(d.dataset, d.root)
+
+        def collate(num_classes: int) -> MixCollate:
+            return MixCollate(BatchMixer(num_classes, d.mixup, d.cutmix, d.mixup_alpha, d.cutmix_alpha))
+
+        return ImageDataModule(
+            d.dataset, d.root, batch_size=cfg.trainer.batch_size, eval_batches=cfg.trainer.eval_batches,
+            seed=cfg.seed,
+            train_transform=classification_transform(source, m.image_size, m.in_channels, True, d.randaugment,
+                                                     d.random_erasing, d.randaugment_ops, d.randaugment_magnitude),
+            eval_transform=classification_transform(source, m.image_size, m.in_channels, False),
+            num_workers=cfg.trainer.num_workers, train_collate=collate, download=d.download,
+            expect_classes=m.num_classes, max_batches=cfg.trainer.max_steps * cfg.trainer.accumulate,
+        )
+
+    def synthetic_batch(self, module: ViTClassifier, batch_size: int, generator: torch.Generator):
+        m = module.model_cfg
+        images = torch.randn(batch_size, m.in_channels, m.image_size, m.image_size, generator=generator)
+        return (images, torch.randint(0, m.num_classes, (batch_size,), generator=generator)), batch_size
+
+    def data_summary(self, cfg: RunConfig) -> str:
+        m, d = cfg.model, cfg.data
+        aug = [name for name, on in (("mixup", d.mixup), ("cutmix", d.cutmix), ("RA", d.randaugment),
+                                     ("erase", d.random_erasing > 0)) if on]
+        return f"{d.dataset} {m.image_size}px, {'+'.join(aug) or 'no aug'}"
 
 
-def build_datamodule(cfg: RunConfig):
-    from noble_cli.data.images import (
-        BatchMixer,
-        ImageDataModule,
-        MixCollate,
-        classification_transform,
-        resolve_image_dataset,
-    )
-
-    m, d = ModelConfig(**cfg.model), DataConfig(**cfg.data)
-    source = resolve_image_dataset(d.dataset, d.root)
-
-    def collate(num_classes: int) -> MixCollate:
-        return MixCollate(BatchMixer(num_classes, d.mixup, d.cutmix, d.mixup_alpha, d.cutmix_alpha))
-
-    return ImageDataModule(
-        d.dataset, d.root, batch_size=cfg.trainer.batch_size, eval_batches=cfg.trainer.eval_batches, seed=cfg.seed,
-        train_transform=classification_transform(source, m.image_size, m.in_channels, True, d.randaugment,
-                                                 d.random_erasing, d.randaugment_ops, d.randaugment_magnitude),
-        eval_transform=classification_transform(source, m.image_size, m.in_channels, False),
-        num_workers=cfg.trainer.num_workers, train_collate=collate, download=d.download,
-        expect_classes=m.num_classes, max_batches=cfg.trainer.max_steps * cfg.trainer.accumulate,
-    )
-
-
-def data_summary(cfg: RunConfig) -> str:
-    m, d = ModelConfig(**cfg.model), DataConfig(**cfg.data)
-    aug = [name for name, on in (("mixup", d.mixup), ("cutmix", d.cutmix), ("RA", d.randaugment),
-                                 ("erase", d.random_erasing > 0)) if on]
-    return f"{d.dataset} {m.image_size}px, {'+'.join(aug) or 'no aug'}"
+TASK = ViTTask()

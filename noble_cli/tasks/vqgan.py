@@ -13,12 +13,10 @@ codebook usage, vq and adversarial losses. Eval: eval_loss (reconstruction loss,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
-from noble_cli.config import RunConfig
+from noble_cli.config import ConfigModel, RunConfig, Str
 from noble_cli.errors import NobleError
 from noble_cli.models.vqgan import (
     VQGAN,
@@ -28,46 +26,28 @@ from noble_cli.models.vqgan import (
     psnr,
 )
 from noble_cli.tasks.base import NobleTask
-from noble_cli.tasks.vit import check_transformer_shape
-
-ModelConfig = VQGANConfig
-MAX_CODEBOOK = 65535  # codes + a BOS token must fit the uint16 token files of the image-token LM
+from noble_cli.tasks.spec import Task
 
 
-@dataclass
-class DataConfig:
-    dataset: str = "fashion-mnist"  # fashion-mnist | cifar10 | cifar100 | imagenet | hf:NAME | path to an ImageFolder
-    root: str | None = None
-    flip: bool = True  # random horizontal flips when training
-    download: bool = True  # CIFAR only
+class ImageData(ConfigModel):
+    """Images to reconstruct."""
+
+    dataset: Str = "fashion-mnist"
+    """fashion-mnist | cifar10 | cifar100 | imagenet | hf:NAME | a path to an ImageFolder."""
+    root: Str | None = None
+    flip: bool = True
+    """Random horizontal flips when training."""
+    download: bool = True
+    """CIFAR only: download when missing (needs network)."""
 
 
-def check(cfg: RunConfig) -> None:
-    from noble_cli.data.images import resolve_image_dataset
-
-    m, d = ModelConfig(**cfg.model), DataConfig(**cfg.data)
-    check_transformer_shape(m.image_size, m.patch_size, m.d_model, m.n_head)
-    if m.recon_loss not in ("l1", "l2"):
-        raise NobleError(f"unknown model.recon_loss {m.recon_loss!r}; valid: l1, l2")
-    if not 2 <= m.codebook_size <= MAX_CODEBOOK:
-        raise NobleError(f"model.codebook_size must be in [2, {MAX_CODEBOOK}], got {m.codebook_size}")
-    if m.disc_weight < 0 or m.disc_start < 0 or m.restart_every < 0:
-        raise NobleError("model.disc_weight, model.disc_start and model.restart_every must be >= 0")
-    if cfg.trainer.accumulate != 1:
-        raise NobleError("the VQGAN task optimizes generator and discriminator by hand: trainer.accumulate must be 1 "
-                         "(raise trainer.batch_size or use more devices instead)")
-    if cfg.trainer.precision.startswith("16") and m.disc_weight > 0:
-        raise NobleError("trainer.precision 16-mixed is not supported with the discriminator; use bf16-mixed or 32")
-    resolve_image_dataset(d.dataset, d.root)
-
-
-class VQGANTask(NobleTask):
+class VQGANModule(NobleTask):
     items_name = "images"
 
-    def __init__(self, cfg: RunConfig, model_cfg: VQGANConfig, data_cfg: DataConfig):
-        super().__init__(cfg, model_cfg, data_cfg)
+    def __init__(self, cfg: RunConfig):
+        super().__init__(cfg)
         self.automatic_optimization = False
-        m = model_cfg
+        m = self.model_cfg
         # Outside self.model: not counted in the model's parameters, never given NOBLE branches.
         self.discriminator = (PatchDiscriminator(m.in_channels, m.disc_channels, m.disc_layers)
                               if m.disc_weight > 0 else None)
@@ -174,29 +154,51 @@ class VQGANTask(NobleTask):
         return self.model.flops_per_image()
 
 
-def build_module(cfg: RunConfig) -> VQGANTask:
-    return VQGANTask(cfg, ModelConfig(**cfg.model), DataConfig(**cfg.data))
+class VQGANTask(Task):
+    name = "vqgan"
+    model_class = VQGANConfig
+    data_class = ImageData
+
+    def check(self, cfg: RunConfig) -> None:
+        from noble_cli.data.images import resolve_image_dataset
+
+        if cfg.trainer.accumulate != 1:
+            raise NobleError("the VQGAN task optimizes generator and discriminator by hand: trainer.accumulate must "
+                             "be 1 (raise trainer.batch_size or use more devices instead)")
+        if cfg.trainer.precision.startswith("16") and cfg.model.disc_weight > 0:
+            raise NobleError("trainer.precision 16-mixed is not supported with the discriminator; use bf16-mixed or "
+                             "32")
+        resolve_image_dataset(cfg.data.dataset, cfg.data.root)
+
+    def build_module(self, cfg: RunConfig) -> VQGANModule:
+        return VQGANModule(cfg)
+
+    def build_datamodule(self, cfg: RunConfig):
+        from noble_cli.data.images import (
+            ImageDataModule,
+            reconstruction_transform,
+            resolve_image_dataset,
+        )
+
+        m, d = cfg.model, cfg.data
+        source = resolve_image_dataset(d.dataset, d.root)
+        return ImageDataModule(
+            d.dataset, d.root, batch_size=cfg.trainer.batch_size, eval_batches=cfg.trainer.eval_batches,
+            seed=cfg.seed,
+            train_transform=reconstruction_transform(source, m.image_size, m.in_channels, True, d.flip),
+            eval_transform=reconstruction_transform(source, m.image_size, m.in_channels, False),
+            num_workers=cfg.trainer.num_workers, download=d.download,
+            max_batches=cfg.trainer.max_steps * cfg.trainer.accumulate,
+        )
+
+    def synthetic_batch(self, module: VQGANModule, batch_size: int, generator: torch.Generator):
+        m = module.model_cfg
+        return torch.rand(batch_size, m.in_channels, m.image_size, m.image_size, generator=generator), batch_size
+
+    def data_summary(self, cfg: RunConfig) -> str:
+        m, d = cfg.model, cfg.data
+        gan = f", GAN from step {m.disc_start}" if m.disc_weight > 0 else ""
+        return f"{d.dataset} ({m.image_size}px -> {m.num_codes} codes of {m.codebook_size}{gan})"
 
 
-def build_datamodule(cfg: RunConfig):
-    from noble_cli.data.images import (
-        ImageDataModule,
-        reconstruction_transform,
-        resolve_image_dataset,
-    )
-
-    m, d = ModelConfig(**cfg.model), DataConfig(**cfg.data)
-    source = resolve_image_dataset(d.dataset, d.root)
-    return ImageDataModule(
-        d.dataset, d.root, batch_size=cfg.trainer.batch_size, eval_batches=cfg.trainer.eval_batches, seed=cfg.seed,
-        train_transform=reconstruction_transform(source, m.image_size, m.in_channels, True, d.flip),
-        eval_transform=reconstruction_transform(source, m.image_size, m.in_channels, False),
-        num_workers=cfg.trainer.num_workers, download=d.download,
-        max_batches=cfg.trainer.max_steps * cfg.trainer.accumulate,
-    )
-
-
-def data_summary(cfg: RunConfig) -> str:
-    m, d = ModelConfig(**cfg.model), DataConfig(**cfg.data)
-    gan = f", GAN from step {m.disc_start}" if m.disc_weight > 0 else ""
-    return f"{d.dataset} ({m.image_size}px -> {m.num_codes} codes of {m.codebook_size}{gan})"
+TASK = VQGANTask()

@@ -19,7 +19,8 @@ from rich.markup import escape
 
 from noble_cli.errors import NobleError
 from noble_cli.layers import noble_layers, set_kernel
-from noble_cli.layers.implementation import Choice, layer_shapes, self_check
+from noble_cli.layers.implementation import Choice
+from noble_cli.layers.selfcheck import layer_shapes, self_check
 from noble_cli.train.run_folder import RunFolder
 
 

@@ -21,6 +21,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from noble_cli.atomic import temp_name
 from noble_cli.errors import NobleError
+from noble_cli.tasks.spec import Metric
 from noble_cli.train.run_folder import RunFolder
 
 FLUSH_SECONDS = 30.0  # metrics.csv is rewritten at most this often (and at every evaluation and at the end)
@@ -109,24 +110,27 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return checkpoint
 
 
-def summarize(metrics: pd.DataFrame, warmup_steps: int, status: str) -> dict:
-    """summary.json from the metrics table (definitions in shared NOBLE.md)."""
-    out: dict = {"status": status, "steps": 0, "best_eval_loss": None, "best_step": None, "final_eval_loss": None,
-                 "median_step_time_s": None, "train_time_s": 0.0}
+def run_summary(metrics: pd.DataFrame, untimed_steps: int, status: str, metric: Metric = Metric()) -> dict:
+    """summary.json from the metrics table (definitions in docs/run-folder.md): the best and final value of the
+    task's metric, the step of the best, the median step time, the training time."""
+    best_key, final_key = f"best_{metric.name}", f"final_{metric.name}"
+    out: dict = {"status": status, "steps": 0, "metric": metric.name, "metric_mode": metric.mode, best_key: None,
+                 "best_step": None, final_key: None, "median_step_time_s": None, "train_time_s": 0.0}
     if metrics.empty:
         return out
     out["steps"] = int(metrics["step"].max())
     out["train_time_s"] = float(metrics["wallclock_s"].max())
-    times = metrics.loc[metrics["step"] > warmup_steps, "step_time_s"].dropna()
+    times = metrics.loc[metrics["step"] > untimed_steps, "step_time_s"].dropna()
     if times.empty:
         times = metrics["step_time_s"].dropna()
     out["median_step_time_s"] = float(times.median()) if not times.empty else None
-    if "eval_loss" in metrics:
-        evals = metrics.dropna(subset=["eval_loss"])
+    if metric.name in metrics:
+        evals = metrics.dropna(subset=[metric.name])
         if not evals.empty:
-            best = evals.loc[evals["eval_loss"].idxmin()]
-            out.update(best_eval_loss=float(best["eval_loss"]), best_step=int(best["step"]),
-                       final_eval_loss=float(evals.iloc[-1]["eval_loss"]))
+            scores = evals[metric.name].map(metric.as_lower_is_better)
+            best = evals.loc[scores.idxmin()]
+            out.update({best_key: float(best[metric.name]), "best_step": int(best["step"]),
+                        final_key: float(evals.iloc[-1][metric.name])})
             if "eval_top1" in evals:
                 out["best_eval_top1"] = float(evals["eval_top1"].max())
     return out
@@ -135,9 +139,10 @@ def summarize(metrics: pd.DataFrame, warmup_steps: int, status: str) -> dict:
 class RunRecorder(L.Callback):
     """Times every optimizer step (evaluation excluded), logs throughput, writes metrics.csv and summary.json."""
 
-    def __init__(self, folder: RunFolder, warmup_steps: int = 5, log_every: int = 1):
+    def __init__(self, folder: RunFolder, untimed_steps: int = 5, log_every: int = 1, metric: Metric = Metric()):
         self.folder = folder
-        self.warmup_steps = warmup_steps
+        self.untimed_steps = untimed_steps
+        self.metric = metric
         self.log_every = log_every
         self._resumed = False
         self.rows: dict[int, dict] = {}
@@ -284,7 +289,7 @@ class RunRecorder(L.Callback):
         try:
             self._flush(trainer, force=True)
             if trainer.is_global_zero:
-                summary = summarize(self.frame(), self.warmup_steps, self.status)
+                summary = self.summary()
                 self.folder.write_summary(summary)
                 return summary
             return {}
@@ -295,11 +300,14 @@ class RunRecorder(L.Callback):
         if self.trackers:
             self.trackers.close(self.status)
 
+    def summary(self) -> dict:
+        return run_summary(self.frame(), self.untimed_steps, self.status, self.metric)
+
     def frame(self) -> pd.DataFrame:
         frame = pd.DataFrame([self.rows[k] for k in sorted(self.rows)])
         if frame.empty:
             return frame
-        front = [c for c in ("step", "train_loss", "eval_loss", "lr", "step_time_s", "wallclock_s") if c in frame]
+        front = [c for c in ("step", "train_loss", self.metric.name, "lr", "step_time_s", "wallclock_s") if c in frame]
         return frame[front + [c for c in frame.columns if c not in front]]
 
     def _flush(self, trainer, force: bool = False) -> None:
@@ -310,5 +318,5 @@ class RunRecorder(L.Callback):
         if not frame.empty:
             frame = frame.astype({"step": int})
             self.folder.write_metrics(frame)
-        self.folder.write_summary(summarize(frame, self.warmup_steps, self.status))
+        self.folder.write_summary(self.summary())
 

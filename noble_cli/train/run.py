@@ -18,9 +18,10 @@ from rich.console import Console
 
 from noble_cli import trackers
 from noble_cli.atomic import atomic_write_text, is_stale_temp
-from noble_cli.config import RunConfig, config_hash, from_dict, run_id, to_yaml
+from noble_cli.config import RunConfig, config_hash, run_id, to_yaml
 from noble_cli.console import make_console, progress_seconds
 from noble_cli.errors import InterruptedRun, NobleError
+from noble_cli.recipes import from_dict
 from noble_cli.tasks import get_task
 from noble_cli.train import PREPARED_ENV, decided_by_parent, mark_decided
 from noble_cli.train.flops import FlopsProbe
@@ -286,7 +287,8 @@ def build_trainer(cfg: RunConfig, module, folder: RunFolder, recorder: RunRecord
     callbacks = [
         KernelSelfCheck(folder),  # first: the fused kernels are checked (and maybe replaced) before anything runs
         recorder,
-        ModelCheckpoint(dirpath=folder.checkpoint_dir, filename="best", monitor="eval_loss", mode="min",
+        ModelCheckpoint(dirpath=folder.checkpoint_dir, filename="best", monitor=recorder.metric.name,
+                        mode=recorder.metric.mode,
                         save_top_k=1, save_last=True, enable_version_counter=False, auto_insert_metric_name=False),
     ]
     callbacks += list(extra_callbacks)
@@ -309,8 +311,7 @@ def evaluate_and_checkpoint_the_end(trainer, module, datamodule, folder: RunFold
     """... and checkpointed: ModelCheckpoint only saves inside `fit`, whose evaluations fall every eval_every steps."""
     trainer.validate(module, datamodule=datamodule, verbose=False)
     trainer.save_checkpoint(folder.last_checkpoint)
-    evals = recorder.frame().dropna(subset=["eval_loss"])
-    if not evals.empty and int(evals.loc[evals["eval_loss"].idxmin(), "step"]) == trainer.global_step:
+    if recorder.summary().get("best_step") == trainer.global_step:
         trainer.save_checkpoint(folder.checkpoint_dir / "best.ckpt")
 
 
@@ -332,9 +333,10 @@ def train(
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     check_trainer_options(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    task = get_task(cfg.task).load()
+    task = get_task(cfg.task)
     module = task.build_module(cfg)
-    recorder = RunRecorder(folder, warmup_steps=cfg.trainer.kernel_warmup_steps, log_every=cfg.trainer.log_every)
+    recorder = RunRecorder(folder, untimed_steps=cfg.trainer.untimed_steps, log_every=cfg.trainer.log_every,
+                           metric=task.metric)
     trainer = build_trainer(cfg, module, folder, recorder, progress, [*callbacks, FlopsProbe(folder)])
     state = decide_folder(trainer, cfg, folder, resume, overwrite)
     if state == "done":
@@ -376,7 +378,8 @@ def _train_prepared(cfg: RunConfig, task, module, trainer: L.Trainer, recorder: 
         if not meta:
             meta = folder.write_meta(cfg, rid, module.params.total, module.params.branch,
                                      world_size=trainer.world_size, data_identity=data_identity,
-                                     data_stream=DATA_STREAM, **module.implementation.meta())
+                                     data_stream=DATA_STREAM, metric=task.metric.to_meta(),
+                                     **module.implementation.meta())
         atomic_write_text(folder.checkpoint_dir / "hyperparameters.yaml", to_yaml(cfg))
         if cfg.trainer.logger:  # mirrors of the run folder, once it is decided and described
             recorder.trackers = trackers.open_trackers(

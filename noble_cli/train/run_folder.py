@@ -24,7 +24,8 @@ from pathlib import Path
 import pandas as pd
 
 from noble_cli.atomic import atomic_write_json, atomic_write_text
-from noble_cli.config import REPO_ROOT, RunConfig, pair_key, to_yaml, variant_key
+from noble_cli.config import RunConfig, pair_key, to_yaml, variant_key
+from noble_cli.recipes import REPO_ROOT
 
 
 def git_state(root: Path = REPO_ROOT) -> tuple[str, bool]:

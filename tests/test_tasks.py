@@ -1,0 +1,76 @@
+"""The task contract (noble_cli/tasks/spec.py), enforced for every registered task: its typed configs, a recipe,
+a module that builds with a NOBLE branch, a synthetic batch that trains one step and evaluates, and its metric."""
+
+import math
+
+import lightning as L
+import pytest
+import torch
+
+from noble_cli import recipes
+from noble_cli.config import ConfigModel
+from noble_cli.layers import noble_layers
+from noble_cli.tasks import TASKS, Task, get_task, register, train_flags
+from noble_cli.tasks.base import NobleTask
+
+
+class Batches:
+    """A data loader of fixed batches (Lightning would read a bare list as several loaders)."""
+
+    def __init__(self, *batches):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def smallest_recipe(task: str) -> str:
+    """The task's CPU-sized recipe (every task must have at least one recipe)."""
+    names = [n for n in recipes.list_recipes() if recipes.load_recipe(n).get("task") == task]
+    assert names, f"task {task} has no recipe"
+    return next((n for n in names if n.endswith("-tiny")), names[0])
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_every_task_trains_a_step_and_evaluates(name):
+    task = get_task(name)
+    assert isinstance(task, Task) and task.name == name
+    assert issubclass(task.model_class, ConfigModel) and issubclass(task.data_class, ConfigModel)
+    cfg = recipes.resolve(smallest_recipe(name), {"noble.branch": "cosnet", "noble.rank": 2, "trainer.batch_size": 2})
+    assert isinstance(cfg.model, task.model_class) and isinstance(cfg.data, task.data_class)
+    assert task.data_summary(cfg).strip()
+
+    torch.manual_seed(0)
+    module = task.build_module(cfg)
+    assert isinstance(module, NobleTask) and noble_layers(module.model), "the NOBLE layer library put branches in"
+    gen = torch.Generator().manual_seed(0)
+    batch, items = task.synthetic_batch(module, 2, gen)
+    assert items > 0 and module.items_in(batch) == items
+    eval_batch, _ = task.synthetic_batch(module, 2, gen)
+    before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=1, val_check_interval=1)
+    trainer.fit(module, train_dataloaders=Batches(batch), val_dataloaders=Batches(eval_batch))
+    metrics = trainer.callback_metrics
+    assert math.isfinite(float(metrics["train_loss"]))
+    assert task.metric.name in metrics and math.isfinite(float(metrics[task.metric.name]))
+    moved = [n for n, p in module.model.named_parameters() if not torch.equal(before[n], p.detach())]
+    assert any(".up." in n for n in moved), "one optimizer step moved the branches' up-projections"
+
+
+def test_every_task_option_sets_a_field_of_its_tasks_data_or_model():
+    for option, (flag, tasks) in train_flags().items():
+        for name in tasks:
+            section, field = flag.key.split(".")
+            cls = getattr(get_task(name), f"{section}_class")
+            assert field in cls.model_fields, (option, name)
+
+
+def test_a_second_task_under_a_taken_name_is_refused():
+    with pytest.raises(ValueError, match="'causal_lm' is already registered"):
+        register("causal_lm", "somewhere.else", "a copy")
+    assert TASKS["causal_lm"].module_path == "noble_cli.tasks.causal_lm"
