@@ -80,6 +80,9 @@ def train(
         console.print(C.to_yaml(cfg))
         total, branch_params = recipes.count_recipe_params(cfg)
         console.print(f"run id: [bold]{rid}[/]  params: {total:,} (branch {branch_params:,})")
+        from noble_cli.layers_cli import print_recipe_layers
+
+        print_recipe_layers(cfg, console)
         return
     from noble_cli.train.run import check_resume_of_run_config, train as run_training
 
@@ -150,16 +153,20 @@ def list_recipes():
 
 
 def _register_subcommands() -> None:
-    """Commands that live beside their concern (data, sweeps, report, bench)."""
+    """Commands that live beside their concern (data, sweeps, report, bench, layers, sample)."""
     from noble_cli.bench import bench_app
     from noble_cli.data.cli import data_app
+    from noble_cli.layers_cli import layers
     from noble_cli.report.cli import report
+    from noble_cli.sample import sample
     from noble_cli.sweep.cli import ablate_app
 
     app.add_typer(data_app, name="data")
     app.add_typer(ablate_app, name="ablate")
     app.add_typer(bench_app, name="bench")
     app.command()(report)
+    app.command()(layers)
+    app.command()(sample)
 
 
 _register_subcommands()

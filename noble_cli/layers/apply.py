@@ -2,69 +2,86 @@
 
 from __future__ import annotations
 
-import re
+import warnings
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from noble_cli.errors import NobleError
 from noble_cli.layers.linear import NobleLinear
+from noble_cli.layers.targets import TARGET_SETS, LinearSite, linear_sites, parse_targets, select  # noqa: F401
 
-# Named target sets. Anything else is read as comma-separated glob patterns over qualified module names.
-TARGET_SETS = ("all", "attn", "mlp", "alternate")
-_ATTN = re.compile(r"(attn|attention)", re.I)
-_MLP = re.compile(r"(mlp|ffn|feed_?forward|intermediate)", re.I)
-_BLOCK_INDEX = re.compile(r"\.(\d+)(\.|$)")
-
-
-def _is_attn(name: str) -> bool:
-    return any(_ATTN.search(part) for part in name.split(".")[:-1])
-
-
-def _is_mlp(name: str) -> bool:
-    return any(_MLP.search(part) for part in name.split(".")[:-1])
-
-
-def _block_index(name: str) -> int | None:
-    m = _BLOCK_INDEX.search("." + name)
-    return int(m.group(1)) if m else None
+# TARGET_SETS is re-exported (noble_cli.layers, config validation); the targeting rule lives in layers/targets.py.
 
 
 def target_matcher(targets: str):
-    """Return name -> bool for a targets spec: `all`, `attn`, `mlp`, `alternate` or glob patterns `a.*,b.*`."""
-    spec = targets.strip()
-    if spec == "attn":
-        return _is_attn
-    if spec == "mlp":
-        return _is_mlp
-    if spec == "all":
-        return lambda n: _is_attn(n) or _is_mlp(n)
-    if spec == "alternate":  # every other block (0, 2, 4, ...), attention and MLP
-        return lambda n: (_is_attn(n) or _is_mlp(n)) and (_block_index(n) or 0) % 2 == 0
-    patterns = [p.strip() for p in spec.split(",") if p.strip()]
-    if not patterns or not any(ch in spec for ch in "*?[.") and spec not in TARGET_SETS:
+    """Validate a targets spec (`all`, `attn`, `mlp`, `alternate` or glob patterns); returns LinearSite -> bool.
+
+    Kept for the config and sweep validation that call it; the rule itself is in `noble_cli.layers.targets`."""
+    return parse_targets(targets)
+
+
+def _probe_matches_linear(site: LinearSite) -> bool:
+    """Whether the layer computes x W^T + b (x W + b for Conv1D) on a small random input; meta tensors pass (no
+    values to compare), integer (quantized) weights fail."""
+    m = site.module
+    w = m.weight
+    if w.is_meta:
+        return True
+    if not w.is_floating_point():
+        return False
+    with torch.no_grad():
+        x = torch.randn(2, site.in_features, generator=torch.Generator().manual_seed(0)).to(w.device, w.dtype)
+        weight = w if site.kind == "linear" else w.t()
+        tol = 1e-5 if w.dtype in (torch.float32, torch.float64) else 2e-2
+        return torch.allclose(m(x), F.linear(x, weight, m.bias), rtol=tol, atol=tol)
+
+
+def _check_forward(site: LinearSite, checked: dict[type, bool]) -> None:
+    """nn.Linear's own forward, or Conv1D's, is known; a subclass that overrides it is checked once per class."""
+    cls = type(site.module)
+    if cls is nn.Linear or (site.kind == "linear" and cls.forward is nn.Linear.forward):
+        return
+    if cls not in checked:
+        checked[cls] = _probe_matches_linear(site)
+    if not checked[cls]:
+        raise NobleError(f"{site.name} is a {cls.__name__} whose forward is not a plain linear map (x W^T + b): "
+                         "a NobleLinear in its place would change the model; choose targets without it")
+
+
+def _as_noble(site: LinearSite, rank: int, activation: str, up_init_scale: float, kernel: str) -> NobleLinear:
+    """A NobleLinear computing what `site` computes: weight (out, in) copied exactly, Conv1D's transposed."""
+    old = site.module
+    if not 1 <= rank < min(site.in_features, site.out_features):
         raise NobleError(
-            f"unknown target {targets!r}; valid: {', '.join(TARGET_SETS)}, or glob patterns over module names "
-            "such as 'blocks.*.attn.*,blocks.*.mlp.fc1'"
+            f"rank {rank} is invalid for {site.name} ({site.in_features}->{site.out_features}): "
+            f"it must be >= 1 and < min(in, out) = {min(site.in_features, site.out_features)}"
         )
-    return lambda n: any(fnmatchcase(n, p) for p in patterns)
+    new = NobleLinear(
+        site.in_features, site.out_features, bias=old.bias is not None, rank=rank, activation=activation,
+        up_init_scale=up_init_scale, kernel=kernel, device=old.weight.device, dtype=old.weight.dtype,
+    )
+    # The same Parameter objects, not copies: values, requires_grad and any tie to another module stay as they were.
+    if site.kind == "linear":
+        new.weight = old.weight
+    else:  # Conv1D keeps (in, out): the nn.Linear layout is its transpose
+        with torch.no_grad():
+            new.weight.copy_(old.weight.t())
+        new.weight.requires_grad_(old.weight.requires_grad)
+    if old.bias is not None:
+        new.bias = old.bias  # (out,) in both layouts
+    new.train(old.training)
+    return new
 
 
-def _replaceable_linears(model: nn.Module):
-    """(qualified name, parent, attribute, linear) for every nn.Linear whose forward is actually called.
-
-    nn.MultiheadAttention reads its `out_proj.weight` directly instead of calling the module, so a branch there would
-    silently do nothing: those are left out.
-    """
-    for parent_name, parent in model.named_modules():
-        if isinstance(parent, nn.MultiheadAttention):
-            continue
-        for attr, child in parent.named_children():
-            if type(child) is nn.Linear:
-                name = f"{parent_name}.{attr}" if parent_name else attr
-                yield name, parent, attr, child
+def _replace(model: nn.Module, swaps: dict[int, nn.Module]) -> None:
+    """Put each new module wherever its old one sits (a module shared by two parents is swapped in both)."""
+    for parent in model.modules():
+        for attr, child in list(parent.named_children()):
+            if id(child) in swaps:
+                setattr(parent, attr, swaps[id(child)])
 
 
 def apply_noble(
@@ -77,30 +94,44 @@ def apply_noble(
     kernel: str = "torch",
     reinit_main: float | None = None,
 ) -> list[str]:
-    """Replace the targeted nn.Linear layers of `model` in place by NobleLinear, keeping their weights.
+    """Replace the targeted linear layers of `model` in place by NobleLinear, keeping their weights exactly.
+
+    Which layers `targets` picks is the rule in `noble_cli.layers.targets` (transformer blocks found from the
+    model's structure; their attention and MLP projections; never embeddings or heads). nn.Linear subclasses and
+    GPT-2's Conv1D become NobleLinear: at init the model computes the same function, apart from the branch's
+    near-zero output (and the main re-init, if asked). A Conv1D's state-dict layout changes: its `weight` becomes
+    (out, in), the nn.Linear layout, and `down.*`, `act.*`, `up.*` entries appear; load pretrained Conv1D weights
+    before calling this. nn.Linear weights and all biases stay the very same Parameter objects. Layers whose weight the
+    model reads without calling them (nn.MultiheadAttention's `out_proj`) are left alone, with a warning.
 
     `reinit_main`, if given, re-initializes the main weights with N(0, (reinit_main/sqrt(in))^2) — the paper uses 0.5
     when training from scratch. Returns the qualified names of the replaced layers.
     """
-    match = target_matcher(targets)
-    chosen = [item for item in _replaceable_linears(model) if match(item[0])]
+    chosen, skipped = select(model, targets)
     if not chosen:
-        names = [n for n, *_ in _replaceable_linears(model)]
-        shown = ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
-        raise NobleError(f"targets {targets!r} matched no linear layer; the model's linear layers are: {shown}")
-    for name, parent, attr, old in chosen:
-        new = NobleLinear(
-            old.in_features, old.out_features, bias=old.bias is not None, rank=rank, activation=activation,
-            up_init_scale=up_init_scale, kernel=kernel, device=old.weight.device, dtype=old.weight.dtype,
-        )
-        with torch.no_grad():
-            new.weight.copy_(old.weight)
-            if old.bias is not None:
-                new.bias.copy_(old.bias)
+        raise NobleError(_nothing_matched(model, targets, skipped))
+    if skipped:
+        warnings.warn(f"apply_noble: {len(skipped)} targeted layers keep no branch, e.g. {skipped[0].name} "
+                      f"({skipped[0].skip})", stacklevel=2)
+    checked: dict[type, bool] = {}
+    swaps = {}
+    for site in chosen:
+        _check_forward(site, checked)
+        new = _as_noble(site, rank, activation, up_init_scale, kernel)
         if reinit_main is not None:
             new.reset_main(reinit_main)
-        setattr(parent, attr, new)
-    return [name for name, *_ in chosen]
+        swaps[id(site.module)] = new
+    _replace(model, swaps)
+    return [site.name for site in chosen]
+
+
+def _nothing_matched(model: nn.Module, targets: str, skipped: list[LinearSite]) -> str:
+    if skipped:
+        return (f"targets {targets!r} matched no linear layer that can carry a branch: {skipped[0].name} "
+                f"({skipped[0].skip})")
+    names = [s.name for s in linear_sites(model) if not s.skip]
+    shown = ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
+    return f"targets {targets!r} matched no linear layer; the model's linear layers are: {shown}"
 
 
 def reinit_main_weights(model: nn.Module, targets: str = "all", scale: float = 0.5) -> list[str]:
@@ -111,15 +142,17 @@ def reinit_main_weights(model: nn.Module, targets: str = "all", scale: float = 0
     `in_features`), so the control and a NOBLE run can never drift apart in how they re-initialize.
     Returns the qualified names of the re-initialized layers.
     """
-    match = target_matcher(targets)
-    chosen = [(name, layer) for name, _, _, layer in _replaceable_linears(model) if match(name)]
+    chosen, skipped = select(model, targets)
     if not chosen:
-        names = [n for n, *_ in _replaceable_linears(model)]
-        shown = ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
-        raise NobleError(f"targets {targets!r} matched no linear layer; the model's linear layers are: {shown}")
-    for _, layer in chosen:
-        NobleLinear.reset_main(layer, scale)
-    return [name for name, _ in chosen]
+        raise NobleError(_nothing_matched(model, targets, skipped))
+    for site in chosen:
+        if site.kind == "linear":
+            NobleLinear.reset_main(site.module, scale)
+        else:  # GPT-2's Conv1D: the same i.i.d. normal in its (in, out) layout, fan-in = its nx
+            with torch.no_grad():
+                site.module.weight.normal_(0.0, scale / site.in_features**0.5)
+                site.module.bias.zero_()
+    return [site.name for site in chosen]
 
 
 def noble_layers(model: nn.Module) -> list[tuple[str, NobleLinear]]:

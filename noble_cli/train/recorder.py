@@ -133,6 +133,10 @@ def run_summary(metrics: pd.DataFrame, untimed_steps: int, status: str, metric: 
                         final_key: float(evals.iloc[-1][metric.name])})
             if "eval_top1" in evals:
                 out["best_eval_top1"] = float(evals["eval_top1"].max())
+            if "eval_bpb" in evals:  # LMs' bits per byte: lower is better, comparable across tokenizers
+                bpb = evals["eval_bpb"].dropna()
+                if not bpb.empty:
+                    out.update(best_eval_bpb=float(bpb.min()), final_eval_bpb=float(bpb.iloc[-1]))
     return out
 
 
