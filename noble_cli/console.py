@@ -36,3 +36,9 @@ def progress_seconds() -> float:
 
         raise NobleError(f"${PROGRESS_SECONDS_ENV} must be a number of seconds, got {raw!r}") from None
     return max(0.0, value)
+
+
+def first_use_note(message: str) -> None:
+    """A line on stderr when something is built on first use (data shards, a vocabulary): the wait is explained,
+    and stdout (a run's progress, a command's tables) stays as it was."""
+    make_console(stderr=True).print(message, highlight=False, markup=False)

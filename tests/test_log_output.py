@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 import re
 import sys
+import threading
+import time
 from types import SimpleNamespace
 
 import pandas as pd
@@ -33,7 +35,10 @@ def test_a_log_gets_a_progress_line_per_interval_and_a_line_per_evaluation(track
     assert [float(m.group(3)) for m in train] == pytest.approx(metrics["train_loss"].tolist(), abs=1e-4)
     assert [bool(m.group(5)) for m in train] == [True, True, True, False]
     evals = [line for line in lines if line.startswith("eval")]
-    assert evals == [f"eval  step {s}/4  eval_loss {metrics.loc[s, 'eval_loss']:.4f}" for s in (2, 4)]
+    assert len(evals) == 2
+    for line, s in zip(evals, (2, 4)):  # every eval metric metrics.csv holds for that step
+        assert line.startswith(f"eval  step {s}/4  eval_loss {metrics.loc[s, 'eval_loss']:.4f}")
+        assert f"eval_bpb {metrics.loc[s, 'eval_bpb']:.4f}" in line
 
 
 def fake_trainer(step: int, total: int = 1000):
@@ -130,3 +135,30 @@ def test_the_gpus_launcher_in_a_log_says_when_runs_start_and_finish(tmp_path, mo
         assert any(line.startswith(f"started #{i} on GPU {gpu}: ") and plan.run_ids[i] in line for line in lines)
         assert any(re.fullmatch(rf"finished #{i} on GPU {gpu}: done after \d+s", line) for line in lines), lines
     assert "╭" not in con.file.getvalue()
+
+
+def test_shards_are_prepared_on_first_use_with_a_line_and_once(tmp_path, monkeypatch, capsys):
+    from noble_cli.data import shards
+
+    built = []
+    real = shards.prepare_embedded
+
+    def slow(*args, **kwargs):  # long enough for the second process-like caller to arrive while it builds
+        built.append(1)
+        time.sleep(0.5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(shards, "prepare_embedded", slow)
+    folder, got = tmp_path / "kjv", []
+    callers = [threading.Thread(target=lambda: got.append(shards.prepare("embedded", folder, sources=["kjv"],
+                                                                         limit=4))) for _ in range(2)]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join()
+    assert got == [folder, folder] and len(built) == 1, "built once; the other caller waited and reused it"
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == f"preparing embedded (gpt2 tokens) in {folder} (once; later runs reuse it) ..."
+    assert re.fullmatch(r"prepared [\d,]+ tokens in \d+\.\ds", lines[1]) and len(lines) == 2
+    assert shards.prepare("embedded", folder, sources=["kjv"], limit=4) == folder
+    assert capsys.readouterr().err == ""  # prepared: nothing to say

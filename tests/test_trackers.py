@@ -19,11 +19,18 @@ from noble_cli import trackers
 from noble_cli.console import make_console
 from noble_cli.errors import NobleError
 
-METRIC_COLUMNS = ("train_loss", "lr", "step_time_s", "wallclock_s", "tokens_per_s", "eval_loss")
+METRIC_COLUMNS = ("train_loss", "lr", "step_time_s", "wallclock_s", "tokens_per_s", "eval_loss", "eval_bpb")
 
 
 def folder_metrics(run) -> pd.DataFrame:
     return pd.read_csv(run.result.run_dir / "metrics.csv").set_index("step")
+
+
+def recorded_columns(run) -> list[str]:
+    """Every metric column of the run's metrics.csv (at least METRIC_COLUMNS)."""
+    columns = list(folder_metrics(run).columns)
+    assert set(METRIC_COLUMNS) <= set(columns)
+    return columns
 
 
 def expected(run, column: str) -> list[tuple[int, float]]:
@@ -47,8 +54,7 @@ def test_tensorboard_event_files_hold_every_metric(tracked_run):
     log_dir = tracked_run.out / "tensorboard" / "study-a" / tracked_run.run_id  # grouped by the sweep
     events = EventAccumulator(str(log_dir))
     events.Reload()
-    assert set(METRIC_COLUMNS) <= set(events.Tags()["scalars"])
-    for column in METRIC_COLUMNS:
+    for column in recorded_columns(tracked_run):
         got = [(e.step, e.value) for e in events.Scalars(column)]
         want = expected(tracked_run, column)
         assert [s for s, _ in got] == [s for s, _ in want], column
@@ -67,7 +73,7 @@ def test_mlflow_file_store_holds_metrics_config_and_run_name(tracked_run, monkey
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.run_name == tracked_run.run_id and run.info.status == "FINISHED"
     assert run.data.tags["noble.run_id"] == tracked_run.run_id
-    for column in METRIC_COLUMNS:
+    for column in recorded_columns(tracked_run):
         got = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, column))
         want = expected(tracked_run, column)
         assert [s for s, _ in got] == [s for s, _ in want], column

@@ -10,6 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from noble_cli.console import make_console
+
 data_app = typer.Typer(
     help="Prepare and inspect language-model data: token shards (train.bin / val.bin / meta.json) of GPT-2 BPE "
          "ids (default) or UTF-8 bytes (--tokenizer bytes). DATASET: embedded (default, offline), openwebtext, "
@@ -55,7 +57,7 @@ def prepare_cmd(dataset: str = _DATASET, cache_dir: Optional[Path] = _CACHE_DIR,
     """Tokenize DATASET into train.bin / val.bin (uint16 ids) + meta.json; reuses a current cache."""
     from noble_cli.data.shards import describe, prepare
 
-    console = Console()
+    console = make_console()  # full width in a log file
     start = time.perf_counter()
     with console.status(f"preparing {dataset} ..."):
         path = prepare(dataset, cache_dir, force=force, limit=limit, num_proc=num_proc, tokenizer=tokenizer,
@@ -70,7 +72,7 @@ def info_cmd(dataset: str = _DATASET, cache_dir: Optional[Path] = _CACHE_DIR, to
     """Show where DATASET's shards live and their token counts (prepares nothing)."""
     from noble_cli.data.shards import describe
 
-    console = Console()
+    console = make_console()  # full width in a log file
     info = describe(dataset, cache_dir, tokenizer)
     if not info["prepared"]:
         flag = "" if tokenizer == "gpt2" else f" --tokenizer {tokenizer}"
