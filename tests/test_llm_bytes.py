@@ -108,7 +108,7 @@ def test_byte_shards_round_trip_the_text_and_hold_gpt2s_validation_documents(tmp
     with pytest.raises(NobleError, match="holds gpt2 shards, not bytes"):
         shards.prepare(str(gpt2), tokenizer="bytes")
     dm = LMDataModule(str(folder), seq_len=16, batch_size=2, eval_batches=1, tokenizer="bytes")
-    assert dm.vocab_size == 257 and int(dm.train_batch(0)[0].max()) <= 256
+    assert dm.vocab_size == 257 and int(dm.train_batches().batch(0)[0].max()) <= 256
     with pytest.raises(NobleError, match="holds bytes shards, not gpt2"):
         LMDataModule(str(folder), seq_len=16, batch_size=2).setup()
     with pytest.raises(NobleError, match="not prepared .* --tokenizer bytes"):

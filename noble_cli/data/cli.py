@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from noble_cli.console import make_console
+from noble_cli.parsing import split_list
 
 data_app = typer.Typer(
     help="Prepare and inspect language-model data: token shards (train.bin / val.bin / meta.json) of GPT-2 BPE "
@@ -61,7 +62,7 @@ def prepare_cmd(dataset: str = _DATASET, cache_dir: Optional[Path] = _CACHE_DIR,
     start = time.perf_counter()
     with console.status(f"preparing {dataset} ..."):
         path = prepare(dataset, cache_dir, force=force, limit=limit, num_proc=num_proc, tokenizer=tokenizer,
-                       sources=[s.strip() for s in sources.split(",") if s.strip()] if sources else None)
+                       sources=split_list(sources) if sources else None)
     info = describe(path)
     info["dataset"] = dataset
     _table(info, console, time.perf_counter() - start)

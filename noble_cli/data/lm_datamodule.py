@@ -20,9 +20,22 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, get_worker_info
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    IterableDataset,
+    get_worker_info,
+)
 
-from noble_cli.data.shards import describe, load_tokens, prepare, read_meta, resolve_dataset, shard_dir
+from noble_cli.data.shards import (
+    describe,
+    load_tokens,
+    prepare,
+    read_meta,
+    resolve_dataset,
+    shard_dir,
+)
 from noble_cli.data.text_tokenizers import get_tokenizer
 from noble_cli.errors import NobleError
 
@@ -225,10 +238,6 @@ class LMDataModule(L.LightningDataModule):
         return TrainBatches(self.path, self.seq_len, self.batch_size, self.seed,
                             start=self._start_step if start is None else start, stop=self.max_steps, rank=rank,
                             world_size=world)
-
-    def train_batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Global training batch `index` for this rank: what the train loader yields at that position."""
-        return self.train_batches().batch(index)
 
     def train_dataloader(self) -> DataLoader:
         return _PositionedLoader(self._batches_done, self.train_batches(), batch_size=None,

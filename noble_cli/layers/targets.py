@@ -46,6 +46,7 @@ from torch import nn
 
 from noble_cli.errors import NobleError
 from noble_cli.layers.linear import NobleLinear
+from noble_cli.parsing import split_list
 
 TARGET_SETS = ("all", "attn", "mlp", "alternate")
 _CONTAINERS = (nn.ModuleList, nn.Sequential)
@@ -253,7 +254,7 @@ def parse_targets(targets: str):
         return lambda s: s.role is not None
     if spec == "alternate":  # every other block (0, 2, 4, ... within its list), attention and MLP
         return lambda s: s.role is not None and (s.block_index or 0) % 2 == 0
-    patterns = [p.strip() for p in spec.split(",") if p.strip()]
+    patterns = split_list(spec)
     if not patterns or not any(ch in spec for ch in "*?[."):
         raise NobleError(
             f"unknown target {targets!r}; valid: {', '.join(TARGET_SETS)}, or glob patterns over module names "
