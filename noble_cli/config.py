@@ -34,6 +34,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from noble_cli.errors import NobleError
+from noble_cli.parsing import split_list
 
 
 # --- field types ----------------------------------------------------------------------------------------------------
@@ -225,6 +226,24 @@ class ScheduleConfig(ConfigModel):
 
 
 PRECISIONS = ("auto", "32", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "64", "64-true")
+TRACKERS = ("tensorboard", "wandb", "mlflow")  # experiment trackers (noble_cli/trackers.py)
+
+
+def parse_loggers(value: Any) -> tuple[str, ...]:
+    """`trainer.logger` / `--logger` values -> a tuple of tracker names: a list, or comma-separated strings."""
+    if value is None or value == "":
+        return ()
+    items = [value] if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else None
+    if items is None or not all(isinstance(v, str) for v in items):
+        raise NobleError(f"trainer.logger must be a list of tracker names ({', '.join(TRACKERS)}), got {value!r}")
+    names = [n.lower() for v in items for n in split_list(v)]
+    for n in names:
+        if n not in TRACKERS:
+            raise NobleError(f"unknown logger {n!r}; valid: {', '.join(TRACKERS)} (repeat --logger for several)")
+    return tuple(dict.fromkeys(names))
+
+
+Loggers = Annotated[tuple[str, ...], BeforeValidator(lambda v: _as_value_error(parse_loggers, v))]
 
 
 class TrainerConfig(ConfigModel):
@@ -259,6 +278,9 @@ class TrainerConfig(ConfigModel):
     which config files may still say."""
     num_workers: Int = Field(0, ge=0)
     """Data-loader worker processes."""
+    logger: Loggers = added_field(())
+    """Experiment trackers that mirror the run folder: tensorboard, wandb, mlflow (a list, or comma-separated).
+    Where a run is watched, not what it computes: not hashed."""
 
 
 class RunConfig(ConfigModel):
@@ -415,7 +437,7 @@ def variant_label(n: NobleConfig, in_run_id: bool = False) -> str:
 
 # --- identity -------------------------------------------------------------------------------------------------------
 # Fields that change where or how fast a run goes, not what it computes: left out of the config hash.
-_NOT_HASHED = {"trainer": ("devices", "num_nodes", "strategy", "accelerator", "num_workers", "log_every")}
+_NOT_HASHED = {"trainer": ("devices", "num_nodes", "strategy", "accelerator", "num_workers", "log_every", "logger")}
 # Renamed fields keep the name they had when their runs were hashed.
 _HASHED_UNDER = {("trainer", "untimed_steps"): "kernel_warmup_steps"}
 

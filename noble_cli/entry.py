@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import importlib
 import sys
 
-from rich.console import Console
 from rich.markup import escape
 
+from noble_cli.console import make_console
 from noble_cli.errors import InterruptedRun, NobleError
 
 
@@ -29,9 +30,37 @@ def _secondary_process() -> bool:
     return rank_zero_only.rank != 0
 
 
+def _in_data_cache(path: str) -> bool:
+    from pathlib import Path
+
+    from noble_cli.data.shards import data_root
+
+    try:
+        return Path(path).resolve().is_relative_to(data_root().resolve())
+    except (OSError, ValueError):
+        return False
+
+
+def os_error_line(e: OSError) -> str:
+    """What went wrong on the disk and what to do. Every file noble writes is written whole or not at all
+    (noble_cli/atomic.py), so what was there before the error is intact."""
+    where = e.filename or "the results folder"
+    if e.filename and _in_data_cache(str(e.filename)):
+        return (f"cannot write the data cache {where} ({e.strerror}); point $NOBLE_DATA_DIR at a folder with room "
+                "that you can write to, and run the same command again")
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        what = "no space left on the device" if e.errno == errno.ENOSPC else "disk quota exceeded"
+        return (f"{what} writing {where}; free some space (or pass --out a folder on another disk) and run the same "
+                "command again (a run continues with --resume: its files are whole, as of its last checkpoint)")
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        what = "read-only file system" if e.errno == errno.EROFS else "permission denied"
+        return f"cannot write {where} ({what}); pass --out a folder you can write to (nothing half-written was left)"
+    return f"{e.strerror or type(e).__name__}: {e.filename}" if e.filename else str(e)
+
+
 def run_app(app, prog_name: str | None = None) -> None:
     """Run a Typer app: user errors become one line on stderr and a non-zero exit, never a traceback."""
-    err_console = Console(stderr=True)
+    err_console = make_console(stderr=True)  # an error stays one line in a log file
     try:
         # standalone_mode=False returns typer.Exit's code (Ctrl-C becomes 130) instead of raising it
         code = app(standalone_mode=False, prog_name=prog_name)
@@ -51,8 +80,7 @@ def run_app(app, prog_name: str | None = None) -> None:
                           soft_wrap=True)
         sys.exit(2)
     except OSError as e:  # an --out that is a file, a read-only or vanished folder, a full disk
-        what = f"{e.strerror or type(e).__name__}: {e.filename}" if e.filename else str(e)
-        err_console.print(f"[bold red]error:[/] {escape(what)}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(os_error_line(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except _click_exceptions("Abort"):
         err_console.print("[bold red]aborted[/]")

@@ -9,13 +9,13 @@ PACKAGE = Path(__file__).resolve().parent.parent / "noble_cli"
 
 # Lowest first. A module's layer is its longest matching prefix.
 LAYERS = [
-    ("errors", "atomic", "seeding", "parsing"),
+    ("errors", "atomic", "seeding", "parsing", "console"),
     ("layers",),
     ("config",),
     ("models", "data"),
     ("tasks",),
     ("recipes",),
-    ("train", "sweep", "report", "bench", "data.cli", "layers_cli", "sample"),
+    ("train", "sweep", "report", "bench", "data.cli", "layers_cli", "sample", "trackers"),
     ("cli", "entry", "__main__", "sweep.__main__"),
 ]
 # Known exceptions, each with its reason.

@@ -398,8 +398,9 @@ def test_slurm_script_and_one_array_task(tmp_path, fake, monkeypatch):
     text = script.read_text()
     assert "#SBATCH --array=0-5\n" in text
     assert "#SBATCH --partition=gpu\n" in text and "#SBATCH --time=01:00:00\n" in text
+    # progress on: in the SLURM log file a run prints a progress line every few seconds, not a bar
     assert f"-m noble_cli.sweep run-entry {manifest_path(tmp_path, plan.name).resolve()} " \
-           '"${SLURM_ARRAY_TASK_ID}" --no-progress' in text
+           '"${SLURM_ARRAY_TASK_ID}"\n' in text
     assert f"sbatch {script}" in (tmp_path / "out.txt").read_text()
     assert fake.calls() == []
 

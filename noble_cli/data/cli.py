@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from noble_cli.console import make_console
 from noble_cli.parsing import split_list
 
 data_app = typer.Typer(
@@ -57,7 +58,7 @@ def prepare_cmd(dataset: str = _DATASET, cache_dir: Optional[Path] = _CACHE_DIR,
     """Tokenize DATASET into train.bin / val.bin (uint16 ids) + meta.json; reuses a current cache."""
     from noble_cli.data.shards import describe, prepare
 
-    console = Console()
+    console = make_console()  # full width in a log file
     start = time.perf_counter()
     with console.status(f"preparing {dataset} ..."):
         path = prepare(dataset, cache_dir, force=force, limit=limit, num_proc=num_proc, tokenizer=tokenizer,
@@ -72,7 +73,7 @@ def info_cmd(dataset: str = _DATASET, cache_dir: Optional[Path] = _CACHE_DIR, to
     """Show where DATASET's shards live and their token counts (prepares nothing)."""
     from noble_cli.data.shards import describe
 
-    console = Console()
+    console = make_console()  # full width in a log file
     info = describe(dataset, cache_dir, tokenizer)
     if not info["prepared"]:
         flag = "" if tokenizer == "gpt2" else f" --tokenizer {tokenizer}"

@@ -36,6 +36,7 @@ from torch.utils.data import Dataset
 
 from noble_cli.atomic import atomic_write_json
 from noble_cli.config import digest
+from noble_cli.console import first_use_note
 from noble_cli.data.lm_datamodule import LMDataModule, TrainBatches, batch_seed
 from noble_cli.data.shards import (
     FORMAT,
@@ -141,6 +142,8 @@ def prepare_mlm(dataset: str, wp: WordPiece, *, limit: int | None = None, root: 
     folder = shard_folder(dataset, wp, limit, root, val_fraction)
     if not force and is_prepared(folder, spec.id, params):
         return folder
+    log = log or first_use_note  # a run's first use says what it waits for
+    log(f"preparing {dataset} (WordPiece tokens) in {folder} (once; later runs reuse it) ...")
     folder.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         (folder / META_JSON).unlink()  # "not done" until the new meta.json lands
@@ -165,9 +168,8 @@ def prepare_mlm(dataset: str, wp: WordPiece, *, limit: int | None = None, root: 
     meta["prepare_seconds"] = round(time.perf_counter() - start, 3)
     meta["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     atomic_write_json(folder / META_JSON, meta)
-    if log:
-        log(f"tokenized {dataset} into {meta['total_tokens']:,} WordPiece tokens in {meta['prepare_seconds']:.1f}s "
-            f"-> {folder}")
+    log(f"tokenized {dataset} into {meta['total_tokens']:,} WordPiece tokens in {meta['prepare_seconds']:.1f}s "
+        f"-> {folder}")
     return folder
 
 

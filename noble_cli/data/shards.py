@@ -41,8 +41,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock
 
 from noble_cli.atomic import atomic_write_json, is_stale_temp
+from noble_cli.console import first_use_note
 from noble_cli.data.shard_format import (  # noqa: F401 (re-exported: the shard format is part of this module's API)
     FORMAT,
     FORMAT_VERSION,
@@ -369,6 +371,18 @@ def prepare(dataset: str | os.PathLike = "embedded", cache_dir: str | os.PathLik
               else default_cache_dir(spec, sources, limit, tok.name))
     if not force and is_prepared(folder, spec.id, params):
         return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # Built by the first process that needs it (a run's first use, or `noble data prepare`); another one at the same
+    # time (a run of the same sweep on another GPU) waits for it and then finds the folder prepared.
+    with FileLock(f"{folder}.lock"):
+        if not force and is_prepared(folder, spec.id, params):
+            return folder
+        return _build(spec, tok, folder, params, sources, limit, val_fraction, num_proc, hf_cache_dir)
+
+
+def _build(spec: DatasetSpec, tok, folder: Path, params: dict, sources, limit, val_fraction, num_proc,
+           hf_cache_dir) -> Path:
+    first_use_note(f"preparing {spec.id} ({tok.name} tokens) in {folder} (once; later runs reuse it) ...")
     folder.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         (folder / META_JSON).unlink()  # the folder is "not done" until the new meta.json lands
@@ -396,6 +410,7 @@ def prepare(dataset: str | os.PathLike = "embedded", cache_dir: str | os.PathLik
     meta["prepare_seconds"] = round(time.perf_counter() - start, 3)
     meta["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     atomic_write_json(folder / META_JSON, meta)
+    first_use_note(f"prepared {meta['total_tokens']:,} tokens in {meta['prepare_seconds']:.1f}s")
     return folder
 
 

@@ -276,6 +276,10 @@ def train_or_load(dataset: str, vocab_size: int, *, lowercase: bool = True, ever
     if vocab_path.is_file() and not force:
         return load_vocab(vocab_path, lowercase)
 
+    from noble_cli.console import first_use_note
+
+    log = log or first_use_note  # a run's first use says what it waits for
+    log(f"training a {vocab_size}-token WordPiece vocabulary on {dataset} (once; later runs reuse it) ...")
     start = time.perf_counter()
     if texts is None:
         texts = iter_texts(dataset, limit=limit, every=every)
@@ -295,8 +299,7 @@ def train_or_load(dataset: str, vocab_size: int, *, lowercase: bool = True, ever
         json.dump({**params, "tokens": len(tokens), "distinct_words": len(words),
                    "special_tokens": list(SPECIAL_TOKENS), "count_seconds": round(counted, 3),
                    "train_seconds": round(seconds, 3), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, f, indent=2)
-    if log:
-        log(f"trained a {len(tokens)}-token WordPiece vocabulary on {dataset} in {seconds:.1f}s -> {vocab_path}")
+    log(f"trained a {len(tokens)}-token WordPiece vocabulary on {dataset} in {seconds:.1f}s -> {vocab_path}")
     return load_vocab(vocab_path, lowercase)
 
 

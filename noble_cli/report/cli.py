@@ -6,8 +6,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
-
+from noble_cli.console import make_console
 from noble_cli.errors import NobleError
 from noble_cli.parsing import split_list
 from noble_cli.report.build import Report, load_report
@@ -71,7 +70,7 @@ def report(
     out_dir = out if out is not None else results / "report"
     rep = load_report(results, exclude=out_dir, sweeps=sweep or None)
     written = write_report(rep, out_dir, formats, plots)
-    print_report(rep, Console(), written)
+    print_report(rep, make_console(), written)
     if rep.summary.empty:
         raise NobleError(f"no usable runs under {results}: all {len(rep.skipped)} run folders were skipped "
                          f"(reasons above and in {out_dir})")

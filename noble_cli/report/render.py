@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from noble_cli.console import make_console
 from noble_cli.report.build import Report
 from noble_cli.report.figures import CONTROL_ROLES, RUN_COLUMNS, SUMMARY_COLUMNS
 
@@ -309,8 +310,40 @@ def rich_table(summary: pd.DataFrame, title: str = "NOBLE report: every row vs i
                   "not; 'noise': timing spread > the effect; best variant (every seed reached) in bold green")
 
 
+def _code_version(meta: dict) -> str:
+    commit = str(meta.get("git_commit") or "unknown")
+    return (commit[:10] if commit != "unknown" else "unknown commit") + (
+        " + uncommitted changes" if meta.get("git_dirty") else "")
+
+
+def code_versions_warning(rep: Report) -> str | None:
+    """One line when the reported runs come from more than one version of the code (meta.json's git commit and
+    dirty flag): a speedup between runs of two versions may be the code's, not NOBLE's. None when they agree."""
+    versions: dict[str, list[str]] = {}
+    for r in rep.runs:
+        versions.setdefault(_code_version(r.meta), []).append(r.run_id)
+    if len(versions) <= 1:
+        return None
+    of_run = {rid: v for v, rids in versions.items() for rid in rids}
+    crossed = 0
+    if not rep.runs_table.empty:
+        for rid, base in zip(rep.runs_table["run_id"], rep.runs_table["baseline_run_id"]):
+            crossed += rid != base and rid in of_run and base in of_run and of_run[rid] != of_run[base]
+    listed = "; ".join(f"{v}: {len(rids)} run{'s' * (len(rids) != 1)}"
+                       for v, rids in sorted(versions.items(), key=lambda kv: -len(kv[1])))
+    pairs = (f"{crossed} comparison{'s' * (crossed != 1)} pair a run with a baseline of another version, so a "
+             "difference may be the code's, not NOBLE's" if crossed else
+             "each comparison stays within one version")
+    return (f"these runs come from {len(versions)} versions of the code ({listed}); {pairs}. Retrain the older runs "
+            "with this code, or report each version's runs apart (noble report --sweep NAME, or separate results "
+            "folders)")
+
+
 def print_report(rep: Report, console: Console | None = None, written: list[Path] | None = None) -> None:
-    console = console or Console()
+    console = console or make_console()
+    warning = code_versions_warning(rep)
+    if warning:
+        console.print(f"[bold yellow]warning:[/] {escape(warning)}", highlight=False)
     if rep.summary.empty:
         console.print(f"[bold]No usable runs under {escape(str(rep.results_dir))}.[/bold]")
     else:
@@ -420,6 +453,9 @@ def to_markdown(rep: Report, plots: list[Path] | None = None, out_dir: Path | No
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     parts = [f"# NOBLE report\n\nResults: `{rep.results_dir}` · {len(rep.runs_table)} runs used, "
              f"{len(rep.skipped)} skipped · generated {now}\n"]
+    warning = code_versions_warning(rep)
+    if warning:
+        parts.append(f"> **Warning:** {_md_escape(warning)}\n")
     if rep.summary.empty:
         parts.append("No usable runs.\n")
     else:

@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from noble_cli.console import make_console
 from noble_cli.errors import NobleError, choices_error
 from noble_cli.sweep import grids
 from noble_cli.sweep.launchers import (
@@ -26,6 +27,7 @@ from noble_cli.sweep.launchers import (
 )
 from noble_cli.sweep.manifest import build_manifest, compare, counts, manifest_path, read_manifest, sync_manifest
 from noble_cli.sweep.progress import runs_table
+from noble_cli.trackers import parse_loggers
 
 ablate_app = typer.Typer(
     help="Sweeps: NOBLE against its baseline (and controls) over activations, ranks, layers and (vision) "
@@ -56,6 +58,8 @@ ISOLATE = typer.Option(True, "--isolate/--no-isolate", help="--launcher local: e
                        "(a crash ends one run, GPU memory starts clean) or all in this one (saves a few seconds "
                        "of start-up per run).")
 WAIT = typer.Option(True, "--wait/--no-wait", help="Wait for runs another process is training (local launchers).")
+LOGGER = typer.Option([], "--logger", help="Also send every run to an experiment tracker: tensorboard, wandb or "
+                      "mlflow (repeatable), grouped by the sweep's name. Not part of the sweep's definition.")
 BRANCH = typer.Option("cosnet", "--branch", help="The NOBLE branch activation.")
 RANK = typer.Option(None, "--rank", help="Branch rank (default: the recipe's).")
 DENSE_MATCH = typer.Option(False, "--dense-match", help="Add a baseline widened to the parameter count of the "
@@ -68,11 +72,14 @@ CONTROLS = typer.Option("", "--controls", help="Controls of the main NOBLE setti
 def execute_plan(plan: grids.SweepPlan, *, out: Path, dry_run: bool = False, force: bool = False,
                  launcher: str = "local", gpus: str | None = None, slurm_opts: list[str] | None = None,
                  wait: bool = True, isolate: bool = True, train_fn: TrainFn | None = None,
-                 con: Console | None = None, poll_s: float = 10.0) -> dict | None:
-    """Dry-run, or write the manifest and run it. `train_fn` runs the entries in this process (tests)."""
-    con = con or Console()  # made per call: it reads the terminal's width (and $COLUMNS) now
+                 con: Console | None = None, poll_s: float = 10.0, loggers: list[str] | tuple[str, ...] = ()
+                 ) -> dict | None:
+    """Dry-run, or write the manifest and run it. `train_fn` runs the entries in this process (tests).
+    `loggers`: experiment trackers for every run of this launch (noble_cli/trackers.py)."""
+    con = con or make_console()  # made per call: it reads the terminal's width (and $COLUMNS) now
     if launcher not in LAUNCHERS:
         raise choices_error("launcher", launcher, LAUNCHERS)
+    loggers = parse_loggers(list(loggers))
     if slurm_opts and launcher != "slurm":
         raise NobleError("--slurm-opt is for --launcher slurm")
     if gpus and launcher != "gpus":
@@ -90,7 +97,7 @@ def execute_plan(plan: grids.SweepPlan, *, out: Path, dry_run: bool = False, for
     path, m = sync_manifest(plan, out, force, sys.argv)
     con.print(f"sweep [bold]{escape(plan.name)}[/]: {len(m['runs'])} runs, manifest {escape(str(path))}")
     if launcher == "slurm":
-        script, array = write_slurm_script(path, slurm_opts)
+        script, array = write_slurm_script(path, slurm_opts, loggers=loggers)
         con.print(f"wrote {escape(str(script))} (array {array or 'empty: every run is done'})")
         if array:
             submit_slurm(script, con)
@@ -98,13 +105,13 @@ def execute_plan(plan: grids.SweepPlan, *, out: Path, dry_run: bool = False, for
                   f"[bold]noble report {escape(str(out))}[/]")
         return None
 
-    progress = sys.stdout.isatty()
     try:
+        # progress on: each run shows Lightning's bar on a terminal, and a line every few seconds in a log file
         if launcher == "gpus":
-            outcomes = run_gpus(path, gpu_list, con, wait=wait)
+            outcomes = run_gpus(path, gpu_list, con, wait=wait, loggers=loggers)
         else:
-            outcomes = run_local(path, train_fn, con, progress=progress, wait=wait, poll_s=poll_s,
-                                 in_process=train_fn is not None or not isolate)
+            outcomes = run_local(path, train_fn, con, progress=True, wait=wait, poll_s=poll_s,
+                                 in_process=train_fn is not None or not isolate, loggers=loggers)
     except KeyboardInterrupt:
         _final(path, con)
         con.print("[yellow]interrupted[/]: run the same command again to resume (finished runs are skipped)")
@@ -125,7 +132,7 @@ def _final(path: Path, con: Console) -> dict:
     m = read_manifest(path)
     c = counts(path, m)
     con.print(runs_table(path, m, title=f"sweep {m['name']}: {c['done']} done, {c['failed']} failed, "
-                                         f"{c['running']} running, {c['left']} left"))
+                                         f"{c['running']} running, {c['left']} left", plain_title=not con.is_terminal))
     return m
 
 
@@ -135,7 +142,7 @@ def show_dry_run(plan: grids.SweepPlan, path: Path, con: Console) -> None:
     c = counts(path, m)
     con.print(runs_table(path, m, title=f"sweep {plan.name} (dry run): {len(m['runs'])} runs, {c['done']} done, "
                                         f"{c['running']} running, {c['failed']} failed, {c['left']} to train",
-                         plan=True))
+                         plan=True, plain_title=not con.is_terminal))
     if old is None:
         con.print(f"no manifest yet; it would be written to {escape(str(path))}")
     else:
@@ -162,7 +169,7 @@ def activations(
     recipe: str = LANG_RECIPE, seeds: str = SEEDS, max_steps: Optional[int] = MAX_STEPS, set_: list[str] = SETS,
     out: Path = OUT, name: Optional[str] = NAME, dry_run: bool = DRY_RUN, force: bool = FORCE,
     launcher: str = LAUNCHER, gpus: Optional[str] = GPUS, slurm_opt: list[str] = SLURM_OPT, wait: bool = WAIT,
-    isolate: bool = ISOLATE,
+    isolate: bool = ISOLATE, logger: list[str] = LOGGER,
 ):
     """Baseline + NOBLE with each branch activation, at one rank. --controls (--dense-match) adds CosNet's controls
     at that rank."""
@@ -170,7 +177,7 @@ def activations(
                                    rank=rank, dense_match=dense_match, max_steps=max_steps, sets=set_, name=name,
                                    controls=grids.parse_controls(controls))
     execute_plan(plan, out=out, dry_run=dry_run, force=force, launcher=launcher, gpus=gpus, slurm_opts=slurm_opt,
-                 wait=wait, isolate=isolate)
+                 wait=wait, isolate=isolate, loggers=logger)
 
 
 @ablate_app.command()
@@ -182,7 +189,7 @@ def ranks(
     recipe: str = LANG_RECIPE, seeds: str = SEEDS, max_steps: Optional[int] = MAX_STEPS, set_: list[str] = SETS,
     out: Path = OUT, name: Optional[str] = NAME, dry_run: bool = DRY_RUN, force: bool = FORCE,
     launcher: str = LAUNCHER, gpus: Optional[str] = GPUS, slurm_opt: list[str] = SLURM_OPT, wait: bool = WAIT,
-    isolate: bool = ISOLATE,
+    isolate: bool = ISOLATE, logger: list[str] = LOGGER,
 ):
     """Baseline + NOBLE at each rank. --controls (--dense-match) adds the branch's controls at the recipe's rank
     (or the largest swept rank when the recipe's is not swept)."""
@@ -191,7 +198,7 @@ def ranks(
                              dense_match=dense_match, max_steps=max_steps, sets=set_, name=name,
                              controls=grids.parse_controls(controls))
     execute_plan(plan, out=out, dry_run=dry_run, force=force, launcher=launcher, gpus=gpus, slurm_opts=slurm_opt,
-                 wait=wait, isolate=isolate)
+                 wait=wait, isolate=isolate, loggers=logger)
 
 
 @ablate_app.command()
@@ -204,7 +211,7 @@ def layers(
     recipe: str = LANG_RECIPE, seeds: str = SEEDS, max_steps: Optional[int] = MAX_STEPS, set_: list[str] = SETS,
     out: Path = OUT, name: Optional[str] = NAME, dry_run: bool = DRY_RUN, force: bool = FORCE,
     launcher: str = LAUNCHER, gpus: Optional[str] = GPUS, slurm_opt: list[str] = SLURM_OPT, wait: bool = WAIT,
-    isolate: bool = ISOLATE,
+    isolate: bool = ISOLATE, logger: list[str] = LOGGER,
 ):
     """Baseline + NOBLE on different sets of layers (noble.targets). --controls (--dense-match) adds the controls
     of the branch on the recipe's targets (normally all)."""
@@ -212,7 +219,7 @@ def layers(
                               branch=grids.parse_branch(branch), rank=rank, dense_match=dense_match,
                               max_steps=max_steps, sets=set_, name=name, controls=grids.parse_controls(controls))
     execute_plan(plan, out=out, dry_run=dry_run, force=force, launcher=launcher, gpus=gpus, slurm_opts=slurm_opt,
-                 wait=wait, isolate=isolate)
+                 wait=wait, isolate=isolate, loggers=logger)
 
 
 @ablate_app.command()
@@ -222,7 +229,7 @@ def mixup(
     seeds: str = SEEDS, max_steps: Optional[int] = MAX_STEPS, set_: list[str] = SETS,
     out: Path = OUT, name: Optional[str] = NAME, dry_run: bool = DRY_RUN, force: bool = FORCE,
     launcher: str = LAUNCHER, gpus: Optional[str] = GPUS, slurm_opt: list[str] = SLURM_OPT, wait: bool = WAIT,
-    isolate: bool = ISOLATE,
+    isolate: bool = ISOLATE, logger: list[str] = LOGGER,
 ):
     """Vision: baseline and NOBLE, each with Mixup+CutMix on and off (data.mixup, data.cutmix); --controls adds
     NOBLE's controls under each setting."""
@@ -230,7 +237,7 @@ def mixup(
     plan = grids.mixup_sweep(recipe, grids.parse_seeds(seeds), branch=grids.parse_branch(branch), rank=rank,
                              max_steps=max_steps, sets=set_, name=name, controls=grids.parse_controls(controls))
     execute_plan(plan, out=out, dry_run=dry_run, force=force, launcher=launcher, gpus=gpus, slurm_opts=slurm_opt,
-                 wait=wait, isolate=isolate)
+                 wait=wait, isolate=isolate, loggers=logger)
 
 
 @ablate_app.command()
@@ -245,7 +252,7 @@ def augment(
     seeds: str = SEEDS, max_steps: Optional[int] = MAX_STEPS, set_: list[str] = SETS,
     out: Path = OUT, name: Optional[str] = NAME, dry_run: bool = DRY_RUN, force: bool = FORCE,
     launcher: str = LAUNCHER, gpus: Optional[str] = GPUS, slurm_opt: list[str] = SLURM_OPT, wait: bool = WAIT,
-    isolate: bool = ISOLATE,
+    isolate: bool = ISOLATE, logger: list[str] = LOGGER,
 ):
     """Vision: baseline and NOBLE under each augmentation alone: none, mixup, cutmix, both, randaugment,
     random_erasing, label_smoothing, stochastic_depth; --controls adds NOBLE's controls under each."""
@@ -255,7 +262,7 @@ def augment(
                                label_smoothing=label_smoothing, drop_path=drop_path, max_steps=max_steps, sets=set_,
                                name=name, controls=grids.parse_controls(controls))
     execute_plan(plan, out=out, dry_run=dry_run, force=force, launcher=launcher, gpus=gpus, slurm_opts=slurm_opt,
-                 wait=wait, isolate=isolate)
+                 wait=wait, isolate=isolate, loggers=logger)
 
 
 @ablate_app.command("controls")
@@ -264,7 +271,7 @@ def controls_(
     recipe: str = LANG_RECIPE, seeds: str = SEEDS, max_steps: Optional[int] = MAX_STEPS, set_: list[str] = SETS,
     out: Path = OUT, name: Optional[str] = NAME, dry_run: bool = DRY_RUN, force: bool = FORCE,
     launcher: str = LAUNCHER, gpus: Optional[str] = GPUS, slurm_opt: list[str] = SLURM_OPT, wait: bool = WAIT,
-    isolate: bool = ISOLATE,
+    isolate: bool = ISOLATE, logger: list[str] = LOGGER,
 ):
     """Is the speedup the branch's? Baseline, NOBLE (--branch at --rank, default the recipe's) and its controls:
     dense-matched (same parameter count, no branch), init-only (no branch, NOBLE's main-weight re-init on the same
@@ -272,14 +279,17 @@ def controls_(
     plan = grids.controls_sweep(_recipe(recipe), grids.parse_seeds(seeds), branch=grids.parse_branch(branch),
                                 rank=rank, max_steps=max_steps, sets=set_, name=name)
     execute_plan(plan, out=out, dry_run=dry_run, force=force, launcher=launcher, gpus=gpus, slurm_opts=slurm_opt,
-                 wait=wait, isolate=isolate)
+                 wait=wait, isolate=isolate, loggers=logger)
 
 
 @ablate_app.command("run-entry", hidden=True)
 def run_entry(
     manifest: Path = typer.Argument(..., help="A sweep's manifest.json."),
     index: Optional[int] = typer.Argument(None, help="Entry index (default: $SLURM_ARRAY_TASK_ID)."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show Lightning's progress bar."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress: Lightning's bar on a "
+                                  "terminal, a line every $NOBLE_PROGRESS_SECONDS (30) seconds in a log."),
+    logger: list[str] = typer.Option([], "--logger", help="Experiment trackers (replacing the config's): "
+                                     "tensorboard, wandb, mlflow (repeatable)."),
 ):
     """(internal) Train one entry of a sweep manifest: used by the launchers and by SLURM array tasks."""
     if index is None:
@@ -288,7 +298,8 @@ def run_entry(
             raise NobleError("run-entry needs an INDEX argument or $SLURM_ARRAY_TASK_ID (an integer)")
         index = int(env)
     try:
-        outcome = execute_entry(manifest, index, None, progress, Console(stderr=True))
+        outcome = execute_entry(manifest, index, None, progress, make_console(stderr=True),
+                                loggers=parse_loggers(logger))
     except KeyboardInterrupt:
         raise SystemExit(OUTCOME_CODES["interrupted"]) from None
     code = OUTCOME_CODES[outcome]

@@ -32,7 +32,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from noble_cli import config as C
+from noble_cli import trackers
 from noble_cli.atomic import atomic_write_text
+from noble_cli.console import make_console
 from noble_cli.errors import InterruptedRun, NobleError
 from noble_cli.parsing import split_list
 from noble_cli.recipes import from_dict
@@ -84,18 +86,39 @@ def _finish(manifest: Path, index: int, t0: float, **fields) -> None:
 
 
 def execute_entry(manifest: Path, index: int, train_fn: TrainFn | None = None, progress: bool = True,
-                  console: Console | None = None) -> str:
+                  console: Console | None = None, loggers: tuple[str, ...] = ()) -> str:
     """Train manifest entry `index` unless it is done or locked. Returns done, skipped, busy or failed; raises
-    KeyboardInterrupt when the run was interrupted (its folder is kept; the next call resumes it)."""
-    console = console or Console(stderr=True)
+    KeyboardInterrupt when the run was interrupted (its folder is kept; the next call resumes it). `loggers`: the
+    experiment trackers of this launch (replacing the config's), grouped by the sweep's name."""
+    console = console or make_console(stderr=True)
     manifest = Path(manifest)
     m = read_manifest(manifest)
+    # The trackers group the run by its sweep; set for this run only (an in-process sweep trains several)
+    previous_group = os.environ.get(trackers.SWEEP_ENV)
+    os.environ[trackers.SWEEP_ENV] = str(m.get("name") or "")
+    try:
+        return _execute_entry(manifest, index, m, train_fn, progress, console, trackers.parse_loggers(loggers))
+    finally:
+        if previous_group is None:
+            os.environ.pop(trackers.SWEEP_ENV, None)
+        else:
+            os.environ[trackers.SWEEP_ENV] = previous_group
+
+
+def _execute_entry(manifest: Path, index: int, m: dict, train_fn: TrainFn | None, progress: bool, console: Console,
+                   loggers: tuple[str, ...]) -> str:
     n = len(m["runs"])
     if not 0 <= index < n:
         raise NobleError(f"run index {index} is out of range for sweep {m.get('name')!r}: valid 0..{n - 1}")
     e = m["runs"][index]
     out = results_root(manifest)
     run_dir = run_dir_of(manifest, e)
+
+    def entry_config() -> C.RunConfig:
+        cfg = from_dict(e["config"])
+        if loggers:  # not part of the run's identity (not hashed): the manifest's config stays as it was
+            cfg.trainer.logger = loggers
+        return cfg
 
     def finished() -> bool:
         s = read_summary(run_dir).get("status")
@@ -108,8 +131,7 @@ def execute_entry(manifest: Path, index: int, train_fn: TrainFn | None = None, p
     if decided_by_parent(run_dir):
         # a process Lightning's DDP launcher spawned from this entry's own run: the lock and the manifest are the
         # first process's; this one only trains alongside it
-        (train_fn or default_train())(from_dict(e["config"]), out=out, resume=True, run_dir=run_dir,
-                                      progress=False)
+        (train_fn or default_train())(entry_config(), out=out, resume=True, run_dir=run_dir, progress=False)
         return "done"
     if finished():
         return "skipped"
@@ -121,7 +143,7 @@ def execute_entry(manifest: Path, index: int, train_fn: TrainFn | None = None, p
     try:
         if finished():  # finished by another process between the check and the lock
             return "skipped"
-        cfg = from_dict(e["config"])
+        cfg = entry_config()
         if C.run_id(cfg) != e["run_id"]:
             update_entry(manifest, index, status="failed",
                          error="the stored config no longer hashes to its run id (the config schema changed)")
@@ -160,9 +182,10 @@ def execute_entry(manifest: Path, index: int, train_fn: TrainFn | None = None, p
 
 
 # --- subprocess per run ---------------------------------------------------------------------------------------------
-def entry_argv(manifest: Path, index: int | str, progress: bool, python: str = sys.executable) -> list[str]:
+def entry_argv(manifest: Path, index: int | str, progress: bool, python: str = sys.executable,
+               loggers: tuple[str, ...] = ()) -> list[str]:
     return [python, "-m", "noble_cli.sweep", "run-entry", str(Path(manifest).resolve()), str(index),
-            "--progress" if progress else "--no-progress"]
+            "--progress" if progress else "--no-progress", *[a for name in loggers for a in ("--logger", name)]]
 
 
 def _after_child(manifest: Path, index: int, rc: int | None, pid: int) -> str:
@@ -197,8 +220,9 @@ def _stop(proc: subprocess.Popen, grace_s: float) -> int | None:
             return proc.wait()
 
 
-def run_subprocess(manifest: Path, index: int, progress: bool, env: dict | None = None, stdout=None) -> str:
-    proc = subprocess.Popen(entry_argv(manifest, index, progress), env={**os.environ, **(env or {})},
+def run_subprocess(manifest: Path, index: int, progress: bool, env: dict | None = None, stdout=None,
+                   loggers: tuple[str, ...] = ()) -> str:
+    proc = subprocess.Popen(entry_argv(manifest, index, progress, loggers=loggers), env={**os.environ, **(env or {})},
                             stdout=stdout, stderr=subprocess.STDOUT if stdout is not None else None)
     try:
         rc = proc.wait()
@@ -240,11 +264,12 @@ def _claimable(manifest: Path, i: int, outcomes: dict[str, list[int]], busy: lis
 
 
 def run_local(manifest: Path, train_fn: TrainFn | None = None, console: Console | None = None,
-              progress: bool = True, wait: bool = True, poll_s: float = 10.0, in_process: bool | None = None) -> dict:
+              progress: bool = True, wait: bool = True, poll_s: float = 10.0, in_process: bool | None = None,
+              loggers: tuple[str, ...] = ()) -> dict:
     """Train every unfinished entry, one at a time. In-process when `train_fn` is given, else a subprocess each.
 
     Returns {outcome: [indices]} (done, skipped, failed, busy)."""
-    console = console or Console()
+    console = console or make_console()
     in_process = train_fn is not None if in_process is None else in_process
     reconcile(manifest)
     todo, busy = _pending(manifest)
@@ -255,11 +280,11 @@ def run_local(manifest: Path, train_fn: TrainFn | None = None, console: Console 
             m = _claimable(manifest, i, outcomes, busy)
             if m is None:
                 continue
-            console.print(overview(manifest, m, current=i, note=waited_note))
+            console.print(overview(manifest, m, current=i, note=waited_note, plain=not console.is_terminal))
             if in_process:
-                outcome = execute_entry(manifest, i, train_fn, progress, console)
+                outcome = execute_entry(manifest, i, train_fn, progress, console, loggers=loggers)
             else:
-                outcome = run_subprocess(manifest, i, progress)
+                outcome = run_subprocess(manifest, i, progress, loggers=loggers)
             if outcome == "busy":
                 busy.append(i)
             else:
@@ -302,10 +327,25 @@ def parse_gpus(text: str | None) -> list[str]:
     return [str(i) for i in range(n)]
 
 
+class _LogLines:
+    """Live's stand-in where the console is a log file: Live would only write its last frame there; a line per
+    run started and finished says what happened, and when."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        return False
+
+    def update(self, renderable) -> None:
+        pass
+
+
 def run_gpus(manifest: Path, gpus: list[str], console: Console | None = None, wait: bool = True,
-             poll_s: float = 1.0) -> dict:
+             poll_s: float = 1.0, loggers: tuple[str, ...] = ()) -> dict:
     """Each GPU trains one run at a time (CUDA_VISIBLE_DEVICES=<gpu>), logs in `<sweep>/logs/<i>-<run id>.log`."""
-    console = console or Console()
+    console = console or make_console()
+    lines = not console.is_terminal
     reconcile(manifest)
     manifest = Path(manifest)
     logs = manifest.parent / "logs"
@@ -327,9 +367,12 @@ def run_gpus(manifest: Path, gpus: list[str], console: Console | None = None, wa
         return Group(overview(manifest, m, parallel=len(gpus), note=note), table)
 
     def reap(gpu: str) -> None:
-        i, proc, fh, _, _ = active.pop(gpu)
+        i, proc, fh, t0, _ = active.pop(gpu)
         fh.close()
         outcome = _after_child(manifest, i, proc.returncode, proc.pid)
+        if lines:
+            console.print(f"finished #{i} on GPU {gpu}: {outcome} after {fmt_duration(time.time() - t0)}",
+                          highlight=False, markup=False)
         if outcome == "busy":
             busy.append(i)
         elif outcome in outcomes:
@@ -338,7 +381,7 @@ def run_gpus(manifest: Path, gpus: list[str], console: Console | None = None, wa
             outcomes["failed"].append(i)
 
     try:
-        with Live(view(), console=console, refresh_per_second=2, transient=False) as live:
+        with _LogLines() if lines else Live(view(), console=console, refresh_per_second=2, transient=False) as live:
             while queue or active or (busy and wait):
                 for gpu in gpus:
                     if gpu in active or not queue:
@@ -349,10 +392,15 @@ def run_gpus(manifest: Path, gpus: list[str], console: Console | None = None, wa
                         continue
                     log = logs / f"{i:04d}-{m['runs'][i]['run_id']}.log"
                     fh = open(log, "a")
-                    proc = subprocess.Popen(entry_argv(manifest, i, progress=False),
+                    # progress on: the run's output is a log file, where it prints a line every few seconds
+                    proc = subprocess.Popen(entry_argv(manifest, i, progress=True, loggers=loggers),
                                             env={**os.environ, "CUDA_VISIBLE_DEVICES": gpu},
                                             stdout=fh, stderr=subprocess.STDOUT)
                     active[gpu] = (i, proc, fh, time.time(), log)
+                    if lines:
+                        e = m["runs"][i]
+                        console.print(f"started #{i} on GPU {gpu}: {e['variant']} seed {e['seed']} "
+                                      f"({e['run_id']}), log {log}", highlight=False, markup=False)
                 for gpu in list(active):
                     if active[gpu][1].poll() is not None:
                         reap(gpu)
@@ -366,6 +414,8 @@ def run_gpus(manifest: Path, gpus: list[str], console: Console | None = None, wa
                 live.update(view())
                 time.sleep(poll_s)
             live.update(view())
+        if lines:
+            console.print(overview(manifest, read_manifest(manifest), parallel=len(gpus), plain=True))
     except KeyboardInterrupt:
         for gpu, (i, proc, fh, _, _) in list(active.items()):
             proc.returncode = _stop(proc, grace_s=120)
@@ -409,7 +459,7 @@ def _slurm_line(opt: str) -> tuple[str, str]:
 
 
 def write_slurm_script(manifest: Path, slurm_opts: list[str] | None = None, python: str = sys.executable,
-                       workdir: Path | None = None) -> tuple[Path, str | None]:
+                       workdir: Path | None = None, loggers: tuple[str, ...] = ()) -> tuple[Path, str | None]:
     """Write `<sweep>/slurm.sh` for the unfinished entries; returns (path, array spec or None when all are done)."""
     manifest = Path(manifest).resolve()
     m = read_manifest(manifest)
@@ -436,8 +486,9 @@ def write_slurm_script(manifest: Path, slurm_opts: list[str] | None = None, pyth
         "",
         "set -euo pipefail",
         f"cd {shlex.quote(str(workdir or Path.cwd()))}",
+        # progress stays on: in a log file a run prints a progress line every few seconds, not a bar
         f"exec {shlex.quote(python)} -m noble_cli.sweep run-entry {shlex.quote(str(manifest))} "
-        '"${SLURM_ARRAY_TASK_ID}" --no-progress',
+        '"${SLURM_ARRAY_TASK_ID}"' + "".join(f" --logger {name}" for name in loggers),
         "",
     ]
     path = manifest.parent / "slurm.sh"

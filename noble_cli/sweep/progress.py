@@ -35,7 +35,10 @@ def eta(m: dict, left: int, parallel: int = 1) -> tuple[float | None, float | No
     return mean * left / max(1, parallel), mean
 
 
-def overview(manifest: Path, m: dict, current: int | None = None, parallel: int = 1, note: str = "") -> Panel:
+def overview(manifest: Path, m: dict, current: int | None = None, parallel: int = 1, note: str = "",
+             plain: bool = False) -> Panel | Group:
+    """The sweep's state: a panel on a terminal; `plain` (a log file) the same lines without the box, whose border
+    would span the log's whole width."""
     c = counts(manifest, m)
     total = len(m["runs"])
     remaining, mean = eta(m, c["left"] + c["running"], parallel)
@@ -55,7 +58,9 @@ def overview(manifest: Path, m: dict, current: int | None = None, parallel: int 
                                    f"{e['variant']} · seed {e['seed']} · ", (e["run_id"], "dim")))
     if note:
         parts.append(Text(note, style="yellow"))
-    title = f"sweep [bold]{m['name']}[/] · {m['ablation']} on {m['recipe']}"
+    title = f"sweep [bold]{escape(str(m['name']))}[/] · {escape(str(m['ablation']))} on {escape(str(m['recipe']))}"
+    if plain:
+        return Group(Text.from_markup(title), *parts)
     return Panel(Group(*parts), title=title, title_align="left", border_style="blue")
 
 
@@ -68,9 +73,12 @@ def _params(entry: dict, base_total: dict) -> str:
     return f"{total / 1e6:.2f}M{rel}"
 
 
-def runs_table(manifest: Path, m: dict, title: str = "runs", plan: bool = False) -> Table:
-    """The runs with their state: for a dry run (`plan`) with parameters and run ids, else with results."""
-    table = Table(title=title, title_justify="left", pad_edge=False)
+def runs_table(manifest: Path, m: dict, title: str = "runs", plan: bool = False,
+               plain_title: bool = False) -> Table | Group:
+    """The runs with their state: for a dry run (`plan`) with parameters and run ids, else with results.
+    `plain_title` (a log file): the title is a line of its own above the table; as the table's title it would wrap
+    to the table's width, mid-sentence."""
+    table = Table(title=None if plain_title else title, title_justify="left", pad_edge=False)
     table.add_column("#", justify="right")
     table.add_column("variant", no_wrap=True)
     table.add_column("seed", justify="right")
@@ -95,4 +103,4 @@ def runs_table(manifest: Path, m: dict, title: str = "runs", plan: bool = False)
             row += [f"{best:.4f}" if isinstance(best, (int, float)) else "-", str(s.get("steps") or "-"),
                     fmt_duration(e.get("duration_s") or s.get("train_time_s"))]
         table.add_row(*row, escape(str(detail)) if detail else detail)
-    return table
+    return Group(Text(title, style="italic"), table) if plain_title else table

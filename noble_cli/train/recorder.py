@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import time
+import zipfile
 from pathlib import Path
 
 import lightning as L
@@ -48,8 +50,37 @@ class DivergedError(NobleError):
     """The loss became NaN or infinite."""
 
 
+class CorruptCheckpointError(NobleError):
+    """A checkpoint that cannot be read back (truncated, overwritten, not a checkpoint)."""
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    """The optimizer step a checkpoint holds, or None when it cannot be read. mmap: the tensors are not read."""
+    try:
+        return int(torch.load(path, map_location="cpu", mmap=True, weights_only=False)["global_step"])
+    except Exception:  # noqa: BLE001 - any unreadable file is "not usable"
+        return None
+
+
+def corrupt_checkpoint_error(path: Path, error: BaseException) -> CorruptCheckpointError:
+    """Name the bad checkpoint and offer the run's other one (best.ckpt for last.ckpt and the reverse)."""
+    path = Path(path)
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    other = path.with_name("best.ckpt" if path.name != "best.ckpt" else "last.ckpt")
+    step = _checkpoint_step(other) if other.exists() else None
+    run = path.parent.parent
+    if step is not None:
+        offer = (f"resume from the previous one, {other.name} (step {step}): mv {path} {path}.corrupt && cp {other} "
+                 f"{path}, then the same command; or start the run again with --overwrite")
+    else:
+        offer = f"no other readable checkpoint in {path.parent}: start the run again with --overwrite"
+    return CorruptCheckpointError(f"checkpoint {path} of run {run.name} is unreadable ({type(error).__name__}: "
+                                  f"{first}); {offer}")
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """torch.save to a temporary file, then rename: a kill mid-save leaves the previous checkpoint intact."""
+    """torch.save to a temporary file, then rename: a kill mid-save leaves the previous checkpoint intact. A
+    checkpoint that cannot be loaded is one error naming it and the run's other checkpoint."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
         path = Path(path)
@@ -58,9 +89,25 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         try:
             super().save_checkpoint(checkpoint, tmp, storage_options)
             os.replace(tmp, path)
+        except OSError as e:  # a full disk: Lightning's writer names its own temporary file, not the checkpoint
+            Path(tmp).unlink(missing_ok=True)
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+    def load_checkpoint(self, path, *args, **kwargs):
+        if not Path(path).exists():
+            return super().load_checkpoint(path, *args, **kwargs)
+        try:
+            checkpoint = super().load_checkpoint(path, *args, **kwargs)
+        except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+            if "weights only" in str(e).lower():  # torch's safe-loading refusal: the file is fine
+                raise
+            raise corrupt_checkpoint_error(Path(path), e) from None
+        if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+            raise corrupt_checkpoint_error(Path(path), ValueError("not a Lightning checkpoint: no state_dict"))
+        return checkpoint
 
 
 def run_summary(metrics: pd.DataFrame, untimed_steps: int, status: str, metric: Metric = Metric()) -> dict:
@@ -111,7 +158,9 @@ class RunRecorder(L.Callback):
         self._peak: float | None = None
         self._last_flush_time = time.perf_counter()
         self._t0: float | None = None
+        self._started = False  # training began (on_train_start): the folder's files are this process's to write
         self.status = "running"
+        self.trackers = None  # noble_cli.trackers.Trackers: a copy of every row, set by train() on global rank 0
 
     def setup(self, trainer, pl_module, stage):
         # Once, before a strategy wraps (and FSDP shards) the model: its FLOPs per item do not change. MFU is
@@ -121,14 +170,18 @@ class RunRecorder(L.Callback):
 
     # --- state across resumes ---------------------------------------------------------------------------------
     def on_train_start(self, trainer, pl_module):
-        step = trainer.global_step  # > 0 when resumed from a checkpoint (restored by now, unlike on_fit_start)
+        self._restore(trainer.global_step)  # > 0 when resumed (restored by now, unlike on_fit_start)
+        self._started = True
+        self._flush(trainer, force=True)
+
+    def _restore(self, step: int) -> None:
+        """The rows of the run so far, up to the checkpoint's step (a resume repeats the steps after it)."""
         old = self.folder.read_metrics()
         if not old.empty and step > 0:
             old = old[old["step"] <= step]
             self.rows = {int(r["step"]): {k: v for k, v in r.items() if pd.notna(v)} for r in old.to_dict("records")}
             self.wallclock = float(old["wallclock_s"].max()) if "wallclock_s" in old and len(old) else 0.0
             self._resumed = True
-        self._flush(trainer, force=True)
 
     # --- timing -------------------------------------------------------------------------------------------------
     def _sync(self, pl_module):
@@ -181,9 +234,13 @@ class RunRecorder(L.Callback):
             if self._flops_per_item and self._peak:
                 row["mfu"] = self._flops_per_item * rate / (self._peak * trainer.world_size)
             pl_module.log(f"{pl_module.items_name[:3]}/s", rate, prog_bar=True)
-        if now - self._last_flush_time >= FLUSH_SECONDS:
+        flush = now - self._last_flush_time >= FLUSH_SECONDS
+        if flush:
             self._flush(trainer)
-            self._t0 = time.perf_counter()  # the rewrite is bookkeeping, not the next step's time
+        if self.trackers:
+            self.trackers.log_metrics(row, step)
+        if flush or self.trackers:
+            self._t0 = time.perf_counter()  # the rewrite and the trackers are bookkeeping, not the next step's time
 
     def _charged(self, dt: float) -> float:
         """Wall-clock charged for a step. The first step after a resume recompiles (torch.compile, Triton
@@ -201,9 +258,10 @@ class RunRecorder(L.Callback):
             return
         step = trainer.global_step
         row = self.rows.setdefault(step, {"step": step, "wallclock_s": self.wallclock})
-        for k, v in trainer.callback_metrics.items():
-            if k.startswith("eval_"):
-                row[k] = float(v)
+        evals = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("eval_")}
+        row.update(evals)
+        if self.trackers:
+            self.trackers.log_metrics(evals, step)
         self._flush(trainer, force=True)
 
     def on_validation_end(self, trainer, pl_module):
@@ -219,15 +277,32 @@ class RunRecorder(L.Callback):
         if self.status == "running":
             # Ctrl-C, or SIGTERM (Lightning raises SystemExit for it, as a scheduler's preemption would send)
             self.status = "interrupted" if isinstance(exception, (KeyboardInterrupt, SystemExit)) else "failed"
-        self.finish(trainer)
+        if not self._started and self.folder.metrics_path.exists():
+            # failed before training began (an unreadable checkpoint, missing data) on a folder that holds a run:
+            # its metrics and summary are that run's, not to be replaced by this attempt's empty ones
+            self._close_trackers()
+            return
+        try:
+            self.finish(trainer)
+        except OSError:
+            self._close_trackers()  # a full or read-only disk: the exception being raised already says so
 
     def finish(self, trainer) -> dict:
-        self._flush(trainer, force=True)
-        if trainer.is_global_zero:
-            summary = self.summary()
-            self.folder.write_summary(summary)
-            return summary
-        return {}
+        if not self._started:  # a resume at the budget's end: Lightning trains nothing and never starts training
+            self._restore(trainer.global_step)
+        try:
+            self._flush(trainer, force=True)
+            if trainer.is_global_zero:
+                summary = self.summary()
+                self.folder.write_summary(summary)
+                return summary
+            return {}
+        finally:
+            self._close_trackers()
+
+    def _close_trackers(self) -> None:
+        if self.trackers:
+            self.trackers.close(self.status)
 
     def summary(self) -> dict:
         return run_summary(self.frame(), self.untimed_steps, self.status, self.metric)

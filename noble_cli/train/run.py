@@ -5,20 +5,23 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from rich.console import Console
 
+from noble_cli import trackers
 from noble_cli.atomic import atomic_write_text, is_stale_temp
 from noble_cli.config import RunConfig, config_hash, run_id, to_yaml
-from noble_cli.recipes import from_dict
+from noble_cli.console import make_console, progress_seconds
 from noble_cli.errors import InterruptedRun, NobleError
+from noble_cli.recipes import from_dict
 from noble_cli.tasks import get_task
 from noble_cli.train import PREPARED_ENV, decided_by_parent, mark_decided
 from noble_cli.train.flops import FlopsProbe
@@ -51,6 +54,86 @@ class StepProgressBar(RichProgressBar):
         self._update(self.train_progress_bar_id, trainer.global_step)
         self._update_metrics(trainer, pl_module)
         self.refresh()
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def _rate(value: float) -> str:
+    return f"{value / 1e6:.2f}M" if value >= 1e6 else f"{value / 1e3:.1f}k" if value >= 1e3 else f"{value:.1f}"
+
+
+class LogProgress(ProgressBar):
+    """Progress for a log file (no terminal): a line at the first step, then one every `every_s` seconds and at
+    the last step, with step, loss, throughput and ETA, and a line per evaluation. A redrawn bar would write its
+    every frame into the file. Its figures are the recorder's (metrics.csv's)."""
+
+    def __init__(self, recorder: RunRecorder, console: Console, every_s: float):
+        super().__init__()
+        self.recorder, self.console, self.every_s = recorder, console, every_s
+        self._enabled = True
+        self._t0 = self._last = 0.0
+        self._step0 = 0
+        self._since = 0  # the step of the last line: throughput is over the steps since then
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    @property
+    def is_enabled(self) -> bool:
+        return self._enabled
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._t0 = self._last = time.monotonic()
+        self._step0 = self._since = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step, total = trainer.global_step, trainer.max_steps
+        now = time.monotonic()
+        if not self._enabled or step == self._since:  # a micro-batch, not an optimizer step
+            return
+        if step != self._step0 + 1 and step < total and now - self._last < self.every_s:
+            return
+        self.console.print(self.train_line(step, total, now), highlight=False, markup=False)
+        self._last, self._since = now, step
+
+    def train_line(self, step: int, total: int, now: float) -> str:
+        rows = [r for s, r in self.recorder.rows.items() if self._since < s <= step and "train_loss" in r]
+        parts = [f"train step {step}/{total} ({100 * step / max(1, total):.0f}%)"]
+        if rows:
+            parts.append(f"loss {rows[-1]['train_loss']:.4f}")
+            for key in [k for k in rows[-1] if k.endswith("_per_s")]:
+                timed = [r for r in rows if r.get(key) and r.get("step_time_s")]
+                if timed:  # items over time, evaluation excluded
+                    rate = sum(r[key] * r["step_time_s"] for r in timed) / sum(r["step_time_s"] for r in timed)
+                    parts.append(f"{key[:-len('_per_s')]}/s {_rate(rate)}")
+        elapsed, done = now - self._t0, step - self._step0
+        parts.append(f"elapsed {_duration(elapsed)}")
+        if done and step < total:
+            parts.append(f"ETA {_duration(elapsed / done * (total - step))}")
+        return "  ".join(parts)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not self._enabled or trainer.sanity_checking:
+            return
+        step = trainer.global_step
+        row = self.recorder.rows.get(step, {})
+        evals = "  ".join(f"{k} {v:.4f}" for k, v in row.items() if k.startswith("eval_") and v is not None)
+        self.console.print(f"eval  step {step}/{trainer.max_steps}  {evals or '(no eval metrics)'}",
+                           highlight=False, markup=False)
+
+
+def progress_callback(recorder: RunRecorder, console: Console | None = None):
+    """Lightning's rich bar on a terminal (as always); in a log file or pipe, a line every few seconds."""
+    console = console or make_console()
+    if console.is_terminal:
+        return StepProgressBar(leave=True)
+    return LogProgress(recorder, console, progress_seconds())
 
 
 @dataclass
@@ -94,19 +177,40 @@ def folder_state(cfg: RunConfig, folder: RunFolder, resume: bool, overwrite: boo
             f"run folder {folder.path} already exists (status: {summary.get('status', 'unknown')}); "
             "pass --resume to continue it or --overwrite to start it again"
         )
+    # checkpoints/hyperparameters.yaml is written with config.yaml, so it still holds the config a hand-edited
+    # config.yaml had: restoring it is the fix that keeps the run
+    restore = f"restore it with: cp {folder.checkpoint_dir / 'hyperparameters.yaml'} {folder.config_path}"
     try:
         import yaml
 
         saved = from_dict(yaml.safe_load(folder.config_path.read_text()))
-    except Exception as e:  # a broken folder must not be resumed blindly
-        raise NobleError(f"cannot resume {folder.path}: its config.yaml is unreadable ({e}); use --overwrite") from None
+    except Exception as e:  # noqa: BLE001 - a broken folder must not be resumed blindly
+        why = (str(e).splitlines() or [type(e).__name__])[0]
+        raise NobleError(f"cannot resume {folder.path}: its config.yaml is unreadable ({why}); {restore}") from None
     if config_hash(saved) != config_hash(cfg):
+        if not folder.path.name.endswith(f"-{config_hash(saved)}"):  # the folder's name is its config's hash
+            raise NobleError(f"cannot resume {folder.path}: its config.yaml was edited by hand (it no longer matches "
+                             f"the run id); {restore}, or train the edited settings as a new run: noble train "
+                             f"{folder.config_path} (without --resume)")
         raise NobleError(f"cannot resume {folder.path}: its config differs from this one; use --overwrite or --out")
     if summary.get("status") == "completed":
         return "done"
     if not folder.last_checkpoint.exists():  # killed before its first checkpoint: nothing worth keeping
         return "restart"
     return "resume"
+
+
+def check_resume_of_run_config(recipe: str, cfg: RunConfig, resume: bool) -> None:
+    """`noble train <run folder>/config.yaml --resume` after that file was edited by hand: the edited settings have
+    another run id, so they would quietly start a new run in another folder instead of continuing this one."""
+    path = Path(recipe)
+    if not resume or path.name != "config.yaml" or not (path.parent / "meta.json").exists():
+        return
+    folder = RunFolder(path.parent)
+    if run_id(cfg) != folder.path.name:
+        raise NobleError(f"cannot resume {folder.path}: its config.yaml was edited by hand (it no longer matches the "
+                         f"run id); restore it with: cp {folder.checkpoint_dir / 'hyperparameters.yaml'} "
+                         f"{folder.config_path}, or train the edited settings as a new run without --resume")
 
 
 # How training draws its data and randomness (batch order, augmentations, per-step seeds), recorded in meta.json:
@@ -189,7 +293,7 @@ def build_trainer(cfg: RunConfig, module, folder: RunFolder, recorder: RunRecord
     ]
     callbacks += list(extra_callbacks)
     if progress:
-        callbacks.append(StepProgressBar(leave=True))
+        callbacks.append(progress_callback(recorder))
     return trainer_or_error(
         max_steps=t.max_steps, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
         strategy=strategy_for(cfg, module), precision=precision_for(cfg, on_gpu),
@@ -240,17 +344,17 @@ def train(
                            already_done=True)
     mark_decided(folder.path, state)  # inherited by the processes that fit spawns
     try:
-        return _train_prepared(cfg, task, module, trainer, recorder, folder, rid, state)
+        return _train_prepared(cfg, task, module, trainer, recorder, folder, rid, state, Path(out))
     finally:
         os.environ.pop(PREPARED_ENV, None)  # a later train() in this process decides afresh
 
 
 def _train_prepared(cfg: RunConfig, task, module, trainer: L.Trainer, recorder: RunRecorder, folder: RunFolder,
-                    rid: str, state: str) -> TrainResult:
+                    rid: str, state: str, out: Path) -> TrainResult:
     """The run itself, once the folder's state is decided: fit, finish the end, summarise."""
     datamodule = task.build_datamodule(cfg)
     if cfg.schedule.warmup_steps >= cfg.trainer.max_steps and rank_zero_only.rank == 0:
-        Console(stderr=True).print(
+        make_console(stderr=True).print(
             f"[yellow]note:[/] schedule.warmup_steps ({cfg.schedule.warmup_steps}) >= trainer.max_steps "
             f"({cfg.trainer.max_steps}): this run never leaves the learning-rate warm-up")
     if cfg.trainer.compile:
@@ -263,7 +367,7 @@ def _train_prepared(cfg: RunConfig, task, module, trainer: L.Trainer, recorder: 
             f"cannot resume {folder.path} on {trainer.world_size} device(s): it was started on "
             f"{meta.get('world_size', 1)}; resume with the same --devices/--num-nodes")
     if state == "resume" and meta.get("data_stream") != DATA_STREAM and rank_zero_only.rank == 0:
-        Console(stderr=True).print(
+        make_console(stderr=True).print(
             f"[yellow]note:[/] {folder.path} was started by an older noble whose batches, augmentations and "
             "dropout were drawn differently: from here on the run sees different draws than it would have")
     if state == "resume" and "data_identity" in meta and meta["data_identity"] != data_identity:
@@ -277,6 +381,10 @@ def _train_prepared(cfg: RunConfig, task, module, trainer: L.Trainer, recorder: 
                                      data_stream=DATA_STREAM, metric=task.metric.to_meta(),
                                      **module.implementation.meta())
         atomic_write_text(folder.checkpoint_dir / "hyperparameters.yaml", to_yaml(cfg))
+        if cfg.trainer.logger:  # mirrors of the run folder, once it is decided and described
+            recorder.trackers = trackers.open_trackers(
+                cfg.trainer.logger, out=out, run_id=rid, meta=meta, fresh=state == "new",
+                params=trackers.run_params(cfg.to_dict(), meta))
 
     with warnings.catch_warnings():
         # Lightning's warnings that do not apply here; among them "dataloader is not resumable": ours are, by
