@@ -19,6 +19,7 @@ from noble_cli.layers import LRMultipliers, apply_noble, count_parameters, param
 from noble_cli.layers.apply import reinit_main_weights
 from noble_cli.layers.implementation import Choice, plan
 from noble_cli.seeding import STEP, derive_seed
+from noble_cli.tasks.optimizers import build_optimizer
 
 
 def planned_implementation(noble: NobleConfig, on_cuda: bool) -> Choice:
@@ -81,7 +82,8 @@ def lr_factor(step: int, max_steps: int, warmup: int, decay: str, min_ratio: flo
 
 
 class NobleTask(L.LightningModule):
-    """Base LightningModule: model with branches, AdamW with NOBLE's groups, warm-up + cosine, logging."""
+    """Base LightningModule: model with branches, AdamW with NOBLE's groups (or Muon+AdamW), warm-up + cosine,
+    logging."""
 
     items_name = "tokens"  # what a batch is counted in for throughput (tokens, images)
 
@@ -155,15 +157,15 @@ class NobleTask(L.LightningModule):
                       prog_bar=False)
 
     def optimizer_and_schedule(self):
-        """AdamW over NOBLE's parameter groups (no decay on what `model.no_weight_decay()` lists, if it has one)
-        and the warm-up + decay schedule, stepped every optimizer step."""
+        """AdamW over NOBLE's parameter groups (no decay on what `model.no_weight_decay()` lists, if it has one),
+        or Muon on the blocks' matrices with AdamW for the rest (`optim.name`, tasks/optimizers.py), and the
+        warm-up + decay schedule over every group, stepped every optimizer step."""
         o, s, t = self.cfg.optim, self.cfg.schedule, self.cfg.trainer
         n = self.cfg.noble
         mults = LRMultipliers(n.up_lr_power, n.mix_lr_power, n.freq_lr_mult, n.phase_lr_mult)
         no_decay = getattr(self.model, "no_weight_decay", lambda: ())()
         groups = param_groups(self.model, o.lr, o.weight_decay, mults, no_decay)
-        fused = self.device.type == "cuda"
-        opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused)
+        opt = build_optimizer(self.model, o, groups, fused=self.device.type == "cuda")
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda step: lr_factor(step, t.max_steps, s.warmup_steps, s.decay, s.min_lr_ratio)
         )
