@@ -38,22 +38,30 @@ def _with_branches(make: Callable, model_cfg, noble: NobleConfig, branch: str, k
     return model
 
 
+def _mlp_width(model_cfg) -> tuple[int, Callable[[int], object]]:
+    """(the MLP's hidden width, width -> the config with that width): a config's own `mlp_hidden` and
+    `with_mlp_hidden`, or the built-in models' `mlp_ratio` x `d_model`."""
+    if hasattr(model_cfg, "with_mlp_hidden"):
+        return model_cfg.mlp_hidden, model_cfg.with_mlp_hidden
+    if not hasattr(model_cfg, "mlp_ratio") or not hasattr(model_cfg, "d_model"):
+        raise TypeError(f"{type(model_cfg).__name__} has no mlp_ratio/d_model to widen")
+    d = model_cfg.d_model
+    return int(round(model_cfg.mlp_ratio * d)), lambda h: model_cfg.model_copy(update={"mlp_ratio": h / d})
+
+
 def dense_matched_config(make: Callable, model_cfg, noble: NobleConfig):
     """The model config widened (MLP hidden size) until it has as many parameters as the NOBLE model.
 
     Parameter counts are affine in the MLP hidden size, so two counts on the meta device give the exact width.
     """
-    if not hasattr(model_cfg, "mlp_ratio") or not hasattr(model_cfg, "d_model"):
-        raise TypeError(f"{type(model_cfg).__name__} has no mlp_ratio/d_model to widen")
+    h0, widened = _mlp_width(model_cfg)
     with torch.device("meta"):
         target = count_parameters(_with_branches(make, model_cfg, noble, noble.match_branch)).total
-        d = model_cfg.d_model
-        h0 = int(round(model_cfg.mlp_ratio * d))
         p0 = count_parameters(make(model_cfg)).total
-        p1 = count_parameters(make(model_cfg.model_copy(update={"mlp_ratio": (h0 + 64) / d}))).total
+        p1 = count_parameters(make(widened(h0 + 64))).total
     per_unit = (p1 - p0) / 64
     hidden = h0 + max(0, round((target - p0) / per_unit))
-    return model_cfg.model_copy(update={"mlp_ratio": hidden / d})
+    return widened(hidden)
 
 
 def build_model(make: Callable, model_cfg, noble: NobleConfig, kernel: str = "torch") -> nn.Module:
