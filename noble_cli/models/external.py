@@ -170,12 +170,12 @@ def causal_lm_config(model_type: str | None, config_json: str | None, fields: di
             where = "model." if key in fields else "model.extra."
             raise NobleError(f"{where}{key} is not a field of transformers' {cls.__name__} ({model_type}); set that "
                              f"family's own fields through model.extra, e.g. {', '.join(_size_fields(defaults))}")
-    config = transformers.AutoConfig.for_model(model_type, **{**values, **fields, **extra, "vocab_size": vocab_size})
+    merged = {**values, **fields, **extra, "vocab_size": vocab_size}
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        value = getattr(config, key, None)
+        value = merged.get(key, getattr(defaults, key, None))
         if isinstance(value, int) and not 0 <= value < vocab_size:
-            setattr(config, key, eot_id)
-    return config
+            merged[key] = eot_id
+    return transformers.AutoConfig.for_model(model_type, **merged)
 
 
 def _causal_examples(transformers) -> list[str]:

@@ -153,8 +153,7 @@ class HFCausalLMTask(CausalLMTask):
         return random_tokens(module.model.config.vocab_size, batch_size, module.seq_len, generator)
 
     def data_summary(self, cfg: RunConfig) -> str:
-        what = cfg.model.model_type or Path(cfg.model.config_json).name
-        return f"{super().data_summary(cfg)}, transformers {what}"
+        return f"{super().data_summary(cfg)}, transformers {cfg.model.hf_config(cfg.data.tokenizer).model_type}"
 
 
 TASK = HFCausalLMTask()
