@@ -194,8 +194,13 @@ def _as_value_error(check, value):
         raise ValueError(str(e)) from None
 
 
+OPTIMIZERS = ("adamw", "muon")
+MUON_ADJUST_LR = ("original", "match_rms_adamw", "spectral_unclamped")
+
+
 class OptimConfig(ConfigModel):
-    """AdamW, with NOBLE's per-parameter learning-rate multipliers."""
+    """AdamW with NOBLE's per-parameter learning-rate multipliers, or Muon on the blocks' matrices with AdamW for
+    the rest (`name: muon`; noble_cli/tasks/optimizers.py says who goes where)."""
 
     lr: Float = Field(6e-4, gt=0)
     """The base learning rate (NOBLE's branch parameters get multiples of it)."""
@@ -206,6 +211,55 @@ class OptimConfig(ConfigModel):
     eps: Float = Field(1e-8, gt=0)
     grad_clip: Float | None = Field(1.0, ge=0)
     """Clip the global gradient norm to this; 0 or null: no clipping."""
+
+    name: Literal[OPTIMIZERS] = added_field("adamw")
+    """adamw: every parameter on AdamW. muon: torch.optim.Muon on the 2-D main weights of the transformer blocks'
+    linear layers; embeddings, heads, norms, biases and (see branch_optimizer) NOBLE's branches on AdamW with
+    `lr`, `betas`, `eps`, `weight_decay` and NOBLE's multipliers. Both follow the same schedule."""
+    branch_optimizer: Literal[OPTIMIZERS] = added_field("adamw")
+    """With name: muon, where the branch matrices (W_down, W_up, the r x r mixes) go. adamw (default): AdamW with
+    NOBLE's lr multipliers, which were tuned for AdamW. muon: Muon at muon_lr and its own shape adjustment, no
+    multipliers (its vectors, the cosine frequencies and phases and the biases, stay on AdamW). Configurable
+    because ports disagree: one found branch matrices under Muon with multipliers > 1 diverging by step 2, another
+    keeps W_down on Muon. A branch setting: NOBLE runs with either pair with the same Muon baseline."""
+    muon_lr: Float = added_field(0.02, gt=0)
+    """Muon's learning rate (before adjust_lr_fn), scheduled like lr."""
+    muon_momentum: Float = added_field(0.95, ge=0, lt=1)
+    """Muon's momentum (an EMA of the gradients, orthogonalized each step)."""
+    muon_nesterov: bool = added_field(True)
+    """Nesterov momentum: orthogonalize g + momentum x (the momentum buffer) rather than the buffer."""
+    muon_ns_steps: Int = added_field(5, ge=1, lt=100)
+    """Newton-Schulz iterations that orthogonalize the update (5: Keller Jordan's quintic)."""
+    muon_weight_decay: Float = added_field(0.0, ge=0)
+    """Muon's decoupled weight decay: W <- W (1 - lr x muon_weight_decay) each step, lr being muon_lr as
+    scheduled (0 as in Keller Jordan's Muon; Moonlight uses 0.1 with match_rms_adamw)."""
+    muon_adjust_lr_fn: Literal[MUON_ADJUST_LR] = added_field("original")
+    """How the update is scaled to the matrix's shape (out, in): original, sqrt(max(1, out/in)) (Keller Jordan);
+    match_rms_adamw, 0.2 sqrt(max(out, in)), for an update of AdamW's size, so muon_lr can be near lr (Moonlight);
+    spectral_unclamped, sqrt(out/in) (Bernstein; recent torch only: refused where the installed one lacks it)."""
+
+    @field_validator("name")
+    @classmethod
+    def _muon_installed(cls, name: str) -> str:
+        import torch
+
+        if name == "muon" and not hasattr(torch.optim, "Muon"):
+            raise ValueError(f"optim.name muon needs torch.optim.Muon (torch >= 2.9); this torch is "
+                             f"{torch.__version__}; valid here: adamw")
+        return name
+
+    @field_validator("muon_adjust_lr_fn")
+    @classmethod
+    def _adjust_known_to_torch(cls, fn: str) -> str:
+        import torch
+
+        if fn != "original" and hasattr(torch.optim, "Muon"):
+            try:  # torch's own check: spectral_unclamped came after Muon itself
+                torch.optim.Muon([torch.zeros(2, 2)], adjust_lr_fn=fn)
+            except ValueError:
+                raise ValueError(f"optim.muon_adjust_lr_fn {fn!r} is not known to torch {torch.__version__}; "
+                                 "valid here: original, match_rms_adamw") from None
+        return fn
 
     @field_validator("betas")
     @classmethod
@@ -310,9 +364,19 @@ class RunConfig(ConfigModel):
             raise ValueError(f"seed must be in [0, 2^32), got {seed}")
         return seed
 
+    @model_validator(mode="after")
+    def _muon_needs_whole_matrices(self) -> RunConfig:
+        if self.optim.name == "muon" and self.trainer.strategy == "fsdp":
+            raise ValueError("optim.name muon cannot run under trainer.strategy fsdp: FSDP shards each weight into "
+                             "a flat vector and Muon orthogonalizes whole matrices; valid with muon: auto, ddp")
+        return self
+
     @property
     def variant(self) -> str:
-        return self.name or variant_label(self.noble)
+        if self.name:
+            return self.name
+        tag = optimizer_label(self)
+        return variant_label(self.noble) + (f" | {tag}" if tag else "")
 
     def to_dict(self) -> dict:
         """Plain JSON-compatible values (tuples as lists): what config.yaml, manifests and checkpoints hold."""
@@ -435,6 +499,15 @@ def variant_label(n: NobleConfig, in_run_id: bool = False) -> str:
     return label if n.kernel == "auto" or n.branch != "cosnet" else f"{label} [{n.kernel}]"
 
 
+def optimizer_label(cfg: RunConfig) -> str:
+    """The optimizer as labels name it: nothing for AdamW (the default; earlier runs' labels stay as they were),
+    else `muon`, or `muon, branch muon` when NOBLE's branch matrices are on Muon too."""
+    o = cfg.optim
+    if o.name == "adamw":
+        return ""
+    return o.name + (f", branch {o.branch_optimizer}" if cfg.noble.enabled and o.branch_optimizer != "adamw" else "")
+
+
 # --- identity -------------------------------------------------------------------------------------------------------
 # Fields that change where or how fast a run goes, not what it computes: left out of the config hash.
 _NOT_HASHED = {"trainer": ("devices", "num_nodes", "strategy", "accelerator", "num_workers", "log_every", "logger")}
@@ -460,6 +533,30 @@ def _noble_identity(n: NobleConfig) -> dict:
     return {"branch": "none"}
 
 
+# Optimizer fields only Muon reads: an AdamW run's identity leaves them out, whatever their values, so a
+# `--set optim.muon_lr=...` on a sweep does not fork (and train again) its AdamW runs.
+_MUON_ONLY = ("branch_optimizer", "muon_lr", "muon_momentum", "muon_nesterov", "muon_ns_steps", "muon_weight_decay",
+              "muon_adjust_lr_fn")
+
+
+def _optim_identity(o: OptimConfig) -> dict:
+    """The `optim` fields that change what a run computes. `branch_optimizer` is not among them: it acts on the
+    branch only, so it is part of the branch's identity (`_branch_identity`), which keeps it out of the pair key:
+    NOBLE with its branches on AdamW or on Muon pairs with the same Muon baseline."""
+    d = _hashed_fields(o)
+    for name in _MUON_ONLY if o.name == "adamw" else ("branch_optimizer",):
+        d.pop(name, None)
+    return d
+
+
+def _branch_identity(cfg: RunConfig) -> dict:
+    """`_noble_identity`, plus where the branch matrices are optimized when that is not the default (AdamW)."""
+    d = _noble_identity(cfg.noble)
+    if cfg.noble.enabled and cfg.optim.name == "muon" and cfg.optim.branch_optimizer != "adamw":
+        d["branch_optimizer"] = cfg.optim.branch_optimizer
+    return d
+
+
 def _hashed_fields(section: BaseModel) -> dict:
     """A section's values as JSON, without the added fields that still have their defaults."""
     d = section.model_dump(mode="json")
@@ -483,7 +580,8 @@ def hashable_dict(cfg: RunConfig) -> dict:
             d[section].pop(k, None)
     for (section, name), old in _HASHED_UNDER.items():
         d[section][old] = d[section].pop(name)
-    d["noble"] = _noble_identity(cfg.noble)
+    d["optim"] = _optim_identity(cfg.optim)
+    d["noble"] = _branch_identity(cfg)
     return d
 
 
@@ -511,12 +609,13 @@ def pair_key(cfg: RunConfig, world_size: int = 1, data_identity: dict | None = N
 
 
 def variant_key(cfg: RunConfig) -> str:
-    return digest([_noble_identity(cfg.noble), cfg.name])
+    return digest([_branch_identity(cfg), cfg.name])
 
 
 def run_id(cfg: RunConfig) -> str:
     """A stable id: recipe, variant, seed and the config hash. The same config always maps to the same folder."""
-    variant = cfg.name or variant_label(cfg.noble, in_run_id=True)
+    tag = optimizer_label(cfg)
+    variant = cfg.name or (variant_label(cfg.noble, in_run_id=True) + (f" {tag}" if tag else ""))
     label = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in variant).strip("-")
     while "--" in label:
         label = label.replace("--", "-")

@@ -17,7 +17,7 @@ from torch import nn
 from noble_cli.data.text_tokenizers import DEFAULT, TextTokenizer, get_tokenizer
 from noble_cli.errors import NobleError
 
-TEXT_TASKS = ("causal_lm",)  # tasks whose tokens are text (image_lm's are VQGAN codes)
+TEXT_TASKS = ("causal_lm", "hf_causal_lm")  # tasks whose tokens are text (image_lm's are VQGAN codes)
 CHECKPOINTS = ("best", "last")
 
 

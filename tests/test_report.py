@@ -572,3 +572,28 @@ def test_a_report_of_one_sweep_in_a_shared_results_folder(tmp_path: Path):
     res = CliRunner().invoke(_app(), ["report", str(r), "--sweep", "study-y", "--no-plots"])
     assert isinstance(res.exception, NobleError)
     assert str(res.exception) == f"no sweep 'study-y' under {r}/sweeps; valid: study-x"
+
+
+def test_a_recipe_under_two_optimizers_labels_every_row_with_its_optimizer(tmp_path: Path):
+    """`noble ablate optimizers`: the AdamW runs keep the labels other studies gave them; the report names the
+    optimizer of every row where a recipe's runs mix optimizers, and pairs each NOBLE run with its own baseline."""
+    r = tmp_path / "res"
+    for optim, pair, base_ev, noble_ev in (("adamw", "pA", [4.0, 3.5, 3.2, 3.1], [3.8, 3.2, 3.0, 2.9]),
+                                           ("muon", "pM", [3.6, 3.0, 2.8, 2.7], [3.6, 3.0, 2.8, 2.75])):
+        suffix = "" if optim == "adamw" else " | muon"
+        for rid, variant, ev, base in ((f"b-{optim}", "baseline", base_ev, True),
+                                       (f"c-{optim}", "cosnet r8", noble_ev, False)):
+            d = write_run(r, rid, variant=variant + suffix, evals=ev, baseline=base, pair_key=pair)
+            cfg = yaml.safe_load((d / "config.yaml").read_text())
+            if optim == "muon":
+                cfg["optim"]["name"] = "muon"
+            (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    rep = load_report(r)
+    assert set(rep.summary["variant"]) == {"baseline | adamw", "cosnet r8 | adamw", "baseline | muon",
+                                           "cosnet r8 | muon"}
+    adamw = row(rep.summary, "cosnet r8 | adamw")
+    assert adamw["pair_key"] == "pA" and adamw["reached"] == "1/1"
+    assert row(rep.summary, "cosnet r8 | muon")["reached"] == "0/1"  # never reaches Muon's baseline
+    alone = tmp_path / "alone"
+    write_run(alone, "b", variant="baseline", baseline=True, evals=[4.0, 3.5, 3.2, 3.1])
+    assert set(load_report(alone).summary["variant"]) == {"baseline"}  # one optimizer: labels as they were

@@ -534,3 +534,25 @@ def test_a_sweep_of_multi_device_runs_trains_them(tmp_path):
     statuses = [json.loads(p.read_text())["status"] for p in sorted((tmp_path / "runs").glob("*/summary.json"))]
     assert statuses == ["completed", "completed"]
     assert all(json.loads(p.read_text())["world_size"] == 2 for p in (tmp_path / "runs").glob("*/meta.json"))
+
+
+def test_optimizers_grid_one_comparison_per_optimizer_sharing_the_adamw_runs():
+    """`noble ablate optimizers`: baseline and NOBLE under AdamW and Muon (and NOBLE with its branch matrices on Muon
+    too); the AdamW runs are the plain runs of every other study (same run ids), each optimizer its own pair key."""
+    plan = grids.optimizers_sweep("llm-tiny", ["adamw", "muon"], [0, 1], branch_optimizers=["adamw", "muon"],
+                                  controls=["init"], check_models=False)
+    seed0 = [r for r in plan.runs if r.seed == 0]
+    assert [(r.cfg.optim.name, r.role) for r in seed0] == [
+        ("adamw", "baseline"), ("adamw", "noble"), ("adamw", "init"),
+        ("muon", "baseline"), ("muon", "noble"), ("muon", "noble"), ("muon", "init")]
+    assert [r.variant for r in seed0 if r.role == "noble"] == [
+        "cosnet r8", "cosnet r8 | muon", "cosnet r8 | muon, branch muon"]
+    plain = grids.activations_sweep("llm-tiny", ["cosnet"], [0], check_models=False)
+    assert [r.run_id for r in seed0[:2]] == plain.run_ids  # trained once for both studies
+    adamw, muon = ({C.pair_key(r.cfg) for r in seed0 if r.cfg.optim.name == o} for o in ("adamw", "muon"))
+    assert len(adamw) == len(muon) == 1 and adamw != muon
+    runner = CliRunner()
+    result = runner.invoke(ablate_app, ["optimizers", "--set", "optim.name=muon", "--dry-run"])
+    assert "use --optimizers" in str(result.exception)
+    result = runner.invoke(ablate_app, ["optimizers", "--optimizers", "adamw,sgd", "--dry-run"])
+    assert str(result.exception) == "unknown optimizer 'sgd'; valid: adamw, muon"

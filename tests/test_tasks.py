@@ -12,6 +12,7 @@ from noble_cli.config import ConfigModel
 from noble_cli.layers import noble_layers
 from noble_cli.tasks import TASKS, Task, get_task, register, train_flags
 from noble_cli.tasks.base import NobleTask
+from noble_cli.tasks.optimizers import MuonWithAdamW
 
 
 class Batches:
@@ -28,24 +29,20 @@ class Batches:
 
 
 def smallest_recipe(task: str) -> str:
-    """The task's CPU-sized recipe (every task must have at least one recipe)."""
+    """The task's CPU-sized recipe (every task must have at least one recipe): `*-tiny`, else `*-bytes`."""
     names = [n for n in recipes.list_recipes() if recipes.load_recipe(n).get("task") == task]
     assert names, f"task {task} has no recipe"
-    return next((n for n in names if n.endswith("-tiny")), names[0])
+    return next((n for suffix in ("-tiny", "-bytes") for n in names if n.endswith(suffix)), names[0])
 
 
-@pytest.mark.parametrize("name", sorted(TASKS))
-def test_every_task_trains_a_step_and_evaluates(name):
+def one_step(name: str, overrides: dict | None = None):
+    """The task's smallest recipe with a CosNet branch, one training step and one evaluation on synthetic batches:
+    (task, module, trainer, the parameters before the step)."""
     task = get_task(name)
-    assert isinstance(task, Task) and task.name == name
-    assert issubclass(task.model_class, ConfigModel) and issubclass(task.data_class, ConfigModel)
-    cfg = recipes.resolve(smallest_recipe(name), {"noble.branch": "cosnet", "noble.rank": 2, "trainer.batch_size": 2})
-    assert isinstance(cfg.model, task.model_class) and isinstance(cfg.data, task.data_class)
-    assert task.data_summary(cfg).strip()
-
+    cfg = recipes.resolve(smallest_recipe(name), {"noble.branch": "cosnet", "noble.rank": 2, "trainer.batch_size": 2,
+                                                  **(overrides or {})})
     torch.manual_seed(0)
     module = task.build_module(cfg)
-    assert isinstance(module, NobleTask) and noble_layers(module.model), "the NOBLE layer library put branches in"
     gen = torch.Generator().manual_seed(0)
     batch, items = task.synthetic_batch(module, 2, gen)
     assert items > 0 and module.items_in(batch) == items
@@ -55,11 +52,41 @@ def test_every_task_trains_a_step_and_evaluates(name):
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=1, val_check_interval=1)
     trainer.fit(module, train_dataloaders=Batches(batch), val_dataloaders=Batches(eval_batch))
+    return task, module, trainer, before
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_every_task_trains_a_step_and_evaluates(name):
+    task = get_task(name)
+    assert isinstance(task, Task) and task.name == name
+    assert issubclass(task.model_class, ConfigModel) and issubclass(task.data_class, ConfigModel)
+    task, module, trainer, before = one_step(name)
+    cfg = module.cfg
+    assert isinstance(cfg.model, task.model_class) and isinstance(cfg.data, task.data_class)
+    assert task.data_summary(cfg).strip()
+    assert isinstance(module, NobleTask) and noble_layers(module.model), "the NOBLE layer library put branches in"
     metrics = trainer.callback_metrics
     assert math.isfinite(float(metrics["train_loss"]))
     assert task.metric.name in metrics and math.isfinite(float(metrics[task.metric.name]))
     moved = [n for n, p in module.model.named_parameters() if not torch.equal(before[n], p.detach())]
     assert any(".up." in n for n in moved), "one optimizer step moved the branches' up-projections"
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_every_task_steps_muon_and_adamw_together(name):
+    """optim.name=muon in every task, the VQGAN's manual optimization included: one optimizer object steps Muon
+    on the blocks' matrices and AdamW on the rest (the branches among them), and both move their parameters."""
+    _, module, trainer, before = one_step(name, {"optim.name": "muon"})
+    opt = trainer.optimizers[0]
+    assert isinstance(opt, MuonWithAdamW)
+    names = {id(p): n for n, p in module.model.named_parameters()}
+    on_muon = [names[id(p)] for g in opt.muon.param_groups for p in g["params"]]
+    on_adamw = [names[id(p)] for g in opt.adamw.param_groups for p in g["params"]]
+    assert on_muon and not set(on_muon) & set(on_adamw)
+    assert set(on_muon) | set(on_adamw) == set(before), "every trainable parameter has one optimizer"
+    assert not [n for n in on_muon if any(part in n for part in (".down.", ".up.", ".act."))], "branches: AdamW"
+    moved = {n for n, p in module.model.named_parameters() if not torch.equal(before[n], p.detach())}
+    assert set(on_muon) <= moved and any(".up." in n for n in moved)
 
 
 def test_every_task_option_sets_a_field_of_its_tasks_data_or_model():

@@ -12,6 +12,7 @@ from noble_cli.layers.apply import (
     ParamCount,
     apply_noble,
     count_parameters,
+    muon_parameters,
     noble_layers,
     param_groups,
     set_kernel,
@@ -20,5 +21,6 @@ from noble_cli.layers.linear import KERNELS, NobleLinear
 
 __all__ = [
     "ACTIVATIONS", "KERNELS", "TARGET_SETS", "LRMultipliers", "NobleLinear", "ParamCount", "activation_spec",
-    "apply_noble", "count_parameters", "noble_layers", "param_groups", "register", "resolve_activation", "set_kernel",
+    "apply_noble", "count_parameters", "muon_parameters", "noble_layers", "param_groups", "register",
+    "resolve_activation", "set_kernel",
 ]

@@ -127,3 +127,71 @@ def example_input(model: nn.Module) -> torch.Tensor:
         return torch.zeros(1, getattr(config, "num_channels", 3), h, w)
     c, h, w = model.pretrained_cfg["input_size"]  # timm
     return torch.zeros(1, c, h, w)
+
+
+# --- a transformers causal LM to train from scratch (the hf_causal_lm task) -----------------------------------------
+
+
+def _read_config_json(path: str) -> dict:
+    p = Path(path).expanduser()
+    try:
+        values = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise NobleError(f"cannot read model.config_json {p}: {e}") from None
+    if not isinstance(values, dict):
+        raise NobleError(f"model.config_json {p} must hold a JSON object of config fields")
+    return values
+
+
+def causal_lm_config(model_type: str | None, config_json: str | None, fields: dict, extra: dict, vocab_size: int,
+                     eot_id: int):
+    """The transformers config of a causal LM to train from scratch: a config.json's fields (if given), then the
+    set `fields` (sizes), then `extra`, and `vocab_size` (the tokenizer's). Special token ids outside that vocabulary
+    (a family's defaults for its own tokenizer) become the end-of-text id. Each problem is one line naming what is
+    valid: an unknown model type, one without a causal-LM class, a field the family's config class lacks."""
+    transformers = import_transformers()
+    values = _read_config_json(config_json) if config_json else {}
+    named = values.pop("model_type", None)
+    if model_type and named and model_type != named:
+        raise NobleError(f"model.model_type {model_type!r} contradicts model.config_json's {named!r}; leave "
+                         "model_type out or make them agree")
+    model_type = model_type or named
+    known = transformers.CONFIG_MAPPING
+    if model_type not in known:
+        raise NobleError(f"unknown transformers model_type {model_type!r}; valid: a causal-LM type of transformers "
+                         f"{transformers.__version__}, e.g. {', '.join(_causal_examples(transformers))}")
+    cls = known[model_type]
+    if cls not in transformers.MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise NobleError(f"transformers model_type {model_type!r} has no causal-LM class; valid: e.g. "
+                         f"{', '.join(_causal_examples(transformers))}")
+    defaults = cls()
+    for key in (*fields, *extra):
+        if not hasattr(defaults, key):
+            where = "model." if key in fields else "model.extra."
+            raise NobleError(f"{where}{key} is not a field of transformers' {cls.__name__} ({model_type}); set that "
+                             f"family's own fields through model.extra, e.g. {', '.join(_size_fields(defaults))}")
+    merged = {**values, **fields, **extra, "vocab_size": vocab_size}
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = merged.get(key, getattr(defaults, key, None))
+        if isinstance(value, int) and not 0 <= value < vocab_size:
+            merged[key] = eot_id
+    return transformers.AutoConfig.for_model(model_type, **merged)
+
+
+def _causal_examples(transformers) -> list[str]:
+    return [t for t in ("llama", "qwen2", "mistral", "gpt2", "gpt_neox", "falcon")
+            if t in transformers.CONFIG_MAPPING]
+
+
+def _size_fields(config) -> list[str]:
+    """The integer fields of a config whose names say they are sizes (what a user would set)."""
+    return sorted(k for k, v in config.to_dict().items()
+                  if isinstance(v, int) and not isinstance(v, bool) and not k.endswith("_id")
+                  and any(w in k for w in ("size", "layer", "head", "embd", "inner", "position", "dim")))
+
+
+def causal_lm(config) -> nn.Module:
+    """The family's causal-LM model, freshly initialised in float32 (mixed precision is the trainer's, whatever
+    dtype a config.json was saved with)."""
+    transformers = import_transformers()
+    return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -291,6 +292,25 @@ def load_run(path: Path) -> Run:
     return run
 
 
+def optimizer_of(run: Run) -> str:
+    """The run's optim.name from its config.yaml (runs from before the field were AdamW's)."""
+    optim = (run.config or {}).get("optim")
+    return str(optim.get("name") or "adamw") if isinstance(optim, dict) else "adamw"
+
+
+def _optimizer_labels(runs: list[Run]) -> None:
+    """Where one recipe's runs mix optimizers (`noble ablate optimizers`), every label names its optimizer, as the
+    vision sweeps' labels name their augmentation: AdamW runs are labelled without it (as every run was before
+    Muon), so `| adamw` is added here, never to their run folders, which other studies share."""
+    used: dict[str, set[str]] = {}
+    for r in runs:
+        used.setdefault(r.recipe, set()).add(optimizer_of(r))
+    for r in runs:
+        opt = optimizer_of(r)
+        if len(used[r.recipe]) > 1 and not re.search(rf"\| {opt}\b", r.variant):
+            r.variant = f"{r.variant} | {opt}"
+
+
 def _one_baseline_label(runs: list[Run]) -> None:
     """The baselines of one pair (recipe, pair_key) under one variant key and label, so that tables and plots show
     one baseline row and curve even when seeds' baselines were labelled differently (a sweep's group name, a plain
@@ -379,6 +399,7 @@ def load_runs(root: Path, exclude: Path | None = None, only: set[Path] | None = 
         for r in group[:-1]:
             skipped.append((r.path, f"duplicate of {chosen.run_id} (same {what}, pair and seed); a completed run "
                                     "is kept over a diverged one, then the newest"))
+    _optimizer_labels(kept)
     _one_baseline_label(kept)
     _distinct_labels(kept)
     kept.sort(key=lambda r: (r.recipe, r.pair_key, not r.is_baseline, r.variant, str(r.seed)))

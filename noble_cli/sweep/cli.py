@@ -30,8 +30,8 @@ from noble_cli.sweep.progress import runs_table
 from noble_cli.trackers import parse_loggers
 
 ablate_app = typer.Typer(
-    help="Sweeps: NOBLE against its baseline (and controls) over activations, ranks, layers and (vision) "
-    "augmentations. "
+    help="Sweeps: NOBLE against its baseline (and controls) over activations, ranks, layers, optimizers and "
+    "(vision) augmentations. "
     "Every seed gets its baseline; finished runs are skipped, interrupted ones resumed.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -280,6 +280,30 @@ def controls_(
                                 rank=rank, max_steps=max_steps, sets=set_, name=name)
     execute_plan(plan, out=out, dry_run=dry_run, force=force, launcher=launcher, gpus=gpus, slurm_opts=slurm_opt,
                  wait=wait, isolate=isolate, loggers=logger)
+
+
+@ablate_app.command()
+def optimizers(
+    optimizers: str = typer.Option("adamw,muon", "--optimizers", help="Optimizers (optim.name), comma-separated: "
+                                   "adamw, muon. Each is its own comparison: NOBLE against the baseline of its own "
+                                   "optimizer."),
+    branch_optimizers: str = typer.Option("adamw", "--branch-optimizers", help="Under muon, where NOBLE's branch "
+                                          "matrices go (optim.branch_optimizer): adamw, muon or both, "
+                                          "comma-separated (one NOBLE run each)."),
+    branch: str = BRANCH, rank: Optional[int] = RANK, controls: str = CONTROLS,
+    recipe: str = LANG_RECIPE, seeds: str = SEEDS, max_steps: Optional[int] = MAX_STEPS, set_: list[str] = SETS,
+    out: Path = OUT, name: Optional[str] = NAME, dry_run: bool = DRY_RUN, force: bool = FORCE,
+    launcher: str = LAUNCHER, gpus: Optional[str] = GPUS, slurm_opt: list[str] = SLURM_OPT, wait: bool = WAIT,
+    isolate: bool = ISOLATE,
+):
+    """Does NOBLE's speedup survive a stronger optimizer? Baseline and NOBLE under each optimizer (AdamW, Muon on
+    the blocks' matrices); --controls adds NOBLE's controls under each. Muon's own settings: --set optim.muon_lr=..."""
+    plan = grids.optimizers_sweep(_recipe(recipe), grids.parse_optimizers(optimizers), grids.parse_seeds(seeds),
+                                  branch=grids.parse_branch(branch), rank=rank,
+                                  branch_optimizers=grids.parse_optimizers(branch_optimizers, "--branch-optimizers"),
+                                  max_steps=max_steps, sets=set_, name=name, controls=grids.parse_controls(controls))
+    execute_plan(plan, out=out, dry_run=dry_run, force=force, launcher=launcher, gpus=gpus, slurm_opts=slurm_opt,
+                 wait=wait, isolate=isolate)
 
 
 @ablate_app.command("run-entry", hidden=True)

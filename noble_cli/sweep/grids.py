@@ -179,6 +179,21 @@ def parse_augments(text: str) -> list[str]:
     return out
 
 
+def parse_optimizers(text: str, option: str = "--optimizers") -> list[str]:
+    """`adamw,muon` -> the optimizers in that order, duplicates dropped."""
+    out: list[str] = []
+    parts = split_list(text)
+    if not parts:
+        raise NobleError(f"{option} is empty; valid: {', '.join(C.OPTIMIZERS)}")
+    for part in parts:
+        key = part.strip().lower()
+        if key not in C.OPTIMIZERS:
+            raise choices_error("optimizer", part, C.OPTIMIZERS)
+        if key not in out:
+            out.append(key)
+    return out
+
+
 def parse_controls(text: str | None) -> list[str]:
     """`dense,init,own-init` -> the controls in that order (aliases: dense-match, init-only; `none` or empty:
     no control)."""
@@ -242,7 +257,8 @@ def _check_sets(sets: list[str], reserved: set[str], ablation: str) -> None:
     hints = {"seed": "use --seeds", "trainer.max_steps": "use --max-steps",
              "noble.branch": "use --activations (or --branch)",
              "noble.rank": "use --rank (or --ranks)", "noble.targets": "use --targets",
-             "name": "labels come from the variant"}
+             "name": "labels come from the variant", "optim.name": "use --optimizers",
+             "optim.branch_optimizer": "use --branch-optimizers"}
     for s in sets:
         path, _ = parse_set(s)
         key = ".".join(path)
@@ -493,3 +509,28 @@ def controls_sweep(recipe: str, seeds: list[int], branch: str = "cosnet", rank: 
     variants = [_baseline(), _noble(branch, rank)] + control_variants(list(CONTROLS), branch, rank)
     return expand("controls", recipe, variants, seeds, max_steps, sets or [], name, {"branch": branch, "rank": rank},
                   {"controls": list(CONTROLS)}, check_models)
+
+
+def optimizers_sweep(recipe: str, optimizers: list[str], seeds: list[int], branch: str = "cosnet",
+                     rank: int | None = None, branch_optimizers: list[str] | None = None, max_steps: int | None = None,
+                     sets: list[str] | None = None, name: str | None = None, check_models: bool = True,
+                     controls: list[str] | None = None) -> SweepPlan:
+    """Does NOBLE's speedup survive a stronger optimizer? Baseline and NOBLE (and the controls) under each optimizer
+    (`optim.name`), each optimizer its own comparison: the optim section is part of the pair key, so every NOBLE
+    run is measured against the baseline of its own optimizer. Under Muon, one NOBLE run per branch optimizer
+    (`branch_optimizers`, default adamw): both pair with the same Muon baseline. No run is renamed: the AdamW runs
+    are the very runs of the other studies on the recipe (trained once), and labels name Muon (`| muon`); the report
+    adds `| adamw` where a recipe's runs mix optimizers."""
+    sets = sets or []
+    controls = list(controls or [])
+    branch_optimizers = list(branch_optimizers or ["adamw"])
+    variants = []
+    for opt in optimizers:
+        extra = {"optim.name": opt}
+        variants.append(Variant("baseline", {**_baseline().overrides, **extra}, opt))
+        for bo in branch_optimizers if opt == "muon" else ["adamw"]:
+            variants.append(_noble(branch, rank, group=opt, extra={**extra, "optim.branch_optimizer": bo}))
+        variants += control_variants(controls, branch, rank, opt, extra)
+    axes = {"optimizers": optimizers, "branch_optimizers": branch_optimizers, "controls": controls}
+    return expand("optimizers", recipe, variants, seeds, max_steps, sets, name, {"branch": branch, "rank": rank},
+                  axes, check_models)

@@ -70,6 +70,7 @@ AUGMENTATION_FLAGS = (
 )
 
 register("causal_lm", "noble_cli.tasks.causal_lm", "GPT causal language modelling")
+register("hf_causal_lm", "noble_cli.tasks.hf_causal_lm", "causal language modelling with a transformers model")
 register("masked_lm", "noble_cli.tasks.masked_lm", "BERT masked language modelling")
 register("vit", "noble_cli.tasks.vit", "ViT image classification", AUGMENTATION_FLAGS)
 register("vqgan", "noble_cli.tasks.vqgan", "transformer VQGAN image tokenizer")

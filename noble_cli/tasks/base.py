@@ -19,6 +19,7 @@ from noble_cli.layers import LRMultipliers, apply_noble, count_parameters, param
 from noble_cli.layers.apply import reinit_main_weights
 from noble_cli.layers.implementation import Choice, plan
 from noble_cli.seeding import STEP, derive_seed
+from noble_cli.tasks.optimizers import build_optimizer
 
 
 def planned_implementation(noble: NobleConfig, on_cuda: bool) -> Choice:
@@ -37,22 +38,30 @@ def _with_branches(make: Callable, model_cfg, noble: NobleConfig, branch: str, k
     return model
 
 
+def _mlp_width(model_cfg) -> tuple[int, Callable[[int], object]]:
+    """(the MLP's hidden width, width -> the config with that width): a config's own `mlp_hidden` and
+    `with_mlp_hidden`, or the built-in models' `mlp_ratio` x `d_model`."""
+    if hasattr(model_cfg, "with_mlp_hidden"):
+        return model_cfg.mlp_hidden, model_cfg.with_mlp_hidden
+    if not hasattr(model_cfg, "mlp_ratio") or not hasattr(model_cfg, "d_model"):
+        raise TypeError(f"{type(model_cfg).__name__} has no mlp_ratio/d_model to widen")
+    d = model_cfg.d_model
+    return int(round(model_cfg.mlp_ratio * d)), lambda h: model_cfg.model_copy(update={"mlp_ratio": h / d})
+
+
 def dense_matched_config(make: Callable, model_cfg, noble: NobleConfig):
     """The model config widened (MLP hidden size) until it has as many parameters as the NOBLE model.
 
     Parameter counts are affine in the MLP hidden size, so two counts on the meta device give the exact width.
     """
-    if not hasattr(model_cfg, "mlp_ratio") or not hasattr(model_cfg, "d_model"):
-        raise TypeError(f"{type(model_cfg).__name__} has no mlp_ratio/d_model to widen")
+    h0, widened = _mlp_width(model_cfg)
     with torch.device("meta"):
         target = count_parameters(_with_branches(make, model_cfg, noble, noble.match_branch)).total
-        d = model_cfg.d_model
-        h0 = int(round(model_cfg.mlp_ratio * d))
         p0 = count_parameters(make(model_cfg)).total
-        p1 = count_parameters(make(model_cfg.model_copy(update={"mlp_ratio": (h0 + 64) / d}))).total
+        p1 = count_parameters(make(widened(h0 + 64))).total
     per_unit = (p1 - p0) / 64
     hidden = h0 + max(0, round((target - p0) / per_unit))
-    return model_cfg.model_copy(update={"mlp_ratio": hidden / d})
+    return widened(hidden)
 
 
 def build_model(make: Callable, model_cfg, noble: NobleConfig, kernel: str = "torch") -> nn.Module:
@@ -81,7 +90,8 @@ def lr_factor(step: int, max_steps: int, warmup: int, decay: str, min_ratio: flo
 
 
 class NobleTask(L.LightningModule):
-    """Base LightningModule: model with branches, AdamW with NOBLE's groups, warm-up + cosine, logging."""
+    """Base LightningModule: model with branches, AdamW with NOBLE's groups (or Muon+AdamW), warm-up + cosine,
+    logging."""
 
     items_name = "tokens"  # what a batch is counted in for throughput (tokens, images)
 
@@ -155,15 +165,15 @@ class NobleTask(L.LightningModule):
                       prog_bar=False)
 
     def optimizer_and_schedule(self):
-        """AdamW over NOBLE's parameter groups (no decay on what `model.no_weight_decay()` lists, if it has one)
-        and the warm-up + decay schedule, stepped every optimizer step."""
+        """AdamW over NOBLE's parameter groups (no decay on what `model.no_weight_decay()` lists, if it has one),
+        or Muon on the blocks' matrices with AdamW for the rest (`optim.name`, tasks/optimizers.py), and the
+        warm-up + decay schedule over every group, stepped every optimizer step."""
         o, s, t = self.cfg.optim, self.cfg.schedule, self.cfg.trainer
         n = self.cfg.noble
         mults = LRMultipliers(n.up_lr_power, n.mix_lr_power, n.freq_lr_mult, n.phase_lr_mult)
         no_decay = getattr(self.model, "no_weight_decay", lambda: ())()
         groups = param_groups(self.model, o.lr, o.weight_decay, mults, no_decay)
-        fused = self.device.type == "cuda"
-        opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=fused)
+        opt = build_optimizer(self.model, o, groups, fused=self.device.type == "cuda")
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda step: lr_factor(step, t.max_steps, s.warmup_steps, s.decay, s.min_lr_ratio)
         )

@@ -88,26 +88,30 @@ class CausalLM(NobleTask):
     def make_model(self, model_cfg: GPTConfig) -> GPT:
         return GPT(model_cfg)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def logits(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) -> next-token logits (B, T, vocab): what the loss and the evaluation read."""
         return self.model(idx)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.logits(idx)
 
     def loss(self, batch):
         x, y = batch
-        logits = self.model(x)
+        logits = self.logits(x)
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1)), {}
 
     def token_bytes(self, device: torch.device) -> torch.Tensor:
         """The UTF-8 bytes each id stands for (a table of the vocabulary; ids past the tokenizer's count 0)."""
         if self._token_bytes is None or self._token_bytes.device != device:
             table = get_tokenizer(self.tokenizer_name).token_bytes()
-            full = np.zeros(max(len(table), self.model_cfg.vocab_size), dtype=np.int64)
+            full = np.zeros(max(len(table), getattr(self.model_cfg, "vocab_size", 0)), dtype=np.int64)
             full[: len(table)] = table
             self._token_bytes = torch.from_numpy(full).to(device)
         return self._token_bytes
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
-        logits = self.model(x).float()
+        logits = self.logits(x).float()
         nll = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), reduction="none")
         self.log("eval_loss", nll.mean(), on_epoch=True, sync_dist=True, prog_bar=False)
         if self.eval_bpb is not None:
@@ -154,16 +158,20 @@ class CausalLMTask(Task):
 
         d, t = cfg.data, cfg.trainer
         tok = get_tokenizer(d.tokenizer)
-        # checked with the data, not in `check`: `noble bench` runs small vocabularies on random ids
-        if cfg.model.vocab_size < tok.vocab_size:
-            raise NobleError(f"model.vocab_size {cfg.model.vocab_size} is smaller than the {tok.title} vocabulary "
-                             f"the text data is tokenized with ({tok.vocab_size}); set "
-                             f"model.vocab_size={tok.vocab_size}")
+        self.check_vocabulary(cfg, tok)
         return LMDataModule(
             data=d.dataset, seq_len=d.seq_len, batch_size=t.batch_size, seed=cfg.seed, eval_batches=t.eval_batches,
             num_workers=t.num_workers, cache_dir=d.cache_dir, max_steps=t.max_steps * t.accumulate,
             tokenizer=tok.name,
         )
+
+    def check_vocabulary(self, cfg: RunConfig, tok) -> None:
+        """The model's vocabulary holds the tokenizer's ids. Checked with the data, not in `check`: `noble bench`
+        runs small vocabularies on random ids."""
+        if cfg.model.vocab_size < tok.vocab_size:
+            raise NobleError(f"model.vocab_size {cfg.model.vocab_size} is smaller than the {tok.title} vocabulary "
+                             f"the text data is tokenized with ({tok.vocab_size}); set "
+                             f"model.vocab_size={tok.vocab_size}")
 
     def synthetic_batch(self, module: CausalLM, batch_size: int, generator: torch.Generator):
         return random_tokens(module.model_cfg.vocab_size, batch_size, module.seq_len, generator)
