@@ -219,3 +219,15 @@ def test_a_sweep_sends_its_runs_to_the_trackers_grouped_by_its_name(tmp_path, mo
     assert entry_argv(path, 0, True, loggers=("wandb", "mlflow"))[-4:] == ["--logger", "wandb", "--logger", "mlflow"]
     script, _ = write_slurm_script(path, loggers=("mlflow",))
     assert '"${SLURM_ARRAY_TASK_ID}" --logger mlflow\n' in script.read_text()
+
+
+def test_every_ablation_takes_the_logger_option():
+    """--logger is a sweep option of every `noble ablate` study, not only of the ones that existed when it came."""
+    import inspect
+
+    from noble_cli.sweep.cli import ablate_app
+
+    commands = [c for c in ablate_app.registered_commands if not c.hidden]
+    assert len(commands) >= 7
+    missing = [c.callback.__name__ for c in commands if "logger" not in inspect.signature(c.callback).parameters]
+    assert missing == []

@@ -294,7 +294,7 @@ def optimizers(
     recipe: str = LANG_RECIPE, seeds: str = SEEDS, max_steps: Optional[int] = MAX_STEPS, set_: list[str] = SETS,
     out: Path = OUT, name: Optional[str] = NAME, dry_run: bool = DRY_RUN, force: bool = FORCE,
     launcher: str = LAUNCHER, gpus: Optional[str] = GPUS, slurm_opt: list[str] = SLURM_OPT, wait: bool = WAIT,
-    isolate: bool = ISOLATE,
+    isolate: bool = ISOLATE, logger: list[str] = LOGGER,
 ):
     """Does NOBLE's speedup survive a stronger optimizer? Baseline and NOBLE under each optimizer (AdamW, Muon on
     the blocks' matrices); --controls adds NOBLE's controls under each. Muon's own settings: --set optim.muon_lr=..."""
@@ -303,7 +303,7 @@ def optimizers(
                                   branch_optimizers=grids.parse_optimizers(branch_optimizers, "--branch-optimizers"),
                                   max_steps=max_steps, sets=set_, name=name, controls=grids.parse_controls(controls))
     execute_plan(plan, out=out, dry_run=dry_run, force=force, launcher=launcher, gpus=gpus, slurm_opts=slurm_opt,
-                 wait=wait, isolate=isolate)
+                 wait=wait, isolate=isolate, loggers=logger)
 
 
 @ablate_app.command("run-entry", hidden=True)
