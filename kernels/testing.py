@@ -46,9 +46,9 @@ def make_inputs(m: int, k: int, n: int, r: int, dtype: torch.dtype = torch.float
                 bias: bool = True, seed: int = 0) -> dict:
     """Fresh random inputs for `cosnet_linear` (keys ARGS) plus "grad_out", an output gradient (m, n).
 
-    x ~ N(0, 1) (what a LayerNorm feeds the layer); weights at NOBLE's init scales (docs: /work/shared/NOBLE.md),
-    except W_up ~ N(0, (0.5/sqrt(r))^2) instead of 0.01/sqrt(r), so that the branch adds as much to y as the main
-    path and an error in it is not hidden below the tolerance, and biases drawn like nn.Linear's instead of 0
+    x ~ N(0, 1) (what a LayerNorm feeds the layer); weights at NOBLE's init scales (noble_cli/layers/linear.py),
+    except W_up ~ N(0, (0.5/sqrt(r))^2) instead of 0.01/sqrt(r), so that the branch adds as much to y as the
+    main path and an error in it is not hidden below the tolerance, and biases drawn like nn.Linear's instead of 0
     (a forward that dropped a zero bias would pass). bias=False drops the main bias only (GPT's layers).
     dtype is the compute dtype: bf16/fp16 return fp32 tensors, the master weights autocast casts, as in training."""
     device = torch.device(device)
