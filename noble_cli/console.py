@@ -42,3 +42,15 @@ def first_use_note(message: str) -> None:
     """A line on stderr when something is built on first use (data shards, a vocabulary): the wait is explained,
     and stdout (a run's progress, a command's tables) stays as it was."""
     make_console(stderr=True).print(message, highlight=False, markup=False)
+
+
+def format_duration(seconds: float | None) -> str:
+    """`42s`, `3m05s`, `2h07m`; `-` when unknown."""
+    if seconds is None:
+        return "-"
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+    if s >= 60:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s}s"

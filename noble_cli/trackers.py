@@ -31,7 +31,7 @@ from urllib.parse import urlparse
 
 from rich.markup import escape
 
-from noble_cli.config import TRACKERS, parse_loggers  # noqa: F401 - the tracker names live with the field
+from noble_cli.config import parse_loggers
 from noble_cli.console import make_console
 
 # The package each tracker needs; the extra that installs it has the tracker's name (noble-cli[wandb], ...).

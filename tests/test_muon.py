@@ -161,3 +161,33 @@ def test_resume_after_kill_with_muon_reaches_the_same_losses(tmp_path):
     assert list(a.index) == list(b.index) == list(range(1, 9))
     pd.testing.assert_series_equal(a["train_loss"], b["train_loss"], rtol=1e-5, atol=0)
     pd.testing.assert_series_equal(a["eval_loss"].dropna(), b["eval_loss"].dropna(), rtol=1e-5, atol=0)
+
+
+def test_muon_steps_a_gpt2_conv1d_weight_as_the_out_in_matrix_it_is():
+    """A transformers GPT-2 baseline keeps its Conv1D layers, whose weights are stored (in, out); its NOBLE run has
+    NobleLinear (out, in). Muon's shape adjustment reads (rows, cols) as (out, in), so uncorrected the baseline's
+    c_fc (in 32, out 128) would step at scale 1 instead of 2 and its MLP projection at 2 instead of 1: the two arms
+    would train at different per-layer rates. Read from one real step of the baseline."""
+    pytest.importorskip("transformers")
+    from noble_cli.tasks.optimizers import _muon_shape_scale
+
+    assert _muon_shape_scale("original", 128, 32) == pytest.approx(2.0)  # torch's private formula, pinned
+    assert _muon_shape_scale("original", 32, 128) == pytest.approx(1.0)
+    sets = ["model.model_type=gpt2", "model.hidden_size=32", "model.num_hidden_layers=1",
+            "model.num_attention_heads=2", "model.num_key_value_heads=null", "model.intermediate_size=null",
+            "model.max_position_embeddings=32", "model.extra={n_inner: 128}", "data.seq_len=32",
+            "optim.name=muon", "optim.muon_lr=2e-3", "optim.weight_decay=0", "schedule.warmup_steps=0"]
+    cfg = recipes.resolve("llama-bytes", sets=sets)
+    torch.manual_seed(0)
+    module = get_task("hf_causal_lm").build_module(cfg)
+    opt, _ = module.optimizer_and_schedule()
+    before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+    x = torch.randint(0, 257, (4, 33), generator=torch.Generator().manual_seed(0))
+    module.loss((x[:, :-1].contiguous(), x[:, 1:].contiguous()))[0].backward()
+    opt.step()
+    conv1d = {n: p for n, p in module.model.named_parameters() if n.endswith(("c_attn.weight", "c_fc.weight",
+                                                                               "c_proj.weight"))}
+    assert len(conv1d) == 4 and conv1d["transformer.h.0.mlp.c_fc.weight"].shape == (32, 128)
+    for name, p in conv1d.items():
+        delta = (p.detach() - before[name]).T  # (out, in), the layout Muon's scale is defined on
+        assert is_muon_update(delta, 2e-3), name

@@ -556,3 +556,6 @@ def test_optimizers_grid_one_comparison_per_optimizer_sharing_the_adamw_runs():
     assert "use --optimizers" in str(result.exception)
     result = runner.invoke(ablate_app, ["optimizers", "--optimizers", "adamw,sgd", "--dry-run"])
     assert str(result.exception) == "unknown optimizer 'sgd'; valid: adamw, muon"
+    result = runner.invoke(ablate_app, ["optimizers", "--optimizers", "adamw", "--branch-optimizers", "muon",
+                                        "--dry-run"])
+    assert str(result.exception).startswith("--branch-optimizers places the branch matrices of Muon runs")

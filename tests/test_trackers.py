@@ -171,7 +171,7 @@ def test_mlflow_resume_continues_the_same_run_and_overwrite_starts_another(tmp_p
     (["tensorboard", "wandb", "tensorboard"], ("tensorboard", "wandb")),
 ])
 def test_logger_values(value, parsed):
-    assert trackers.parse_loggers(value) == parsed
+    assert C.parse_loggers(value) == parsed
 
 
 def test_a_logger_is_not_part_of_the_run_id_and_a_bad_one_is_refused():

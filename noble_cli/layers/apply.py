@@ -197,20 +197,22 @@ def count_parameters(model: nn.Module) -> ParamCount:
     )
 
 
-def muon_parameters(model: nn.Module, branch_matrices: bool = False) -> list[nn.Parameter]:
+def muon_parameters(model: nn.Module, branch_matrices: bool = False) -> list[tuple[nn.Parameter, bool]]:
     """What Muon optimizes: the 2-D main weights of the linear layers inside the transformer blocks (those `all`
     means, by the rule in targets.py: attention and MLP projections, augmented or not), and with `branch_matrices`
     the 2-D parameters of the NOBLE branches too (W_down, W_up, an r x r mix). Never embeddings, heads or anything
     outside the blocks, nor vectors (biases, norms, cosine frequencies and phases). Each parameter once, in model
-    order; frozen ones left out. A GPT-2 Conv1D keeps its (in, out) layout: Muon's shape adjustment reads it
-    transposed."""
-    main = {id(s.module.weight) for s in linear_sites(model) if s.role is not None}
+    order; frozen ones left out. Each comes with whether it is stored (in, out), as a GPT-2 Conv1D's weight is:
+    Muon's shape adjustment reads a weight as (out, in), so the optimizer corrects the learning rate of those."""
+    sites = [s for s in linear_sites(model) if s.role is not None]
+    main = {id(s.module.weight) for s in sites}
+    transposed = {id(s.module.weight) for s in sites if s.kind == "conv1d"}
     branch = _branch_param_ids(model) if branch_matrices else set()
     out, seen = [], set()
     for p in model.parameters():
         if p.requires_grad and p.ndim == 2 and id(p) not in seen and (id(p) in main or id(p) in branch):
             seen.add(id(p))
-            out.append(p)
+            out.append((p, id(p) in transposed))
     return out
 
 

@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from noble_cli.config import parse_loggers
 from noble_cli.console import make_console
 from noble_cli.errors import NobleError, choices_error
 from noble_cli.sweep import grids
@@ -27,7 +28,6 @@ from noble_cli.sweep.launchers import (
 )
 from noble_cli.sweep.manifest import build_manifest, compare, counts, manifest_path, read_manifest, sync_manifest
 from noble_cli.sweep.progress import runs_table
-from noble_cli.trackers import parse_loggers
 
 ablate_app = typer.Typer(
     help="Sweeps: NOBLE against its baseline (and controls) over activations, ranks, layers, optimizers and "

@@ -524,6 +524,9 @@ def optimizers_sweep(recipe: str, optimizers: list[str], seeds: list[int], branc
     sets = sets or []
     controls = list(controls or [])
     branch_optimizers = list(branch_optimizers or ["adamw"])
+    if "muon" not in optimizers and branch_optimizers != ["adamw"]:
+        raise NobleError("--branch-optimizers places the branch matrices of Muon runs, and --optimizers has no muon; "
+                         "valid: add muon to --optimizers, or leave --branch-optimizers at adamw")
     variants = []
     for opt in optimizers:
         extra = {"optim.name": opt}

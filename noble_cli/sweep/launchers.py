@@ -34,7 +34,7 @@ from rich.table import Table
 from noble_cli import config as C
 from noble_cli import trackers
 from noble_cli.atomic import atomic_write_text
-from noble_cli.console import make_console
+from noble_cli.console import format_duration, make_console
 from noble_cli.errors import InterruptedRun, NobleError
 from noble_cli.parsing import split_list
 from noble_cli.recipes import from_dict
@@ -49,7 +49,7 @@ from noble_cli.sweep.manifest import (
     run_dir_of,
     update_entry,
 )
-from noble_cli.sweep.progress import fmt_duration, overview
+from noble_cli.sweep.progress import overview
 from noble_cli.train import decided_by_parent
 from noble_cli.train.run_folder import RunFolder
 
@@ -97,7 +97,7 @@ def execute_entry(manifest: Path, index: int, train_fn: TrainFn | None = None, p
     previous_group = os.environ.get(trackers.SWEEP_ENV)
     os.environ[trackers.SWEEP_ENV] = str(m.get("name") or "")
     try:
-        return _execute_entry(manifest, index, m, train_fn, progress, console, trackers.parse_loggers(loggers))
+        return _execute_entry(manifest, index, m, train_fn, progress, console, C.parse_loggers(loggers))
     finally:
         if previous_group is None:
             os.environ.pop(trackers.SWEEP_ENV, None)
@@ -361,7 +361,7 @@ def run_gpus(manifest: Path, gpus: list[str], console: Console | None = None, wa
             table.add_column(col)
         for gpu, (i, _, _, t0, log) in active.items():
             e = m["runs"][i]
-            table.add_row(gpu, str(i), escape(str(e["variant"])), str(e["seed"]), fmt_duration(time.time() - t0),
+            table.add_row(gpu, str(i), escape(str(e["variant"])), str(e["seed"]), format_duration(time.time() - t0),
                           escape(str(log)))
         note = f"waiting for {len(busy)} run(s) locked by other processes" if busy and not queue else ""
         return Group(overview(manifest, m, parallel=len(gpus), note=note), table)
@@ -371,7 +371,7 @@ def run_gpus(manifest: Path, gpus: list[str], console: Console | None = None, wa
         fh.close()
         outcome = _after_child(manifest, i, proc.returncode, proc.pid)
         if lines:
-            console.print(f"finished #{i} on GPU {gpu}: {outcome} after {fmt_duration(time.time() - t0)}",
+            console.print(f"finished #{i} on GPU {gpu}: {outcome} after {format_duration(time.time() - t0)}",
                           highlight=False, markup=False)
         if outcome == "busy":
             busy.append(i)

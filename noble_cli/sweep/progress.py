@@ -10,20 +10,10 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from noble_cli.console import format_duration
 from noble_cli.sweep.manifest import counts, observe, read_summary, run_dir_of
 
 STATE_STYLE = {"done": "green", "running": "cyan", "failed": "red", "interrupted": "yellow", "pending": "dim"}
-
-
-def fmt_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    s = int(round(seconds))
-    if s >= 3600:
-        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
-    if s >= 60:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s}s"
 
 
 def eta(m: dict, left: int, parallel: int = 1) -> tuple[float | None, float | None]:
@@ -48,7 +38,7 @@ def overview(manifest: Path, m: dict, current: int | None = None, parallel: int 
         (f"{c['left']}", ""), (f"  of {total}", "dim"),
     )
     if remaining is not None:
-        line.append(f"   ETA ~{fmt_duration(remaining)} (mean {fmt_duration(mean)} per run)")
+        line.append(f"   ETA ~{format_duration(remaining)} (mean {format_duration(mean)} per run)")
     elif c["left"]:
         line.append("   ETA after the first run", style="dim")
     parts: list = [line]
@@ -101,6 +91,6 @@ def runs_table(manifest: Path, m: dict, title: str = "runs", plan: bool = False,
             s = read_summary(run_dir_of(manifest, e))
             best = s.get(f"best_{s.get('metric') or 'eval_loss'}")
             row += [f"{best:.4f}" if isinstance(best, (int, float)) else "-", str(s.get("steps") or "-"),
-                    fmt_duration(e.get("duration_s") or s.get("train_time_s"))]
+                    format_duration(e.get("duration_s") or s.get("train_time_s"))]
         table.add_row(*row, escape(str(detail)) if detail else detail)
     return Group(Text(title, style="italic"), table) if plain_title else table

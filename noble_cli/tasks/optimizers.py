@@ -113,8 +113,31 @@ def build_optimizer(model: nn.Module, o: OptimConfig, adamw_groups: list[dict], 
         raise NobleError("optim.name muon found no matrix in the model's transformer blocks for Muon; valid for "
                          "this model: adamw")
     muon = torch.optim.Muon(
-        [{"params": matrices, "lr_mult": o.muon_lr / o.lr}], lr=o.muon_lr, weight_decay=o.muon_weight_decay,
-        momentum=o.muon_momentum, nesterov=o.muon_nesterov, ns_steps=o.muon_ns_steps,
-        adjust_lr_fn=o.muon_adjust_lr_fn,
+        _muon_groups(matrices, o), lr=o.muon_lr, weight_decay=o.muon_weight_decay, momentum=o.muon_momentum,
+        nesterov=o.muon_nesterov, ns_steps=o.muon_ns_steps, adjust_lr_fn=o.muon_adjust_lr_fn,
     )
-    return MuonWithAdamW(adamw(_without(adamw_groups, {id(p) for p in matrices})), muon)
+    return MuonWithAdamW(adamw(_without(adamw_groups, {id(p) for p, _ in matrices})), muon)
+
+
+def _muon_groups(matrices: list[tuple[nn.Parameter, bool]], o: OptimConfig) -> list[dict]:
+    """One group at muon_lr, plus one per weight stored (in, out) (GPT-2's Conv1D) whose lr undoes Muon's reading of
+    the shape: torch scales a step by a function of (rows, cols) taken as (out, in), so without the correction a
+    transposed c_fc would get the (in, out) scale, and a baseline that keeps Conv1D would train at other per-layer
+    rates than its NOBLE run, whose NobleLinear stores (out, in). Newton-Schulz itself is transpose-invariant."""
+    fn = o.muon_adjust_lr_fn
+    plain = [p for p, transposed in matrices if not transposed]
+    groups = [{"params": plain}] if plain else []
+    for p, transposed in matrices:
+        if transposed:
+            rows, cols = p.shape
+            fix = _muon_shape_scale(fn, cols, rows) / _muon_shape_scale(fn, rows, cols)
+            # decoupled decay is lr x weight_decay: divided back, so the decay stays what every other weight gets
+            groups.append({"params": [p], "lr": o.muon_lr * fix, "weight_decay": o.muon_weight_decay / fix})
+    return groups
+
+
+def _muon_shape_scale(adjust_lr_fn: str, rows: int, cols: int) -> float:
+    """The factor torch.optim.Muon applies to a (rows, cols) matrix's step (its private `_adjust_lr`, at lr 1)."""
+    from torch.optim._muon import _adjust_lr  # private, so imported where used; tests/test_muon.py pins the values
+
+    return _adjust_lr(1.0, adjust_lr_fn, torch.Size((rows, cols)))

@@ -19,7 +19,7 @@ from rich.console import Console
 from noble_cli import trackers
 from noble_cli.atomic import atomic_write_text, is_stale_temp
 from noble_cli.config import RunConfig, config_hash, run_id, to_yaml
-from noble_cli.console import make_console, progress_seconds
+from noble_cli.console import format_duration, make_console, progress_seconds
 from noble_cli.errors import InterruptedRun, NobleError
 from noble_cli.recipes import from_dict
 from noble_cli.tasks import get_task
@@ -54,11 +54,6 @@ class StepProgressBar(RichProgressBar):
         self._update(self.train_progress_bar_id, trainer.global_step)
         self._update_metrics(trainer, pl_module)
         self.refresh()
-
-
-def _duration(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 def _rate(value: float) -> str:
@@ -113,9 +108,9 @@ class LogProgress(ProgressBar):
                     rate = sum(r[key] * r["step_time_s"] for r in timed) / sum(r["step_time_s"] for r in timed)
                     parts.append(f"{key[:-len('_per_s')]}/s {_rate(rate)}")
         elapsed, done = now - self._t0, step - self._step0
-        parts.append(f"elapsed {_duration(elapsed)}")
+        parts.append(f"elapsed {format_duration(elapsed)}")
         if done and step < total:
-            parts.append(f"ETA {_duration(elapsed / done * (total - step))}")
+            parts.append(f"ETA {format_duration(elapsed / done * (total - step))}")
         return "  ".join(parts)
 
     def on_validation_end(self, trainer, pl_module) -> None:
