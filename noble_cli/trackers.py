@@ -2,6 +2,7 @@
 
 The run folder stays the source of truth: a tracker gets a copy of each row the recorder writes to metrics.csv
 (train and eval metrics, at the same step), the resolved config as hyperparameters, and the run id as its name.
+Rows are sent when metrics.csv is rewritten (every 30 s, at each evaluation and at the end), not one call a step.
 The loggers are not given to Lightning's Trainer: it would also send whatever modules `self.log` (under other names
 and steps) and stop the run when a logger raises. Here each call is guarded instead: a tracker that fails (not
 installed, bad credentials, a call raising mid-run) gives one warning and is dropped, and the run goes on.
@@ -14,7 +15,9 @@ Where each one writes, offline by default (no network needed):
 - mlflow: $MLFLOW_TRACKING_URI, else a file store `<results>/mlruns/`; experiment = the sweep (else
   $MLFLOW_EXPERIMENT_NAME or "noble").
 A resumed run continues its tracker run (the same W&B id, the MLflow run tagged with the same folder instance, the
-same TensorBoard folder); `--overwrite` starts new ones.
+same TensorBoard folder); `--overwrite` starts new ones. A run killed between two checkpoints repeats the steps
+after the last one when it resumes, and the tracker receives those steps again (metrics.csv keeps the last copy;
+TensorBoard and MLflow show both points at such a step).
 """
 
 from __future__ import annotations

@@ -161,6 +161,7 @@ class RunRecorder(L.Callback):
         self._started = False  # training began (on_train_start): the folder's files are this process's to write
         self.status = "running"
         self.trackers = None  # noble_cli.trackers.Trackers: a copy of every row, set by train() on global rank 0
+        self._for_trackers: list[tuple[int, dict]] = []  # rows not yet sent: they go with each metrics.csv flush
 
     def setup(self, trainer, pl_module, stage):
         # Once, before a strategy wraps (and FSDP shards) the model: its FLOPs per item do not change. MFU is
@@ -234,12 +235,10 @@ class RunRecorder(L.Callback):
             if self._flops_per_item and self._peak:
                 row["mfu"] = self._flops_per_item * rate / (self._peak * trainer.world_size)
             pl_module.log(f"{pl_module.items_name[:3]}/s", rate, prog_bar=True)
-        flush = now - self._last_flush_time >= FLUSH_SECONDS
-        if flush:
-            self._flush(trainer)
         if self.trackers:
-            self.trackers.log_metrics(row, step)
-        if flush or self.trackers:
+            self._for_trackers.append((step, dict(row)))
+        if now - self._last_flush_time >= FLUSH_SECONDS:
+            self._flush(trainer)
             self._t0 = time.perf_counter()  # the rewrite and the trackers are bookkeeping, not the next step's time
 
     def _charged(self, dt: float) -> float:
@@ -261,7 +260,7 @@ class RunRecorder(L.Callback):
         evals = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("eval_")}
         row.update(evals)
         if self.trackers:
-            self.trackers.log_metrics(evals, step)
+            self._for_trackers.append((step, evals))
         self._flush(trainer, force=True)
 
     def on_validation_end(self, trainer, pl_module):
@@ -323,4 +322,9 @@ class RunRecorder(L.Callback):
             frame = frame.astype({"step": int})
             self.folder.write_metrics(frame)
         self.folder.write_summary(self.summary())
+        # Trackers get the rows in batches, at the file's pace: one request a step to a remote server would slow
+        # every step (and, being bookkeeping, that time would be left out of the step times).
+        for step, row in self._for_trackers:
+            self.trackers.log_metrics(row, step)
+        self._for_trackers.clear()
 
