@@ -153,6 +153,11 @@ def test_resume_of_a_run_whose_config_was_edited_by_hand(tracked_run, tmp_path, 
     shutil.copy(run / "checkpoints" / "hyperparameters.yaml", run / "config.yaml")  # the fix offered
     original = yaml.safe_load((run / "config.yaml").read_text())
     assert original["trainer"]["max_steps"] == 4
+    # the file intact, an option changing the settings: said as such, not as a hand edit
+    before = snapshot(run)
+    code, _, err = noble(monkeypatch, capsys, "train", str(run / "config.yaml"), "--resume", "--max-steps", "8")
+    assert code == 2 and one_error_line(err).startswith(f"cannot resume {run}: the options given change its settings")
+    assert snapshot(run) == before
 
 
 def test_a_corrupted_checkpoint_at_resume_names_it_and_offers_the_previous_one(tracked_run, tmp_path):

@@ -21,7 +21,7 @@ from noble_cli.atomic import atomic_write_text, is_stale_temp
 from noble_cli.config import RunConfig, config_hash, run_id, to_yaml
 from noble_cli.console import format_duration, make_console, progress_seconds
 from noble_cli.errors import InterruptedRun, NobleError
-from noble_cli.recipes import from_dict
+from noble_cli.recipes import from_dict, resolve
 from noble_cli.tasks import get_task
 from noble_cli.train import PREPARED_ENV, decided_by_parent, mark_decided
 from noble_cli.train.flops import FlopsProbe
@@ -203,6 +203,10 @@ def check_resume_of_run_config(recipe: str, cfg: RunConfig, resume: bool) -> Non
         return
     folder = RunFolder(path.parent)
     if run_id(cfg) != folder.path.name:
+        if run_id(resolve(str(path))) == folder.path.name:  # the file is intact: the options changed the settings
+            raise NobleError(f"cannot resume {folder.path}: the options given change its settings, so they would "
+                             f"train another run; resume it as it is (noble train {path} --resume), or train the "
+                             "new settings as a new run without --resume")
         raise NobleError(f"cannot resume {folder.path}: its config.yaml was edited by hand (it no longer matches the "
                          f"run id); restore it with: cp {folder.checkpoint_dir / 'hyperparameters.yaml'} "
                          f"{folder.config_path}, or train the edited settings as a new run without --resume")
