@@ -162,3 +162,36 @@ def test_shards_are_prepared_on_first_use_with_a_line_and_once(tmp_path, monkeyp
     assert re.fullmatch(r"prepared [\d,]+ tokens in \d+\.\ds", lines[1]) and len(lines) == 2
     assert shards.prepare("embedded", folder, sources=["kjv"], limit=4) == folder
     assert capsys.readouterr().err == ""  # prepared: nothing to say
+
+
+def test_a_wordpiece_vocabulary_and_its_mlm_shards_are_built_once_for_two_callers(tmp_path, monkeypatch):
+    from noble_cli.data import mlm, wordpiece
+
+    counts = {"vocab": 0, "shards": 0}
+
+    def slowly(fn, key):
+        def wrapped(*args, **kwargs):  # long enough for the second caller to arrive while it builds
+            counts[key] += 1
+            time.sleep(0.5)
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(wordpiece, "train_vocab", slowly(wordpiece.train_vocab, "vocab"))
+    monkeypatch.setattr(mlm, "prepare_embedded", slowly(mlm.prepare_embedded, "shards"))
+    texts = ["the quick brown fox jumps over the lazy dog"] * 50
+    vocabs = twice(lambda: wordpiece.train_or_load("embedded", 64, texts=texts, root=tmp_path, log=lambda _: None))
+    assert counts["vocab"] == 1 and vocabs[0].vocab_path == vocabs[1].vocab_path
+    folders = twice(lambda: mlm.prepare_mlm("embedded", vocabs[0], limit=2, root=tmp_path, log=lambda _: None))
+    assert counts["shards"] == 1 and folders[0] == folders[1]
+
+
+def twice(build) -> list:
+    """`build` called by two threads at once (two processes of a sweep, as far as a file lock can tell)."""
+    got = []
+    callers = [threading.Thread(target=lambda: got.append(build())) for _ in range(2)]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join()
+    assert len(got) == 2, "a caller failed"
+    return got

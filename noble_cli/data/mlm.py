@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from filelock import FileLock
 from torch.utils.data import Dataset
 
 from noble_cli.atomic import atomic_write_json
@@ -142,7 +143,16 @@ def prepare_mlm(dataset: str, wp: WordPiece, *, limit: int | None = None, root: 
     folder = shard_folder(dataset, wp, limit, root, val_fraction)
     if not force and is_prepared(folder, spec.id, params):
         return folder
-    log = log or first_use_note  # a run's first use says what it waits for
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # One process builds it; another one at the same time (a sweep's run on another GPU) waits, then reuses it.
+    with FileLock(f"{folder}.lock"):
+        if not force and is_prepared(folder, spec.id, params):
+            return folder
+        return _build(dataset, spec, wp, folder, params, limit, val_fraction, log or first_use_note)
+
+
+def _build(dataset: str, spec, wp: WordPiece, folder: Path, params: dict, limit: int | None, val_fraction: float,
+           log) -> Path:
     log(f"preparing {dataset} (WordPiece tokens) in {folder} (once; later runs reuse it) ...")
     folder.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock
 
 from noble_cli.config import digest
 from noble_cli.errors import NobleError
@@ -275,9 +276,19 @@ def train_or_load(dataset: str, vocab_size: int, *, lowercase: bool = True, ever
     vocab_path = folder / "vocab.txt"
     if vocab_path.is_file() and not force:
         return load_vocab(vocab_path, lowercase)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # One process trains it; another one at the same time waits, then loads it.
+    with FileLock(f"{folder}.lock"):
+        if vocab_path.is_file() and not force:
+            return load_vocab(vocab_path, lowercase)
+        return _train(dataset, folder, params, texts, limit, every, log)
 
+
+def _train(dataset: str, folder: Path, params: dict, texts: Iterable[str] | None, limit: int | None, every: int,
+           log) -> WordPiece:
     from noble_cli.console import first_use_note
 
+    vocab_size, lowercase, vocab_path = params["vocab_size"], params["lowercase"], folder / "vocab.txt"
     log = log or first_use_note  # a run's first use says what it waits for
     log(f"training a {vocab_size}-token WordPiece vocabulary on {dataset} (once; later runs reuse it) ...")
     start = time.perf_counter()
