@@ -60,9 +60,9 @@ def prepare_cmd(dataset: str = _DATASET, cache_dir: Optional[Path] = _CACHE_DIR,
 
     console = make_console()  # full width in a log file
     start = time.perf_counter()
-    with console.status(f"preparing {dataset} ..."):
-        path = prepare(dataset, cache_dir, force=force, limit=limit, num_proc=num_proc, tokenizer=tokenizer,
-                       sources=split_list(sources) if sources else None)
+    # no spinner: prepare() itself says when it starts and ends building (and says nothing when the cache is current)
+    path = prepare(dataset, cache_dir, force=force, limit=limit, num_proc=num_proc, tokenizer=tokenizer,
+                   sources=split_list(sources) if sources else None)
     info = describe(path)
     info["dataset"] = dataset
     _table(info, console, time.perf_counter() - start)
