@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from noble_cli.config import ConfigModel, Float, Int
-from noble_cli.models.transformer import MLP, SelfAttention, padded_vocab
+from noble_cli.models.transformer import MLP, SelfAttention, lm_flops_per_token, padded_vocab
 
 
 class GPTConfig(ConfigModel):
@@ -102,8 +102,4 @@ class GPT(nn.Module):
         return logits[..., : self.cfg.vocab_size]
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token (forward + backward = 3x forward): 6 * matmul params + attention scores."""
-        # NobleLinear is an nn.Linear (its main weight) and its branch's down/up/mix are nn.Linear children.
-        matmul_params = sum(m.weight.numel() for n, m in self.named_modules() if isinstance(m, nn.Linear))
-        attention = 4 * self.cfg.n_layer * seq_len * self.cfg.d_model  # QK^T and AV per token, forward (no causal discount, as in PaLM/nanoGPT)
-        return 6 * matmul_params + 3 * attention
+        return lm_flops_per_token(self, self.cfg.n_layer, self.cfg.d_model, seq_len)

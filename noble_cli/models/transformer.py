@@ -1,4 +1,4 @@
-"""The two pieces every transformer here shares: self-attention and the MLP.
+"""The pieces every transformer here shares: self-attention, the MLP, and a causal LM's FLOPs per token.
 
 Q, K, V and the output projection are separate nn.Linear layers (`q`, `k`, `v`, `o`), and the MLP's are `fc` and
 `fc2`, so that `apply_noble` can give each its own branch and find them by name (`...attn.q`, `...mlp.fc2`).
@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from noble_cli.layers.targets import linear_kind
 
 
 def padded_vocab(vocab_size: int, multiple: int) -> int:
@@ -50,3 +52,12 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(self.fc2(self.drop(F.gelu(self.fc(x), approximate=self.gelu))))
+
+
+def lm_flops_per_token(model: nn.Module, n_layer: int, width: int, seq_len: int) -> float:
+    """A causal LM's training FLOPs per token (forward + backward = 3x forward): 6 x the weights of every linear
+    layer (nn.Linear and GPT-2's Conv1D; a NOBLE layer's main weight and its branch's down/up/mix, the LM head) +
+    the attention scores, QK^T and AV at the model's width (no causal discount, as in PaLM and nanoGPT)."""
+    matmul_params = sum(m.weight.numel() for m in model.modules() if linear_kind(m))
+    attention = 4 * n_layer * seq_len * width
+    return 6 * matmul_params + 3 * attention

@@ -22,7 +22,8 @@ from torch import nn
 
 from noble_cli.config import ConfigModel, Int, RunConfig, Str
 from noble_cli.errors import NobleError
-from noble_cli.layers.targets import find_blocks, linear_kind
+from noble_cli.layers.targets import find_blocks
+from noble_cli.models.transformer import lm_flops_per_token
 from noble_cli.tasks.causal_lm import CausalLM, CausalLMTask, LMDataConfig, get_tokenizer, random_tokens
 
 # The sizes a recipe sets as typed fields (transformers' common names; GPT-2's config maps them onto n_embd, ...).
@@ -120,12 +121,9 @@ class HFCausalLM(CausalLM):
         return {"config_json_sha256": hashlib.sha256(Path(path).expanduser().read_bytes()).hexdigest()}
 
     def flops_per_item(self) -> float:
-        """Training FLOPs per token: 6 x the weights of every linear layer (LM head, branches included) + the
-        attention scores (QK^T and AV at the model's width, forward x 3), as for the built-in GPT."""
+        """Training FLOPs per token, counted as for the built-in GPT."""
         c = self.model.config
-        matmul = sum(m.weight.numel() for _, m in self.model.named_modules() if linear_kind(m))
-        attention = 4 * c.num_hidden_layers * self.seq_len * c.hidden_size
-        return 6 * matmul + 3 * attention
+        return lm_flops_per_token(self.model, c.num_hidden_layers, c.hidden_size, self.seq_len)
 
 
 class HFCausalLMTask(CausalLMTask):
