@@ -30,7 +30,7 @@ from typing import Any
 
 from noble_cli import config as C
 from noble_cli.errors import NobleError, choices_error
-from noble_cli.parsing import split_list
+from noble_cli.parsing import parse_choices, split_list
 from noble_cli.recipes import list_recipes, load_recipe, parse_set, recipe_task, resolve
 from noble_cli.tasks import TASKS
 
@@ -165,49 +165,19 @@ def parse_targets(text: str) -> list[str]:
 
 
 def parse_augments(text: str) -> list[str]:
-    out: list[str] = []
-    parts = split_list(text)
-    if not parts:
-        raise NobleError(f"--augments is empty; valid: {', '.join(AUGMENTS)}")
-    for part in parts:
-        key = part.lower().replace("-", "_").replace(" ", "_")
-        key = _AUGMENT_ALIASES.get(key, key)
-        if key not in AUGMENTS:
-            raise choices_error("augmentation", part, AUGMENTS)
-        if key not in out:
-            out.append(key)
-    return out
-
+    return parse_choices(text, AUGMENTS, "augmentation", aliases=_AUGMENT_ALIASES, required="--augments",
+                         normalize=lambda s: s.lower().replace("-", "_").replace(" ", "_"))
 
 def parse_optimizers(text: str, option: str = "--optimizers") -> list[str]:
     """`adamw,muon` -> the optimizers in that order, duplicates dropped."""
-    out: list[str] = []
-    parts = split_list(text)
-    if not parts:
-        raise NobleError(f"{option} is empty; valid: {', '.join(C.OPTIMIZERS)}")
-    for part in parts:
-        key = part.strip().lower()
-        if key not in C.OPTIMIZERS:
-            raise choices_error("optimizer", part, C.OPTIMIZERS)
-        if key not in out:
-            out.append(key)
-    return out
+    return parse_choices(text, C.OPTIMIZERS, "optimizer", required=option)
 
 
 def parse_controls(text: str | None) -> list[str]:
     """`dense,init,own-init` -> the controls in that order (aliases: dense-match, init-only; `none` or empty:
     no control)."""
-    out: list[str] = []
-    for part in split_list(text or ""):
-        key = part.lower().replace("_", "-")
-        key = _CONTROL_ALIASES.get(key, key)
-        if key == "none":
-            continue
-        if key not in CONTROLS:
-            raise choices_error("control", part, CONTROLS + ("none",))
-        if key not in out:
-            out.append(key)
-    return out
+    return parse_choices(text, CONTROLS, "control", aliases=_CONTROL_ALIASES, skip=("none",),
+                         normalize=lambda s: s.lower().replace("_", "-"))
 
 
 def check_sweep_name(name: str) -> str:
