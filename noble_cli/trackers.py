@@ -114,14 +114,21 @@ def instance_id(run_id: str, meta: dict) -> str:
 
 
 def _wandb_key_configured() -> bool:
-    """An API key wandb would find: $WANDB_API_KEY, or a netrc entry for its host (what `wandb login` writes)."""
+    """An API key wandb would find: $WANDB_API_KEY, or a netrc entry (what `wandb login` writes) for its server:
+    $WANDB_BASE_URL, else the installed wandb's default server (it moved from api.wandb.ai in recent versions, so
+    both are looked up). wandb's own lookup is internal API; a server saved by `wandb login --host` alone is not
+    seen here: set $WANDB_BASE_URL or $WANDB_MODE=online for it."""
     if os.environ.get("WANDB_API_KEY"):
         return True
-    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+    import wandb
+
+    urls = [os.environ["WANDB_BASE_URL"]] if os.environ.get("WANDB_BASE_URL") else [
+        wandb.Settings().base_url, "https://api.wandb.ai"]
     try:
-        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+        entries = netrc.netrc(os.environ.get("NETRC"))
     except (OSError, netrc.NetrcParseError):
         return False
+    return any(entries.authenticators(urlparse(u).hostname) is not None for u in urls)
 
 
 def wandb_mode() -> str:

@@ -231,3 +231,26 @@ def test_every_ablation_takes_the_logger_option():
     assert len(commands) >= 7
     missing = [c.callback.__name__ for c in commands if "logger" not in inspect.signature(c.callback).parameters]
     assert missing == []
+
+
+def test_wandb_goes_online_only_with_a_key_for_its_server(tmp_path, monkeypatch):
+    """What `wandb login` leaves (a netrc entry for the installed wandb's server, whatever it is called in this
+    version, or for $WANDB_BASE_URL) makes runs online; nothing, or a key for another server, keeps them offline."""
+    wandb = pytest.importorskip("wandb")
+    from urllib.parse import urlparse
+
+    for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    rc = tmp_path / "netrc"
+    monkeypatch.setenv("NETRC", str(rc))
+    assert trackers.wandb_mode() == "offline"  # no netrc at all
+    default_host = urlparse(wandb.Settings().base_url).hostname
+    rc.write_text(f"machine {default_host}\n  login user\n  password {'k' * 40}\n")
+    rc.chmod(0o600)
+    assert trackers.wandb_mode() == "online"
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.org")
+    assert trackers.wandb_mode() == "offline"  # the key is for another server
+    rc.write_text(f"machine wandb.example.org\n  login user\n  password {'k' * 40}\n")
+    assert trackers.wandb_mode() == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert trackers.wandb_mode() == "disabled"  # the user's choice wins
