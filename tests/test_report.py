@@ -597,3 +597,32 @@ def test_a_recipe_under_two_optimizers_labels_every_row_with_its_optimizer(tmp_p
     alone = tmp_path / "alone"
     write_run(alone, "b", variant="baseline", baseline=True, evals=[4.0, 3.5, 3.2, 3.1])
     assert set(load_report(alone).summary["variant"]) == {"baseline"}  # one optimizer: labels as they were
+
+
+def test_an_own_init_run_is_not_paired_with_the_init_only_control(tmp_path: Path):
+    """The init-only control is the paper-init CosNet's control (same re-init, no branch). CosNet with the model's
+    own init differs from it in init as well as branch: its init control is the baseline, so no row pairs it with
+    the init-only run, and its headline does not ask for one."""
+    r = tmp_path / "res"
+    runs = {  # variant: (evals, noble section, role)
+        "baseline": ([4.0, 3.5, 3.2, 3.1], None, None),
+        "cosnet r32": ([4.0, 3.6, 3.4, 3.3], {"branch": "cosnet", "rank": 32, "main_init_scale": 0.5}, None),
+        "cosnet r32 own-init": ([3.9, 3.3, 3.0, 2.9], {"branch": "cosnet", "rank": 32, "main_init_scale": None},
+                                None),
+        "init-only(main-init 0.5)": ([4.0, 3.6, 3.5, 3.4], {"branch": "none", "init_only": True,
+                                                             "main_init_scale": 0.5}, "init"),
+    }
+    for v, (ev, noble, role) in runs.items():
+        write_run(r, v.replace(" ", "_"), variant=v, baseline=v == "baseline", evals=ev, noble=noble,
+                  meta_extra={"role": role} if role else None)
+    rep = load_report(r)
+    pairs = set(zip(rep.controls["variant"], rep.controls["reference"]))
+    assert pairs == {("cosnet r32", "init-only(main-init 0.5)")}
+    (title, lines), = headlines(rep)
+    assert lines[0].startswith("vs the baseline (target: each seed's baseline best eval loss): best variant "
+                               "cosnet r32 own-init")
+    # the paper-init arm has its lines too, with its init-only control; the own-init arm asks for no such control
+    assert lines[1].startswith("no dense-matched control in this comparison")
+    assert lines[2].startswith("vs the baseline, cosnet r32: step speedup not reached")
+    assert lines[3].startswith("vs the init-only control init-only(main-init 0.5), cosnet r32: ")
+    assert len(lines) == 5 and lines[4].startswith("no dense-matched control in this comparison")

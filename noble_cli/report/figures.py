@@ -84,7 +84,8 @@ RUN_COLUMNS = [
     "wallclock_to_target_s", "wallclock_speedup", "wallclock_speedup_bound", "best_eval_loss", "final_eval_loss",
     "baseline_final_eval_loss", "final_eval_loss_delta", "best_eval_bpb", "final_eval_bpb",
     "baseline_final_eval_bpb", "final_eval_bpb_delta", "best_top1", "baseline_best_top1", "best_top1_delta",
-    "baseline_run_id", "reference", "reference_role", "reference_key", "variant_key", "pair_key", "path",
+    "baseline_run_id", "reference", "reference_role", "reference_key", "variant_key", "pair_key", "main_init_scale",
+    "path",
 ]
 
 
@@ -168,8 +169,16 @@ def run_figures(run: Run, base: Run) -> dict:
         "reference_key": base.variant_key,
         "variant_key": run.variant_key,
         "pair_key": run.pair_key,
+        "main_init_scale": main_init_scale(run),
         "path": str(run.path),
     }
+
+
+def main_init_scale(run: Run) -> float | None:
+    """The main-weight re-init a run applied to its targeted layers (noble.main_init_scale, 0.5 by default in
+    folders that predate the field); None: the model's own init. Meaningful for NOBLE runs and init-only controls."""
+    noble = (run.config or {}).get("noble") or {}
+    return noble.get("main_init_scale", 0.5)
 
 
 def pair_runs(runs: list[Run]) -> tuple[pd.DataFrame, list[tuple]]:
@@ -191,13 +200,17 @@ def pair_runs(runs: list[Run]) -> tuple[pd.DataFrame, list[tuple]]:
 
 def control_runs(runs: list[Run]) -> pd.DataFrame:
     """Every NOBLE run (role noble) against each control (dense-matched, init-only) of its recipe, pair_key and
-    seed: the same figures, with the control in the baseline's place (its best eval loss is the target)."""
+    seed: the same figures, with the control in the baseline's place (its best eval loss is the target). An
+    init-only control stands in for NOBLE runs with its own main-weight re-init only: for a run that keeps the
+    model's init (own-init) the baseline itself is that control, and the init-only run differs from it in init
+    as well as branch, so they are not paired."""
     controls: dict[tuple, list[Run]] = {}
     for r in runs:
         if r.role in CONTROL_ROLES:
             controls.setdefault((r.recipe, r.pair_key, str(r.seed)), []).append(r)
     rows = [run_figures(r, c) for r in runs if r.role == "noble"
-            for c in controls.get((r.recipe, r.pair_key, str(r.seed)), [])]
+            for c in controls.get((r.recipe, r.pair_key, str(r.seed)), [])
+            if c.role != "init" or main_init_scale(c) == main_init_scale(r)]
     return pd.DataFrame(rows, columns=RUN_COLUMNS)
 
 
@@ -220,7 +233,7 @@ SUMMARY_COLUMNS = [
     "final_eval_bpb_delta_ci_low", "final_eval_bpb_delta_ci_high", "p_value_bpb",
     "best_top1", "best_top1_std", "best_top1_delta", "best_top1_delta_std", "best_top1_delta_ci_low",
     "best_top1_delta_ci_high", "p_value_top1",
-    "statuses", "reference", "reference_role", "reference_key", "variant_key", "pair_key",
+    "statuses", "reference", "reference_role", "reference_key", "variant_key", "pair_key", "main_init_scale",
 ]
 
 
@@ -284,7 +297,8 @@ def summarize(runs_table: pd.DataFrame, by_reference: bool = False) -> pd.DataFr
         k = int(reached.sum())
         first = g.iloc[0]
         row = {c: first[c] for c in ("recipe", "task", "variant", "role", "max_steps", "params_total",
-                                     "reference", "reference_role", "reference_key", "variant_key", "pair_key")}
+                                     "reference", "reference_role", "reference_key", "variant_key", "pair_key",
+                                     "main_init_scale")}
         row.update({
             "is_baseline": bool(first["is_baseline"]), "best": False, "n": n,
             "seeds": ",".join(str(s) for s in g["seed"]), "reached": f"{k}/{n}", "reached_k": k,
