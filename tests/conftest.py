@@ -67,3 +67,15 @@ def tracked_run(tmp_path_factory):
             result = train(cfg, out=out, progress=True)
     return SimpleNamespace(out=out, cfg=cfg, run_id=C.run_id(cfg), result=result, broken=broken,
                            stdout=stdout.getvalue(), stderr=stderr.getvalue())
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls: one intra-op thread is faster and steadier than two OpenMP threads on a busy 2-core machine,
+    which stall for up to a second a step. A module opts in with `pytestmark = pytest.mark.usefixtures(...)`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

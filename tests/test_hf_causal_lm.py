@@ -28,12 +28,7 @@ SMALL = ["model.hidden_size=32", "model.num_hidden_layers=2", "model.num_attenti
          "data.seq_len=32", "noble.rank=4"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(*sets: str, recipe: str = "llama-bytes"):

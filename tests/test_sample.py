@@ -20,13 +20,7 @@ TINY = ["model.d_model=32", "model.n_head=2", "model.n_layer=2", "model.block_si
         "noble.branch=cosnet", "noble.rank=4"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread is faster, and two OpenMP threads on a busy 2-core machine stall for ~1 s a step."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -30,13 +30,7 @@ needs_fashion = pytest.mark.skipif(not HAVE_FASHION, reason="apt-get install -y 
 FAST = ["trainer.num_workers=0", "trainer.eval_batches=2", "trainer.kernel_warmup_steps=2"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors on a busy 2-core machine: one intra-op thread is many times faster (and steadier) than two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def metrics(run_dir: Path) -> pd.DataFrame:
