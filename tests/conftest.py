@@ -79,3 +79,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def run_noble(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """`noble ARGS` in this process, as the `noble` command runs it: (exit code, stdout, stderr)."""
+    import sys
+
+    from noble_cli.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["noble", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 
 import pytest
 import torch
@@ -13,23 +12,15 @@ import torch
 if not torch.cuda.is_available():  # transformers loads triton: the CPU kernel tests need this set before it does
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from conftest import run_noble as cli  # noqa: E402
+
 from noble_cli import recipes as C  # noqa: E402
-from noble_cli.cli import main  # noqa: E402
 from noble_cli.layers_cli import report  # noqa: E402
 
 pytest.importorskip("transformers")
 pytest.importorskip("timm")
 
 
-def cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["noble", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def per_layer(d_in: int, d_out: int, r: int) -> tuple[int, float]:

@@ -27,9 +27,13 @@ MAIN = ("attn.q.weight", "attn.k.weight", "attn.v.weight", "attn.o.weight", "mlp
 
 def stepped(*sets: str):
     """A small byte-level GPT with CosNet after one optimizer step on random data: (module, the parameters before)."""
-    cfg = recipes.resolve("llm-bytes", sets=[*SMALL, "noble.branch=cosnet", *sets])
+    return one_step(recipes.resolve("llm-bytes", sets=[*SMALL, "noble.branch=cosnet", *sets]))
+
+
+def one_step(cfg):
+    """The run's module after one optimizer step on random bytes: (module, the parameters before, optimizer)."""
     torch.manual_seed(0)
-    module = get_task("causal_lm").build_module(cfg)
+    module = get_task(cfg.task).build_module(cfg)
     opt, _ = module.optimizer_and_schedule()
     before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
     x = torch.randint(0, 257, (4, 33), generator=torch.Generator().manual_seed(0))
@@ -177,14 +181,7 @@ def test_muon_steps_a_gpt2_conv1d_weight_as_the_out_in_matrix_it_is():
             "model.num_attention_heads=2", "model.num_key_value_heads=null", "model.intermediate_size=null",
             "model.max_position_embeddings=32", "model.extra={n_inner: 128}", "data.seq_len=32",
             "optim.name=muon", "optim.muon_lr=2e-3", "optim.weight_decay=0", "schedule.warmup_steps=0"]
-    cfg = recipes.resolve("llama-bytes", sets=sets)
-    torch.manual_seed(0)
-    module = get_task("hf_causal_lm").build_module(cfg)
-    opt, _ = module.optimizer_and_schedule()
-    before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
-    x = torch.randint(0, 257, (4, 33), generator=torch.Generator().manual_seed(0))
-    module.loss((x[:, :-1].contiguous(), x[:, 1:].contiguous()))[0].backward()
-    opt.step()
+    module, before, _ = one_step(recipes.resolve("llama-bytes", sets=sets))
     conv1d = {n: p for n, p in module.model.named_parameters() if n.endswith(("c_attn.weight", "c_fc.weight",
                                                                                "c_proj.weight"))}
     assert len(conv1d) == 4 and conv1d["transformer.h.0.mlp.c_fc.weight"].shape == (32, 128)

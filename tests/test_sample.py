@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 from torch import nn
 
+from conftest import run_noble as cli
 from noble_cli import recipes as C
-from noble_cli.cli import main
 from noble_cli.errors import NobleError
 from noble_cli.layers import noble_layers
 from noble_cli.sample import context_length, generate, load_run, run_tokenizer, sample_text
@@ -30,16 +28,6 @@ def run(tmp_path_factory, one_thread):
     return train(C.resolve("llm-tiny", sets=TINY), out=out, progress=False).run_dir
 
 
-def cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    """`noble ARGS` in this process: (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["noble", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_the_checkpoint_comes_back_with_its_branches(run):

@@ -7,32 +7,16 @@ import importlib.metadata as md
 import json
 import os
 import shutil
-import sys
 
 import pytest
 import yaml
-from conftest import TRACKED_SETS
+from conftest import TRACKED_SETS, run_noble as noble
 
 from noble_cli import atomic
 from noble_cli import config as C
 from noble_cli import recipes
 from noble_cli.train.recorder import CorruptCheckpointError
 from noble_cli.train.run import train
-
-
-def noble(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """`noble ARGS` in this process (as the `noble` command runs it): (exit code, stdout, stderr)."""
-    from noble_cli.cli import app
-    from noble_cli.entry import run_app
-
-    monkeypatch.setattr(sys, "argv", ["noble", *args])
-    code = 0
-    try:
-        run_app(app)
-    except SystemExit as e:
-        code = e.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def tiny_args(*extra: str) -> list[str]:
