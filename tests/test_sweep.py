@@ -337,6 +337,22 @@ def test_interrupted_sweep_resumes_and_skips_done(tmp_path, fake, monkeypatch):
     assert len(fake.calls()) == 8  # nothing left to do
 
 
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="PYTHONSAFEPATH needs Python >= 3.11")
+def test_runs_use_this_noble_cli_not_one_in_the_working_directory(tmp_path, fake, monkeypatch):
+    """`python -m` puts the working directory first on sys.path: a sweep started beside another copy of noble_cli
+    must still train its runs with the code that planned them."""
+    shadow = tmp_path / "elsewhere"
+    (shadow / "noble_cli").mkdir(parents=True)
+    (shadow / "noble_cli" / "__init__.py").write_text("raise ImportError('the shadow copy was imported')\n")
+    monkeypatch.chdir(shadow)
+    plain = subprocess.run([sys.executable, "-c", "import noble_cli"], capture_output=True, text=True)
+    assert "shadow copy" in plain.stderr  # the hazard is real here
+    plan = plan_activations(acts=("cosnet",))
+    execute_plan(plan, out=tmp_path / "out", con=quiet())
+    assert read_manifest(manifest_path(tmp_path / "out", plan.name))["runs"][1]["status"] == "done"
+    assert len(fake.calls()) == 2
+
+
 def test_killed_subprocess_is_recorded_and_retried(tmp_path, fake, monkeypatch):
     """The default local launcher: a subprocess per run. One run's process is SIGKILLed."""
     plan = plan_activations(acts=("cosnet",))  # baseline, cosnet

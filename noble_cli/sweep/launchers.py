@@ -19,6 +19,7 @@ import importlib
 import os
 import shlex
 import shutil
+import site
 import subprocess
 import sys
 import time
@@ -220,9 +221,24 @@ def _stop(proc: subprocess.Popen, grace_s: float) -> int | None:
             return proc.wait()
 
 
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a run's subprocess: it imports the noble_cli this process runs, not another copy.
+
+    `python -m` puts the working directory first on sys.path, so a sweep started from a folder holding a different
+    noble_cli (a second checkout beside a pip-installed one) would train its runs with that code. PYTHONSAFEPATH
+    (Python >= 3.11) drops the working directory; PYTHONPATH puts this package's root first when it is a source
+    checkout (a site-packages folder is found anyway, and on PYTHONPATH it would come before the standard library).
+    """
+    root = str(Path(__file__).resolve().parents[2])
+    path = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
+    if root not in {*site.getsitepackages(), site.getusersitepackages()}:
+        path.insert(0, root)
+    return {**os.environ, "PYTHONSAFEPATH": "1", "PYTHONPATH": os.pathsep.join(path), **extra}
+
+
 def run_subprocess(manifest: Path, index: int, progress: bool, env: dict | None = None, stdout=None,
                    loggers: tuple[str, ...] = ()) -> str:
-    proc = subprocess.Popen(entry_argv(manifest, index, progress, loggers=loggers), env={**os.environ, **(env or {})},
+    proc = subprocess.Popen(entry_argv(manifest, index, progress, loggers=loggers), env=child_env(**(env or {})),
                             stdout=stdout, stderr=subprocess.STDOUT if stdout is not None else None)
     try:
         rc = proc.wait()
@@ -394,7 +410,7 @@ def run_gpus(manifest: Path, gpus: list[str], console: Console | None = None, wa
                     fh = open(log, "a")
                     # progress on: the run's output is a log file, where it prints a line every few seconds
                     proc = subprocess.Popen(entry_argv(manifest, i, progress=True, loggers=loggers),
-                                            env={**os.environ, "CUDA_VISIBLE_DEVICES": gpu},
+                                            env=child_env(CUDA_VISIBLE_DEVICES=gpu),
                                             stdout=fh, stderr=subprocess.STDOUT)
                     active[gpu] = (i, proc, fh, time.time(), log)
                     if lines:
