@@ -594,6 +594,14 @@ def test_a_recipe_under_two_optimizers_labels_every_row_with_its_optimizer(tmp_p
     adamw = row(rep.summary, "cosnet r8 | adamw")
     assert adamw["pair_key"] == "pA" and adamw["reached"] == "1/1"
     assert row(rep.summary, "cosnet r8 | muon")["reached"] == "0/1"  # never reaches Muon's baseline
+    # the setting is named by the optimizer (the part after the bar of its baseline's label), not a pair hash
+    headers, rows, _ = display_rows(rep.summary)
+    assert headers[1] == "setting" and {r[1] for r in rows} == {"400 steps, adamw", "400 steps, muon"}
+    assert sorted(title.rsplit(" · ", 1)[1] for title, _ in headlines(rep)) == ["adamw", "muon"]
+    # a setting with only its baseline so far says so (a sweep half done), instead of an empty headline
+    write_run(r, "b-lion", variant="baseline | lion", evals=[3.9, 3.4, 3.1, 3.0], baseline=True, pair_key="pL")
+    lion = [(title.rsplit(" · ", 1)[1], lines) for title, lines in headlines(load_report(r)) if "lion" in title]
+    assert lion == [("lion | adamw", ["only the baseline so far: no variant of this setting to compare it with"])]
     alone = tmp_path / "alone"
     write_run(alone, "b", variant="baseline", baseline=True, evals=[4.0, 3.5, 3.2, 3.1])
     assert set(load_report(alone).summary["variant"]) == {"baseline"}  # one optimizer: labels as they were

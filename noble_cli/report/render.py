@@ -141,9 +141,25 @@ def delta_cell(r: pd.Series, col: str, fmt: str = "+.4f", scale: float = 1.0, su
     return _ci(scale * r[col], scale * r[f"{col}_ci_low"], scale * r[f"{col}_ci_high"], fmt, suffix)
 
 
-def _setting(r: pd.Series) -> str:
+def setting_names(frame: pd.DataFrame, label: str = "variant") -> dict[tuple, str]:
+    """Per (recipe, pair_key): the name of what its rows share, for the "setting" column and the headline titles.
+
+    A sweep labels each setting's runs after a bar ("baseline | muon", "dense-matched(cosnet r8) | mixup+cutmix
+    off"), so the setting is named by the part after the bar of its baseline's label (`label="variant"`) or of its
+    control's (`label="reference"`); a pair without one is named by its pair key (the hash of what it shares).
+    """
+    rows = frame[frame["is_baseline"].astype(bool)] if label == "variant" else frame
+    names = {}
+    for _, r in rows.iterrows():
+        text = str(r[label])
+        if " | " in text:
+            names.setdefault((r["recipe"], r["pair_key"]), text.split(" | ", 1)[1])
+    return names
+
+
+def _setting(r: pd.Series, names: dict[tuple, str]) -> str:
     budget = "" if _nan(r["max_steps"]) else f"{int(r['max_steps'])} steps, "
-    return f"{budget}pair {str(r['pair_key'])[:8]}"
+    return budget + names.get((r["recipe"], r["pair_key"]), f"pair {str(r['pair_key'])[:8]}")
 
 
 def _multi_setting(summary: pd.DataFrame) -> bool:
@@ -158,6 +174,7 @@ def display_rows(summary: pd.DataFrame) -> tuple[list[str], list[list[str]], lis
                "Δ final loss [95% CI]", "p (Δ)"]
     if multi:  # a recipe run under several settings (budget, lr, ...): say which rows belong together
         headers.insert(1, "setting")
+        names = setting_names(summary)
     if bpb:
         headers += ["final bpb", "Δ bpb [95% CI]"]
     if top1:
@@ -173,7 +190,7 @@ def display_rows(summary: pd.DataFrame) -> tuple[list[str], list[list[str]], lis
             delta_cell(r, "final_eval_loss_delta"), "" if base else _p(r["p_value"]),
         ]
         if multi:
-            cells.insert(1, _setting(r))
+            cells.insert(1, _setting(r, names))
         if bpb:
             cells += [_pm(r["final_eval_bpb"], r["final_eval_bpb_std"], ".4f"),
                       delta_cell(r, "final_eval_bpb_delta")]
@@ -192,6 +209,7 @@ def control_rows(controls: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
                "Δ final loss [95% CI]", "p (Δ)"]
     if multi:
         headers.insert(1, "setting")
+        names = setting_names(controls, label="reference")
     if bpb:
         headers += ["Δ bpb [95% CI]"]
     if top1:
@@ -201,7 +219,7 @@ def control_rows(controls: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
         cells = [str(r["recipe"]), str(r["variant"]), str(r["reference"]), str(r["n"]), str(r["reached"]),
                  speedup_cell(r), _p(r["p_value_speedup"]), delta_cell(r, "final_eval_loss_delta"), _p(r["p_value"])]
         if multi:
-            cells.insert(1, _setting(r))
+            cells.insert(1, _setting(r, names))
         if bpb:
             cells.append(delta_cell(r, "final_eval_bpb_delta"))
         if top1:
@@ -261,7 +279,7 @@ def headlines(rep: Report) -> list[tuple[str, list[str]]]:
     out = []
     if rep.summary.empty:
         return out
-    multi = _multi_setting(rep.summary)
+    multi, names = _multi_setting(rep.summary), setting_names(rep.summary)
     for (recipe, pair_key), g in rep.summary.groupby(["recipe", "pair_key"], sort=False):
         base = g[g["is_baseline"].astype(bool)]
         title = str(recipe)
@@ -270,7 +288,7 @@ def headlines(rep: Report) -> list[tuple[str, list[str]]]:
         if not base.empty:
             title += f" · {int(base['n'].iloc[0])} seed(s)"
         if multi:
-            title += f" · pair {str(pair_key)[:8]}"
+            title += " · " + names.get((recipe, pair_key), f"pair {str(pair_key)[:8]}")
         lines = []
         variants = g[~g["is_baseline"].astype(bool)]
         best = variants[variants["best"].astype(bool)]
@@ -280,7 +298,9 @@ def headlines(rep: Report) -> list[tuple[str, list[str]]]:
                 if b["role"] in CONTROL_ROLES else ""
             lines.append(f"vs the baseline (target: each seed's baseline best eval loss): best variant "
                          f"{b['variant']}{what}: {_figures(b)}")
-        elif not variants.empty:
+        elif variants.empty:
+            lines.append("only the baseline so far: no variant of this setting to compare it with")
+        else:
             lines.append("vs the baseline: no variant reached the baseline's best eval loss in every seed, so there "
                          "is no best variant (the table gives k/n reached and upper bounds)")
         nobles = variants[variants["role"].isin(["noble"])]
