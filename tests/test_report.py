@@ -444,10 +444,16 @@ def test_timing_noise_larger_than_the_effect_is_labelled_noise(tmp_path: Path):
     for seed in (0, 1):
         write_run(r, f"cb{seed}", variant="baseline", baseline=True, seed=seed, evals=ev, recipe="steady")
         write_run(r, f"cv{seed}", variant="cosnet r32", seed=seed, step_time=0.12, evals=fast, recipe="steady")
+    # and one seed of the steady case: a single pair cannot tell the branch's cost from a change of load
+    write_run(r, "sb0", variant="baseline", baseline=True, evals=ev, recipe="single")
+    write_run(r, "sv0", variant="cosnet r32", step_time=0.12, evals=fast, recipe="single")
     rep = load_report(r)
     s = rep.summary.set_index(["recipe", "variant"])
     shared, jittery, steady = s.loc[("shared", "cosnet r32")], s.loc[("jittery", "cosnet r32")], \
         s.loc[("steady", "cosnet r32")]
+    single = s.loc[("single", "cosnet r32")]
+    assert single["step_time_overhead"] == pytest.approx(0.2) and single["timing_noise"] == 0
+    assert single["timing_noisy"]
     assert shared["step_time_overhead"] == pytest.approx(0.011538, abs=1e-6)
     assert shared["timing_noise"] == pytest.approx(0.184463, abs=1e-6) and shared["timing_noisy"]
     assert jittery["step_time_overhead"] == pytest.approx(0.2)
@@ -461,6 +467,7 @@ def test_timing_noise_larger_than_the_effect_is_labelled_noise(tmp_path: Path):
     # steady: wall-clock 40 s / (0.12 * 266.67 = 32 s) = 1.25 (seed 0), 40 / (0.12 * 266.67) again (seed 1)
     assert "1.25x" in cells[("steady", "cosnet r32")] and "+20.0%" in cells[("steady", "cosnet r32")]
     assert "100 ms ± 0" in cells[("steady", "baseline")]
+    assert cells[("single", "cosnet r32")].count("n/a (1 seed)") == 2
     shared_base = rep.summary[(rep.summary["recipe"] == "shared") & rep.summary["is_baseline"]].iloc[0]
     assert shared_base["median_step_time_s_std"] == pytest.approx(0.021213, abs=1e-6)  # the spread is shown
 

@@ -279,7 +279,8 @@ def summarize(runs_table: pd.DataFrame, by_reference: bool = False) -> pd.DataFr
       best step / budget; for steps to target the budget, a lower bound): the true mean is below (above) it;
     - final eval loss (and eval_bpb, top-1) delta: mean, std, 95% CI and the paired t-test's p (p_value), all seeds;
     - step-time overhead: mean, std, 95% CI; `timing_noise` (see `timing_noise`) and `timing_noisy`: the noise is
-      larger than the overhead, or its CI contains 0: a wall-clock figure would be noise, not a speedup.
+      larger than the overhead, or its CI contains 0, or there is one seed (no CI): a wall-clock figure would be
+      noise, not a speedup.
 
     Rows are ordered by recipe and pair_key (and reference), the baseline first, then the variants that reached
     in every seed by step speedup, then the others by their bound. `best` marks, per (recipe, pair_key), the
@@ -328,8 +329,11 @@ def summarize(runs_table: pd.DataFrame, by_reference: bool = False) -> pd.DataFr
         _put(row, "step_time_overhead", ov)
         noise = timing_noise(g)
         row["timing_noise"] = noise
+        # One pair of runs cannot tell the branch's cost from a change of load between the two runs: a timing needs
+        # two seeds or more (an overhead with a CI), and a CI that excludes 0 and the noise.
         row["timing_noisy"] = bool(not row["is_baseline"] and (
-            (not math.isnan(noise) and not math.isnan(ov.mean) and noise > abs(ov.mean)) or ov.contains(0.0)))
+            (not math.isnan(noise) and not math.isnan(ov.mean) and noise > abs(ov.mean)) or ov.contains(0.0)
+            or ov.n == 1))
         fl = estimate(g["final_eval_loss"])
         row["final_eval_loss"], row["final_eval_loss_std"] = fl.mean, fl.std
         d = paired(g["final_eval_loss"], g["baseline_final_eval_loss"])

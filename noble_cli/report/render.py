@@ -92,6 +92,8 @@ def speedup_cell(r: pd.Series, col: str = "step_speedup") -> str:
 
 
 def noise_cell(r: pd.Series) -> str:
+    if int(r["n"]) < 2:
+        return "n/a (1 seed)"
     return f"noise ±{100 * r['timing_noise']:.0f}%" if not _nan(r["timing_noise"]) else "noise (CI spans 0)"
 
 
@@ -474,9 +476,9 @@ DEFINITIONS = """\
   median step time ± std over seeds. **noise ±X%**: the timing noise, the larger of the spread of the baseline's
   median step time across seeds (std / mean) and the typical within-run spread (a relative std of step_time_s:
   interquartile range / 1.349 / median), is larger than the step-time difference (or its CI contains 0):
-  neither the step-time
-  overhead nor the wall-clock speedup is then reported, since on a shared machine they would be noise. With equal
-  step times the wall-clock speedup is the step speedup.
+  neither the step-time overhead nor the wall-clock speedup is then reported, since on a shared machine they would
+  be noise. **n/a (1 seed)**: one pair of runs cannot tell the branch's cost from a change of load between them.
+  With equal step times the wall-clock speedup is the step speedup.
 - **params**: params / params(baseline) - 1. **FLOPs/step**: FLOPs of a training step (forward and backward,
   counted once per run by Lightning's measure_flops on the meta device: matmuls, convolutions and attention, so the
   floor) / the baseline's - 1, and the extra FLOPs per token (image); "-" for runs that did not record them.
