@@ -1,6 +1,7 @@
 # Two commands from a fresh Debian/Ubuntu machine with python3; each is safe to run again (what is done is kept):
 #   make demo   set everything up, train the first comparison (baseline and CosNet on llm-bytes) and report it
 #   make test   set everything up and run the test suite (what CI runs, see .ci/run)
+#   make device-wheels   the wheels a GPU machine without network needs for `noble bench suite` (docs/kernels.md)
 # The manual path, for people who manage their own environments, is in the README ("Install by hand").
 # Options: make demo DEMO_OUT=results/demo; make test PYTEST_ARGS="-k sweep -x"; PYTHON=python3.12.
 
@@ -20,7 +21,7 @@ NEEDS_ROOT = installing it needs root: run  sudo apt-get install -y $(1)  then t
 # Debian's python3 cannot make a venv without its python3-venv package (no ensurepip)
 HAVE_VENV = $(shell $(PYTHON) -c "import ensurepip, venv" 2>/dev/null && echo yes)
 
-.PHONY: demo test setup fashion-mnist
+.PHONY: demo test setup fashion-mnist device-wheels
 
 # The demo trains no image model: without root it says how to add Fashion-MNIST and goes on.
 demo: $(VENV)/.installed
@@ -53,3 +54,16 @@ NO_FMNIST = Fashion-MNIST ($(if $(OPTIONAL),for the vision recipes; not this dem
 fashion-mnist:
 	$(if $(wildcard $(FASHION_MNIST)),@true,$(if $(IS_ROOT),$(call APT_INSTALL,dataset-fashion-mnist),$(if \
 	$(OPTIONAL),@echo "note: $(NO_FMNIST)",$(error $(NO_FMNIST)))))
+
+# The Python packages noble imports that a GPU image may lack (pydantic: our configs) or hold at other versions
+# (typer, rich), at the versions of this environment, as wheels for the GPU machine's Python (DEVICE_PYTHON) into
+# .whl/ (ignored by git): carry it there and `pip install --no-index --no-deps --target` them (docs/kernels.md).
+DEVICE_PYTHON ?= 3.12
+DEVICE_WHEELS := pydantic pydantic_core annotated-types typing-inspection typing_extensions typer annotated-doc \
+	shellingham rich pygments markdown-it-py mdurl
+device-wheels: $(VENV)/.installed
+	rm -rf .whl && mkdir -p .whl
+	$(BIN)/python -m pip download --no-deps --only-binary=:all: --python-version $(DEVICE_PYTHON) --implementation cp \
+	  $(foreach n,28 27 17,--platform manylinux_2_$(n)_x86_64) --platform manylinux2014_x86_64 -d .whl \
+	  $$($(BIN)/python -c "from importlib.metadata import version; \
+	      print(' '.join(f'{n}=={version(n)}' for n in '$(DEVICE_WHEELS)'.split()))")
