@@ -309,9 +309,11 @@ def build_trainer(cfg: RunConfig, module, folder: RunFolder, recorder: RunRecord
 def evaluate_and_checkpoint_the_end(trainer, module, datamodule, folder: RunFolder, recorder: RunRecorder) -> None:
     """... and checkpointed: ModelCheckpoint only saves inside `fit`, whose evaluations fall every eval_every steps."""
     trainer.validate(module, datamodule=datamodule, verbose=False)
-    trainer.save_checkpoint(folder.last_checkpoint)
+    # full checkpoints (optimizer and loop state: a later resume continues from them), as ModelCheckpoint's are;
+    # saying so keeps Lightning from logging that it chose for us
+    trainer.save_checkpoint(folder.last_checkpoint, weights_only=False)
     if recorder.summary().get("best_step") == trainer.global_step:
-        trainer.save_checkpoint(folder.checkpoint_dir / "best.ckpt")
+        trainer.save_checkpoint(folder.checkpoint_dir / "best.ckpt", weights_only=False)
 
 
 def train(
