@@ -16,6 +16,7 @@ from noble_cli.errors import NobleError
 from noble_cli.report import build_report, load_report
 from noble_cli.report.cli import parse_formats, report
 from noble_cli.report.figures import steps_to_target
+from noble_cli.report.plots import make_plots
 from noble_cli.report.render import display_rows, headlines
 from noble_cli.report.stats import estimate, paired
 
@@ -605,6 +606,8 @@ def test_a_recipe_under_two_optimizers_labels_every_row_with_its_optimizer(tmp_p
     headers, rows, _ = display_rows(rep.summary)
     assert headers[1] == "setting" and {r[1] for r in rows} == {"400 steps, adamw", "400 steps, muon"}
     assert sorted(title.rsplit(" · ", 1)[1] for title, _ in headlines(rep)) == ["adamw", "muon"]
+    plots = {p.name for p in make_plots(rep, tmp_path / "plots")}
+    assert {"tiny-adamw_eval_loss_vs_step.png", "tiny-muon_speedup.png"} <= plots, plots
     # a setting with only its baseline so far says so (a sweep half done), instead of an empty headline
     write_run(r, "b-lion", variant="baseline | lion", evals=[3.9, 3.4, 3.1, 3.0], baseline=True, pair_key="pL")
     lion = [(title.rsplit(" · ", 1)[1], lines) for title, lines in headlines(load_report(r)) if "lion" in title]

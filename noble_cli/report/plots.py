@@ -15,15 +15,21 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from noble_cli.report.build import Report
+from noble_cli.report.render import setting_names
 from noble_cli.report.runs import Run
 
 _COLORS = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink",
            "tab:olive", "tab:cyan", "tab:gray"]
 
 
-def _stem(recipe: str, pair_key: str, several: bool) -> str:
+def _stem(recipe: str, pair_key: str, several: bool, setting: str | None = None) -> str:
+    """The plots' file name stem: the recipe, and where it has several settings, the setting's name (as the tables
+    name it: `llm-bytes-muon`) or else its pair key's first 8 characters."""
     s = re.sub(r"[^A-Za-z0-9._-]+", "_", recipe).strip("_") or "recipe"
-    return f"{s}-{re.sub(r'[^A-Za-z0-9]+', '', pair_key)[:8]}" if several else s
+    if not several:
+        return s
+    tag = re.sub(r"[^A-Za-z0-9]+", "-", setting).strip("-") if setting else ""
+    return f"{s}-{tag or re.sub(r'[^A-Za-z0-9]+', '', pair_key)[:8]}"
 
 
 def _nan(v) -> bool:
@@ -127,8 +133,11 @@ def make_plots(rep: Report, out_dir: Path) -> list[Path]:
     if rep.summary.empty:
         return written
     pairs_per_recipe = rep.summary.groupby("recipe")["pair_key"].nunique().to_dict()
+    names = setting_names(rep.summary)
+    if len({(r, _stem(r, "", True, n)) for (r, _), n in names.items()}) < len(names):
+        names = {}  # two settings whose names differ only in punctuation: the pair keys tell the files apart
     for (recipe, pair_key), summ in rep.summary.groupby(["recipe", "pair_key"], sort=False):
-        stem = _stem(recipe, pair_key, pairs_per_recipe[recipe] > 1)
+        stem = _stem(recipe, pair_key, pairs_per_recipe[recipe] > 1, names.get((recipe, pair_key)))
         runs = [r for r in rep.runs if r.recipe == recipe and r.pair_key == pair_key]
         runs.sort(key=lambda r: (not r.is_baseline, r.variant, str(r.seed)))
         colors, i = {}, 0
