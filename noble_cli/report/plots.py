@@ -137,7 +137,10 @@ def make_plots(rep: Report, out_dir: Path) -> list[Path]:
     if len({(r, _stem(r, "", True, n)) for (r, _), n in names.items()}) < len(names):
         names = {}  # two settings whose names differ only in punctuation: the pair keys tell the files apart
     for (recipe, pair_key), summ in rep.summary.groupby(["recipe", "pair_key"], sort=False):
-        stem = _stem(recipe, pair_key, pairs_per_recipe[recipe] > 1, names.get((recipe, pair_key)))
+        several = pairs_per_recipe[recipe] > 1
+        stem = _stem(recipe, pair_key, several, names.get((recipe, pair_key)))
+        # the title names the setting too, so two plots of one recipe never look alike out of their files
+        title = f"{recipe} ({names.get((recipe, pair_key), 'pair ' + str(pair_key)[:8])})" if several else recipe
         runs = [r for r in rep.runs if r.recipe == recipe and r.pair_key == pair_key]
         runs.sort(key=lambda r: (not r.is_baseline, r.variant, str(r.seed)))
         colors, i = {}, 0
@@ -161,13 +164,13 @@ def make_plots(rep: Report, out_dir: Path) -> list[Path]:
             ax = fig.add_subplot()
             _curves(ax, runs, colors, x, target, tlabel)
             ax.set_xlabel(xlabel)
-            ax.set_title(f"{recipe}: eval loss vs {xlabel.split(' (')[0]}")
+            ax.set_title(f"{title}: eval loss vs {xlabel.split(' (')[0]}")
             written.append(_save(fig, out_dir / f"{stem}_{suffix}.png"))
 
         if (~summ["is_baseline"]).any():
             fig = Figure(figsize=(max(5.0, 1.1 * (~summ["is_baseline"]).sum() + 3), 4.5))
             ax = fig.add_subplot()
             _speedup_bars(ax, summ)
-            ax.set_title(f"{recipe}: speedup vs the baseline (mean, 95% CI; '<' upper bound)")
+            ax.set_title(f"{title}: speedup vs the baseline (mean, 95% CI; '<' upper bound)")
             written.append(_save(fig, out_dir / f"{stem}_speedup.png"))
     return written
