@@ -7,7 +7,10 @@ from noble_cli import config as C
 from noble_cli import recipes
 from noble_cli.errors import NobleError
 from noble_cli.layers import count_parameters
+from noble_cli.models.bert import BertConfig
 from noble_cli.models.gpt import GPT, GPTConfig
+from noble_cli.models.vit import ViTConfig
+from noble_cli.models.vqgan import VQGANConfig
 from noble_cli.recipes import count_recipe_params
 from noble_cli.tasks.base import build_model, dense_matched_config, lr_factor
 
@@ -150,6 +153,29 @@ def test_dense_matched_baseline_has_the_noble_parameter_count():
     assert matched.branch == 0
     per_unit = 2 * (2 * 32)  # one more hidden unit adds a row of fc and a column of fc2 in each of 2 blocks
     assert abs(matched.total - target.total) <= per_unit / 2
+
+
+@pytest.mark.parametrize("make_cfg", [
+    lambda **kw: GPTConfig(vocab_size=100, block_size=16, n_layer=2, **kw),
+    lambda **kw: BertConfig(vocab_size=100, n_layer=2, **kw),
+    lambda **kw: ViTConfig(image_size=28, patch_size=7, num_classes=10, n_layer=2, **kw),
+    lambda **kw: VQGANConfig(image_size=16, patch_size=4, n_layer=1, **kw),
+], ids=["gpt", "bert", "vit", "vqgan"])
+def test_built_in_model_configs_keep_the_widening_contract(make_cfg):
+    cfg = make_cfg(d_model=48, n_head=4, mlp_ratio=4.0)
+    assert cfg.mlp_hidden == 192
+    wide = cfg.with_mlp_hidden(200)
+    assert type(wide) is type(cfg) and wide.mlp_hidden == 200 and wide.d_model == 48
+    with pytest.raises(ValueError, match="model.d_model 48 must be divisible by model.n_head 5"):
+        make_cfg(d_model=48, n_head=5)
+
+
+def test_dense_matched_control_names_a_config_it_cannot_widen():
+    class Fixed(C.ConfigModel):
+        d_model: int = 32
+
+    with pytest.raises(NobleError, match="cannot widen a Fixed.*WidensMLP"):
+        dense_matched_config(GPT, Fixed(), C.NobleConfig(branch="none", dense_match=True))
 
 
 def test_schedule_warms_up_then_decays_to_the_floor():

@@ -25,15 +25,21 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from noble_cli.config import ConfigModel, Float, Int
+from noble_cli.config import Float, Int
 from noble_cli.errors import NobleError
-from noble_cli.models.transformer import MLP, SelfAttention, padded_vocab
+from noble_cli.models.transformer import (
+    MLP,
+    SelfAttention,
+    TransformerConfig,
+    padded_vocab,
+)
 
-class BertConfig(ConfigModel):
+
+class BertConfig(TransformerConfig):
     """A BERT encoder (a recipe's `model:` section for the masked-LM task)."""
 
     vocab_size: Int = Field(30522, gt=5, le=1 << 16)
@@ -51,16 +57,6 @@ class BertConfig(ConfigModel):
     layer_norm_eps: Float = Field(1e-12, gt=0)
     pad_vocab_to: Int = Field(64, ge=1)
     """Round the embedding up to a multiple of this (tensor-core friendly); 1 disables."""
-
-    @model_validator(mode="after")
-    def _heads_divide_width(self) -> BertConfig:
-        if self.d_model % self.n_head:
-            raise ValueError(f"model.d_model {self.d_model} must be divisible by model.n_head {self.n_head}")
-        return self
-
-    @property
-    def mlp_hidden(self) -> int:
-        return round(self.mlp_ratio * self.d_model)
 
     @property
     def padded_vocab(self) -> int:

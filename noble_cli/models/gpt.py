@@ -11,15 +11,21 @@ from __future__ import annotations
 import math
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from noble_cli.config import ConfigModel, Float, Int
-from noble_cli.models.transformer import MLP, SelfAttention, lm_flops_per_token, padded_vocab
+from noble_cli.config import Float, Int
+from noble_cli.models.transformer import (
+    MLP,
+    SelfAttention,
+    TransformerConfig,
+    lm_flops_per_token,
+    padded_vocab,
+)
 
 
-class GPTConfig(ConfigModel):
+class GPTConfig(TransformerConfig):
     """A GPT-2-style decoder (a recipe's `model:` section for the causal-LM and image-token tasks)."""
 
     vocab_size: Int = Field(50257, ge=2)
@@ -35,16 +41,6 @@ class GPTConfig(ConfigModel):
     """Biases in the linears and LayerNorms."""
     pad_vocab_to: Int = Field(64, ge=1)
     """Round the embedding up to a multiple of this (tensor-core friendly); 1 disables."""
-
-    @model_validator(mode="after")
-    def _heads_divide_width(self) -> GPTConfig:
-        if self.d_model % self.n_head:
-            raise ValueError(f"model.d_model {self.d_model} must be divisible by model.n_head {self.n_head}")
-        return self
-
-    @property
-    def mlp_hidden(self) -> int:
-        return int(round(self.mlp_ratio * self.d_model))
 
     @property
     def padded_vocab(self) -> int:

@@ -6,11 +6,41 @@ Q, K, V and the output projection are separate nn.Linear layers (`q`, `k`, `v`, 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
+from pydantic import model_validator
 from torch import nn
 
+from noble_cli.config import ConfigModel
 from noble_cli.layers.targets import linear_kind
+
+
+class TransformerConfig(ConfigModel):
+    """What the built-in transformers' configs (GPT, BERT, ViT, the VQGAN) share: the MLP's hidden width as
+    `mlp_ratio` x `d_model`, which the dense-matched control widens (`with_mlp_hidden`, the `WidensMLP` contract in
+    tasks/base.py), and the check that the heads divide the width. Each subclass declares the fields itself, with its
+    own defaults and docs, so that field order (and with it every run id) stays as it was."""
+
+    if TYPE_CHECKING:
+        d_model: int
+        n_head: int
+        mlp_ratio: float
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self):
+        if self.d_model % self.n_head:
+            raise ValueError(f"model.d_model {self.d_model} must be divisible by model.n_head {self.n_head}")
+        return self
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(round(self.mlp_ratio * self.d_model))
+
+    def with_mlp_hidden(self, width: int):
+        """This config with the MLP `width` wide (mlp_ratio = width / d_model)."""
+        return self.model_copy(update={"mlp_ratio": width / self.d_model})
 
 
 def padded_vocab(vocab_size: int, multiple: int) -> int:

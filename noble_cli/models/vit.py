@@ -17,19 +17,18 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torchvision.ops import StochasticDepth
 
-from noble_cli.config import ConfigModel, Float, Int
-from noble_cli.models.transformer import MLP, SelfAttention
+from noble_cli.config import Float, Int
+from noble_cli.models.transformer import MLP, SelfAttention, TransformerConfig
 
 
-def check_transformer_shape(image_size: int, patch_size: int, d_model: int, n_head: int) -> None:
-    """What a patch transformer (ViT, the VQGAN) needs of its shape; ValueError names the fields."""
+def check_patch_grid(image_size: int, patch_size: int) -> None:
+    """What a patch transformer (ViT, the VQGAN) needs beyond TransformerConfig's checks; ValueError names the
+    fields."""
     if image_size % patch_size:
         raise ValueError(f"model.image_size {image_size} must be a multiple of model.patch_size {patch_size}")
-    if d_model % n_head:
-        raise ValueError(f"model.d_model {d_model} must be divisible by model.n_head {n_head}")
 
 
-class ViTConfig(ConfigModel):
+class ViTConfig(TransformerConfig):
     """A ViT / DeiT classifier (a recipe's `model:` section for the vit task)."""
 
     image_size: Int = Field(224, ge=1)
@@ -49,12 +48,8 @@ class ViTConfig(ConfigModel):
 
     @model_validator(mode="after")
     def _shapes_fit(self) -> ViTConfig:
-        check_transformer_shape(self.image_size, self.patch_size, self.d_model, self.n_head)
+        check_patch_grid(self.image_size, self.patch_size)
         return self
-
-    @property
-    def mlp_hidden(self) -> int:
-        return int(round(self.mlp_ratio * self.d_model))
 
     @property
     def grid(self) -> int:

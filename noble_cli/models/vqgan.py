@@ -26,10 +26,11 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from noble_cli.config import ConfigModel, Float, Int
+from noble_cli.config import Float, Int
+from noble_cli.models.transformer import TransformerConfig
 from noble_cli.models.vit import (
     Block,
-    check_transformer_shape,
+    check_patch_grid,
     init_transformer_weights,
     transformer_flops_per_item,
 )
@@ -37,7 +38,7 @@ from noble_cli.models.vit import (
 MAX_CODEBOOK = 65535  # codes + a BOS token must fit the uint16 token files of the image-token LM
 
 
-class VQGANConfig(ConfigModel):
+class VQGANConfig(TransformerConfig):
     """A transformer VQGAN (a recipe's `model:` section for the vqgan task; the losses are here too, so that the
     section describes the whole VQGAN)."""
 
@@ -81,12 +82,8 @@ class VQGANConfig(ConfigModel):
 
     @model_validator(mode="after")
     def _shapes_fit(self) -> VQGANConfig:
-        check_transformer_shape(self.image_size, self.patch_size, self.d_model, self.n_head)
+        check_patch_grid(self.image_size, self.patch_size)
         return self
-
-    @property
-    def mlp_hidden(self) -> int:
-        return int(round(self.mlp_ratio * self.d_model))
 
     @property
     def grid(self) -> int:

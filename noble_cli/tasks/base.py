@@ -8,13 +8,14 @@ nn.Linear layers), `loss(batch)` (training loss and extra logs) and `evaluate(ba
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Protocol
 
 import lightning as L
 import torch
 from torch import nn
 
 from noble_cli.config import NobleConfig, RunConfig
+from noble_cli.errors import NobleError
 from noble_cli.layers import LRMultipliers, apply_noble, count_parameters, param_groups
 from noble_cli.layers.apply import reinit_main_weights
 from noble_cli.layers.implementation import Choice, plan
@@ -38,23 +39,26 @@ def _with_branches(make: Callable, model_cfg, noble: NobleConfig, branch: str, k
     return model
 
 
-def _mlp_width(model_cfg) -> tuple[int, Callable[[int], object]]:
-    """(the MLP's hidden width, width -> the config with that width): a config's own `mlp_hidden` and
-    `with_mlp_hidden`, or the built-in models' `mlp_ratio` x `d_model`."""
-    if hasattr(model_cfg, "with_mlp_hidden"):
-        return model_cfg.mlp_hidden, model_cfg.with_mlp_hidden
-    if not hasattr(model_cfg, "mlp_ratio") or not hasattr(model_cfg, "d_model"):
-        raise TypeError(f"{type(model_cfg).__name__} has no mlp_ratio/d_model to widen")
-    d = model_cfg.d_model
-    return int(round(model_cfg.mlp_ratio * d)), lambda h: model_cfg.model_copy(update={"mlp_ratio": h / d})
+class WidensMLP(Protocol):
+    """What the dense-matched control needs of a task's model config: the MLP's hidden width, and the same config
+    with another width. The built-in models have it from `TransformerConfig`; the transformers-backed task
+    (`HFCausalLMConfig`) through `intermediate_size`."""
+
+    @property
+    def mlp_hidden(self) -> int: ...
+
+    def with_mlp_hidden(self, width: int) -> WidensMLP: ...
 
 
-def dense_matched_config(make: Callable, model_cfg, noble: NobleConfig):
+def dense_matched_config(make: Callable, model_cfg: WidensMLP, noble: NobleConfig) -> WidensMLP:
     """The model config widened (MLP hidden size) until it has as many parameters as the NOBLE model.
 
     Parameter counts are affine in the MLP hidden size, so two counts on the meta device give the exact width.
     """
-    h0, widened = _mlp_width(model_cfg)
+    if not callable(getattr(type(model_cfg), "with_mlp_hidden", None)):
+        raise NobleError(f"the dense-matched control cannot widen a {type(model_cfg).__name__}: a model config "
+                         "needs mlp_hidden and with_mlp_hidden (WidensMLP in noble_cli/tasks/base.py)")
+    h0, widened = model_cfg.mlp_hidden, model_cfg.with_mlp_hidden
     with torch.device("meta"):
         target = count_parameters(_with_branches(make, model_cfg, noble, noble.match_branch)).total
         p0 = count_parameters(make(model_cfg)).total

@@ -78,7 +78,7 @@ class HFCausalLMConfig(ConfigModel):
         return causal_lm_config(self.model_type, self.config_json, self.sizes(), self.extra, tok.vocab_size,
                                 tok.eot_id)
 
-    # The dense-matched control widens the MLP (tasks/base.py `dense_matched_config`).
+    # The dense-matched control widens the MLP (the WidensMLP contract of tasks/base.py).
     @property
     def mlp_hidden(self) -> int:
         """The MLP's hidden width: intermediate_size, set here or by the config.json / the family's default."""
