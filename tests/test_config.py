@@ -170,6 +170,13 @@ def test_built_in_model_configs_keep_the_widening_contract(make_cfg):
         make_cfg(d_model=48, n_head=5)
 
 
+@pytest.mark.parametrize("config_class", [ViTConfig, VQGANConfig])
+def test_patch_transformers_tile_the_image_with_patches(config_class):
+    assert config_class(image_size=28, patch_size=7, d_model=32, n_head=2).grid == 4
+    with pytest.raises(ValueError, match="model.image_size 28 must be a multiple of model.patch_size 8"):
+        config_class(image_size=28, patch_size=8, d_model=32, n_head=2)
+
+
 def test_dense_matched_control_names_a_config_it_cannot_widen():
     class Fixed(C.ConfigModel):
         d_model: int = 32

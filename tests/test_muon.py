@@ -1,14 +1,10 @@
 """optim.name=muon: which parameters each optimizer takes (read from what one step does to them), the schedule of
 both, identities and labels, and an exact resume after kill -9."""
 
-import json
 import re
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
 
@@ -17,7 +13,6 @@ from noble_cli import recipes
 from noble_cli.errors import NobleError
 from noble_cli.tasks import get_task
 from noble_cli.tasks.optimizers import MuonWithAdamW
-from noble_cli.train.run import train
 
 SMALL = ["model.d_model=32", "model.n_head=2", "model.n_layer=2", "model.block_size=32", "data.seq_len=32",
          "noble.rank=4", "optim.weight_decay=0", "optim.lr=1e-3", "optim.muon_lr=2e-3", "schedule.warmup_steps=0",
@@ -142,29 +137,14 @@ def test_resume_after_kill_with_muon_reaches_the_same_losses(tmp_path):
     """Both optimizers' states (Muon's momentum, AdamW's moments) and the schedule come back from last.ckpt, under
     gradient accumulation and clipping: the killed-and-resumed run lands on the uninterrupted run's losses."""
     sys.path.insert(0, str(Path(__file__).parent))
-    from test_train import KILLER, tiny_cfg
+    from test_train import killed_run, resume_matches_an_uninterrupted_run
 
     overrides = {"noble.branch": "cosnet", "optim.name": "muon", "trainer.max_steps": 8, "trainer.eval_every": 3,
                  "trainer.accumulate": 2, "optim.grad_clip": 0.05}
-    script = tmp_path / "killed.py"
-    script.write_text(KILLER.format(tests=str(Path(__file__).parent), kill_at=5, overrides=overrides,
-                                    out=str(tmp_path / "a")))
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-
-    cfg = tiny_cfg(**overrides)
-    run_a = tmp_path / "a" / "runs" / C.run_id(cfg)
-    assert json.loads((run_a / "summary.json").read_text())["status"] == "running"
-    ckpt = torch.load(run_a / "checkpoints" / "last.ckpt", weights_only=False)
+    cfg, run = killed_run(tmp_path, overrides, kill_at=5)
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     assert set(ckpt["optimizer_states"][0]) == {"adamw", "muon"} and ckpt["optimizer_states"][0]["muon"]["state"]
-
-    resumed = train(cfg, out=tmp_path / "a", resume=True, progress=False)
-    straight = train(cfg, out=tmp_path / "b", progress=False)
-    a = pd.read_csv(resumed.run_dir / "metrics.csv").set_index("step")
-    b = pd.read_csv(straight.run_dir / "metrics.csv").set_index("step")
-    assert list(a.index) == list(b.index) == list(range(1, 9))
-    pd.testing.assert_series_equal(a["train_loss"], b["train_loss"], rtol=1e-5, atol=0)
-    pd.testing.assert_series_equal(a["eval_loss"].dropna(), b["eval_loss"].dropna(), rtol=1e-5, atol=0)
+    resume_matches_an_uninterrupted_run(tmp_path, cfg)
 
 
 def test_muon_steps_a_gpt2_conv1d_weight_as_the_out_in_matrix_it_is():

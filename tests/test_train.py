@@ -185,29 +185,40 @@ KILLER = textwrap.dedent("""
 """)
 
 
-def test_resume_after_kill_reaches_the_same_losses(tmp_path):
-    # gradient accumulation and dropout: the resumed run must land on the same micro-batch and draw the same masks
-    overrides = {"noble.branch": "cosnet", "trainer.max_steps": 16, "trainer.eval_every": 5,
-                 "trainer.accumulate": 2, "model.dropout": 0.2}
+def killed_run(tmp_path, overrides: dict, kill_at: int) -> tuple[C.RunConfig, Path]:
+    """Train tiny_cfg(**overrides) in a subprocess that SIGKILLs itself after step `kill_at`, under tmp_path/a.
+    Returns the config and the killed run's folder (its status still "running")."""
     script = tmp_path / "killed.py"
-    script.write_text(KILLER.format(tests=str(Path(__file__).parent), kill_at=12, overrides=overrides,
+    script.write_text(KILLER.format(tests=str(Path(__file__).parent), kill_at=kill_at, overrides=overrides,
                                     out=str(tmp_path / "a")))
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-
     cfg = tiny_cfg(**overrides)
-    run_a = tmp_path / "a" / "runs" / C.run_id(cfg)
-    assert json.loads((run_a / "summary.json").read_text())["status"] == "running"
-    assert pd.read_csv(run_a / "metrics.csv")["step"].max() >= 10
+    run = tmp_path / "a" / "runs" / C.run_id(cfg)
+    assert json.loads((run / "summary.json").read_text())["status"] == "running"
+    return cfg, run
 
+
+def resume_matches_an_uninterrupted_run(tmp_path, cfg: C.RunConfig) -> None:
+    """Resume the killed run under tmp_path/a, train the same config uninterrupted under tmp_path/b, and assert the
+    same train loss at every step and the same eval losses."""
     resumed = train(cfg, out=tmp_path / "a", resume=True, progress=False)
     straight = train(cfg, out=tmp_path / "b", progress=False)
     a = pd.read_csv(resumed.run_dir / "metrics.csv").set_index("step")
     b = pd.read_csv(straight.run_dir / "metrics.csv").set_index("step")
-    assert list(a.index) == list(b.index) == list(range(1, 17))
+    assert list(a.index) == list(b.index) == list(range(1, cfg.trainer.max_steps + 1))
     pd.testing.assert_series_equal(a["train_loss"], b["train_loss"], rtol=1e-5, atol=0)
     pd.testing.assert_series_equal(a["eval_loss"].dropna(), b["eval_loss"].dropna(), rtol=1e-5, atol=0)
     assert resumed.summary["status"] == "completed"
+
+
+def test_resume_after_kill_reaches_the_same_losses(tmp_path):
+    # gradient accumulation and dropout: the resumed run must land on the same micro-batch and draw the same masks
+    overrides = {"noble.branch": "cosnet", "trainer.max_steps": 16, "trainer.eval_every": 5,
+                 "trainer.accumulate": 2, "model.dropout": 0.2}
+    cfg, run = killed_run(tmp_path, overrides, kill_at=12)
+    assert pd.read_csv(run / "metrics.csv")["step"].max() >= 10
+    resume_matches_an_uninterrupted_run(tmp_path, cfg)
 
 
 TERMINATOR = textwrap.dedent("""

@@ -9,7 +9,7 @@ Stochastic depth is torchvision's `StochasticDepth` (row mode), its rate rising 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -21,14 +21,28 @@ from noble_cli.config import Float, Int
 from noble_cli.models.transformer import MLP, SelfAttention, TransformerConfig
 
 
-def check_patch_grid(image_size: int, patch_size: int) -> None:
-    """What a patch transformer (ViT, the VQGAN) needs beyond TransformerConfig's checks; ValueError names the
-    fields."""
-    if image_size % patch_size:
-        raise ValueError(f"model.image_size {image_size} must be a multiple of model.patch_size {patch_size}")
+class PatchTransformerConfig(TransformerConfig):
+    """What a patch transformer (ViT, the VQGAN) adds: an image cut into a grid of patch_size squares. Subclasses
+    declare image_size and patch_size."""
+
+    if TYPE_CHECKING:
+        image_size: int
+        patch_size: int
+
+    @model_validator(mode="after")
+    def _patches_tile_the_image(self):
+        if self.image_size % self.patch_size:
+            raise ValueError(f"model.image_size {self.image_size} must be a multiple of model.patch_size "
+                             f"{self.patch_size}")
+        return self
+
+    @property
+    def grid(self) -> int:
+        """Patches per side."""
+        return self.image_size // self.patch_size
 
 
-class ViTConfig(TransformerConfig):
+class ViTConfig(PatchTransformerConfig):
     """A ViT / DeiT classifier (a recipe's `model:` section for the vit task)."""
 
     image_size: Int = Field(224, ge=1)
@@ -45,15 +59,6 @@ class ViTConfig(TransformerConfig):
     qkv_bias: bool = True
     pool: Literal["cls", "mean"] = "cls"
     """cls: the class token; mean: the average of the patch tokens."""
-
-    @model_validator(mode="after")
-    def _shapes_fit(self) -> ViTConfig:
-        check_patch_grid(self.image_size, self.patch_size)
-        return self
-
-    @property
-    def grid(self) -> int:
-        return self.image_size // self.patch_size
 
     @property
     def num_patches(self) -> int:

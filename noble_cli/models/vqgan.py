@@ -23,14 +23,13 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import nn
 
 from noble_cli.config import Float, Int
-from noble_cli.models.transformer import TransformerConfig
 from noble_cli.models.vit import (
     Block,
-    check_patch_grid,
+    PatchTransformerConfig,
     init_transformer_weights,
     transformer_flops_per_item,
 )
@@ -38,7 +37,7 @@ from noble_cli.models.vit import (
 MAX_CODEBOOK = 65535  # codes + a BOS token must fit the uint16 token files of the image-token LM
 
 
-class VQGANConfig(TransformerConfig):
+class VQGANConfig(PatchTransformerConfig):
     """A transformer VQGAN (a recipe's `model:` section for the vqgan task; the losses are here too, so that the
     section describes the whole VQGAN)."""
 
@@ -79,15 +78,6 @@ class VQGANConfig(TransformerConfig):
     """Strided conv layers of the patch discriminator."""
     disc_lr: Float | None = Field(None, gt=0)
     """Default: optim.lr."""
-
-    @model_validator(mode="after")
-    def _shapes_fit(self) -> VQGANConfig:
-        check_patch_grid(self.image_size, self.patch_size)
-        return self
-
-    @property
-    def grid(self) -> int:
-        return self.image_size // self.patch_size
 
     @property
     def num_codes(self) -> int:
