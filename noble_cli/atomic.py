@@ -9,8 +9,13 @@ import json
 import os
 import re
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
+
+from filelock import FileLock
+
+T = TypeVar("T")
 
 _TEMP_RE = re.compile(r"^\..+\.tmp-(\d+)-[0-9a-f]+$")
 
@@ -68,3 +73,18 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def built_once(folder: Path, ready: Callable[[], bool], load: Callable[[], T], build: Callable[[], T],
+               force: bool = False) -> T:
+    """`load()` a cached artifact in `folder` when `ready()`, else `build()` it, under a file lock beside the folder:
+    one process builds (a run's first use, `noble data prepare`), another one at the same time (a sweep's run on
+    another GPU) waits for it and then finds it ready. `force` rebuilds."""
+    if not force and ready():
+        return load()
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{folder}.lock"):
+        if not force and ready():
+            return load()
+        return build()

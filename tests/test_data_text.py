@@ -6,13 +6,16 @@ import importlib.metadata as md
 import json
 import os
 import sys
+import time
 import types
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from noble_cli.atomic import built_once
 from noble_cli.data import corpus, shards, tokenizer
 from noble_cli.data.lm_datamodule import LMDataModule, TrainBatches, batch_seed
 from noble_cli.errors import NobleError
@@ -143,6 +146,27 @@ def test_atomic_writes_and_leftovers(tmp_path, monkeypatch):
     monkeypatch.undo()
     monkeypatch.setenv(shards.DATA_DIR_ENV, str(tmp_path / "noble-data"))
     assert _small(folder) == folder and shards.verify(folder)
+
+
+def test_a_cache_is_built_once_by_concurrent_users(tmp_path):
+    """Several users of one cache folder at once (a sweep's runs on several GPUs): one builds, the others wait on the
+    lock and load what it built; force rebuilds."""
+    folder, builds = tmp_path / "cache", []
+
+    def build():
+        builds.append(1)
+        time.sleep(0.3)  # long enough for every other thread to reach the lock
+        folder.mkdir(exist_ok=True)
+        (folder / "done").write_text(str(len(builds)))
+        return "built"
+
+    def use(force=False):
+        return built_once(folder, (folder / "done").is_file, lambda: "loaded", build, force)
+
+    with ThreadPoolExecutor(4) as pool:
+        got = sorted(pool.map(lambda _: use(), range(4)))
+    assert got == ["built", "loaded", "loaded", "loaded"] and len(builds) == 1
+    assert use() == "loaded" and use(force=True) == "built" and len(builds) == 2
 
 
 def test_val_split_is_fixed(tmp_path, full):

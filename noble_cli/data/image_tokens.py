@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
-from noble_cli.atomic import atomic_write_json
+from noble_cli.atomic import atomic_write_json, built_once
 from noble_cli.config import digest
 from noble_cli.errors import NobleError
 
@@ -141,16 +141,19 @@ def encode_dataset(checkpoint: str | os.PathLike, dataset: str | None = None, ro
                    device: str | torch.device | None = None, force: bool = False, num_workers: int = 0) -> Path:
     """Encode both splits of the VQGAN's data set (or `dataset`) into a token folder; reuse it when current."""
     from noble_cli.data import shards
-    from noble_cli.data.images import (
-        load_split,
-        reconstruction_transform,
-        resolve_image_dataset,
-    )
 
     checkpoint = resolve_checkpoint(checkpoint)
     folder, dataset_id, params = token_folder(checkpoint, dataset, root, limit, cache_dir)
-    if not force and shards.is_prepared(folder, dataset_id, params):
-        return folder
+    return built_once(folder, lambda: shards.is_prepared(folder, dataset_id, params), lambda: folder,
+                      lambda: _encode(checkpoint, folder, dataset_id, params, dataset, root, limit, batch_size,
+                                      device, num_workers), force)
+
+
+def _encode(checkpoint: Path, folder: Path, dataset_id: str, params: dict, dataset: str | None, root: str | None,
+            limit: int | None, batch_size: int, device: str | torch.device | None, num_workers: int) -> Path:
+    from noble_cli.data import shards
+    from noble_cli.data.images import load_split, reconstruction_transform, resolve_image_dataset
+
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     module = load_vqgan(checkpoint, device)
     cfg, m = module.cfg, module.model_cfg

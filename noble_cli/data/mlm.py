@@ -32,10 +32,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from filelock import FileLock
 from torch.utils.data import Dataset
 
-from noble_cli.atomic import atomic_write_json
+from noble_cli.atomic import atomic_write_json, built_once
 from noble_cli.config import digest
 from noble_cli.console import first_use_note
 from noble_cli.data.lm_datamodule import LMDataModule, TrainBatches, batch_seed
@@ -141,14 +140,9 @@ def prepare_mlm(dataset: str, wp: WordPiece, *, limit: int | None = None, root: 
         raise NobleError(f"{dataset!r} is a prepared GPT-2 shard folder; the masked-LM task needs raw text")
     params = shard_params(dataset, wp, limit, val_fraction)
     folder = shard_folder(dataset, wp, limit, root, val_fraction)
-    if not force and is_prepared(folder, spec.id, params):
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    # One process builds it; another one at the same time (a sweep's run on another GPU) waits, then reuses it.
-    with FileLock(f"{folder}.lock"):
-        if not force and is_prepared(folder, spec.id, params):
-            return folder
-        return _build(dataset, spec, wp, folder, params, limit, val_fraction, log or first_use_note)
+    return built_once(folder, lambda: is_prepared(folder, spec.id, params), lambda: folder,
+                      lambda: _build(dataset, spec, wp, folder, params, limit, val_fraction, log or first_use_note),
+                      force)
 
 
 def _build(dataset: str, spec, wp: WordPiece, folder: Path, params: dict, limit: int | None, val_fraction: float,

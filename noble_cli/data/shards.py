@@ -41,9 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from filelock import FileLock
 
-from noble_cli.atomic import atomic_write_json, is_stale_temp
+from noble_cli.atomic import atomic_write_json, built_once, is_stale_temp
 from noble_cli.console import first_use_note
 from noble_cli.data.shard_format import (  # noqa: F401 (re-exported: the shard format is part of this module's API)
     FORMAT,
@@ -369,15 +368,9 @@ def prepare(dataset: str | os.PathLike = "embedded", cache_dir: str | os.PathLik
 
     folder = (Path(cache_dir).expanduser() if cache_dir is not None
               else default_cache_dir(spec, sources, limit, tok.name))
-    if not force and is_prepared(folder, spec.id, params):
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    # Built by the first process that needs it (a run's first use, or `noble data prepare`); another one at the same
-    # time (a run of the same sweep on another GPU) waits for it and then finds the folder prepared.
-    with FileLock(f"{folder}.lock"):
-        if not force and is_prepared(folder, spec.id, params):
-            return folder
-        return _build(spec, tok, folder, params, sources, limit, val_fraction, num_proc, hf_cache_dir)
+    return built_once(folder, lambda: is_prepared(folder, spec.id, params), lambda: folder,
+                      lambda: _build(spec, tok, folder, params, sources, limit, val_fraction, num_proc, hf_cache_dir),
+                      force)
 
 
 def _build(spec: DatasetSpec, tok, folder: Path, params: dict, sources, limit, val_fraction, num_proc,

@@ -39,8 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from filelock import FileLock
 
+from noble_cli.atomic import built_once
 from noble_cli.config import digest
 from noble_cli.errors import NobleError
 
@@ -274,14 +274,8 @@ def train_or_load(dataset: str, vocab_size: int, *, lowercase: bool = True, ever
     folder = Path(root).expanduser() if root is not None else data_root()
     folder = folder / "wordpiece" / f"{spec.slug}-v{vocab_size}-{'uncased' if lowercase else 'cased'}-{digest(params)}"
     vocab_path = folder / "vocab.txt"
-    if vocab_path.is_file() and not force:
-        return load_vocab(vocab_path, lowercase)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    # One process trains it; another one at the same time waits, then loads it.
-    with FileLock(f"{folder}.lock"):
-        if vocab_path.is_file() and not force:
-            return load_vocab(vocab_path, lowercase)
-        return _train(dataset, folder, params, texts, limit, every, log)
+    return built_once(folder, vocab_path.is_file, lambda: load_vocab(vocab_path, lowercase),
+                      lambda: _train(dataset, folder, params, texts, limit, every, log), force)
 
 
 def _train(dataset: str, folder: Path, params: dict, texts: Iterable[str] | None, limit: int | None, every: int,
