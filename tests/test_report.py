@@ -644,3 +644,62 @@ def test_an_own_init_run_is_not_paired_with_the_init_only_control(tmp_path: Path
     assert lines[2].startswith("vs the baseline, cosnet r32: step speedup not reached")
     assert lines[3].startswith("vs the init-only control init-only(main-init 0.5), cosnet r32: ")
     assert len(lines) == 5 and lines[4].startswith("no dense-matched control in this comparison")
+
+
+def test_whether_a_setting_changes_a_variant_s_effect_is_one_paired_test(tmp_path: Path):
+    """A recipe under two settings (a vision sweep's Mixup/CutMix on and off): per seed, the variant's Δ vs its own
+    setting's baseline under each, and their difference paired over seeds, worked out by hand:
+    Δ off = [-0.2, -0.2, -0.3], Δ on = [0.0, -0.1, +0.1]; a - b = [-0.2, -0.1, -0.4]: mean -0.2333, sd 0.15275,
+    95% CI -0.2333 ± 4.3027 · 0.15275 / sqrt(3) = [-0.6128, +0.1461]; t = -2.6458 with 2 degrees of freedom, whose
+    two-sided p is 1 - |t| / sqrt(t^2 + 2) = 1 - 2.6458 / 3 = 0.1181."""
+    from noble_cli.report.render import setting_headlines, setting_rows, write_csv
+    from noble_cli.report.settings import label_without_setting
+
+    r = tmp_path / "res"
+    curves = {
+        "mixup off": ([[4.0, 3.5, 3.2, 3.1], [4.0, 3.6, 3.3, 3.2], [4.0, 3.5, 3.2, 3.0]],
+                      [[3.9, 3.3, 3.0, 2.9], [3.9, 3.4, 3.1, 3.0], [3.9, 3.2, 2.9, 2.7]]),
+        "mixup on": ([[4.2, 3.7, 3.4, 3.3], [4.2, 3.8, 3.5, 3.4], [4.2, 3.7, 3.4, 3.2]],
+                     [[4.1, 3.6, 3.4, 3.3]] * 3),  # seed 2 ends at 3.3 > its baseline's 3.2: not reached
+    }
+    for setting, (bases, nobles) in curves.items():
+        pair = setting.replace(" ", "-")
+        for seed, (b, n) in enumerate(zip(bases, nobles)):
+            write_run(r, f"b-{pair}-{seed}", variant=f"baseline | {setting}", baseline=True, seed=seed, evals=b,
+                      pair_key=pair)
+            write_run(r, f"c-{pair}-{seed}", variant=f"cosnet r8 | {setting}", seed=seed, evals=n, pair_key=pair,
+                      variant_key=f"c-{pair}")
+    # a variant under one setting only has nothing to be compared with
+    write_run(r, "x-on", variant="gelu r8 | mixup on, extra", seed=0, evals=[4.1, 3.6, 3.4, 3.3],
+              pair_key="mixup-on")
+    rep = load_report(r)
+    (s,) = [row for _, row in rep.settings.iterrows()]
+    assert (s["variant"], s["setting_a"], s["setting_b"], s["n"], s["role"]) == ("cosnet r8", "mixup off",
+                                                                                 "mixup on", 3, "noble")
+    assert s["loss_a"] == pytest.approx(-0.7 / 3) and s["loss_b"] == pytest.approx(0.0, abs=1e-12)
+    assert s["loss_diff"] == pytest.approx(-0.7 / 3) and s["loss_diff_std"] == pytest.approx(0.15275, abs=1e-5)
+    assert (s["loss_diff_ci_low"], s["loss_diff_ci_high"]) == (pytest.approx(-0.6128, abs=1e-4),
+                                                               pytest.approx(0.1461, abs=1e-4))
+    assert s["loss_p"] == pytest.approx(1 - math.sqrt(7) / 3, abs=1e-4)
+    assert math.isnan(s["speedup_diff"])  # seed 2 under "on" never reached: no speedup to compare
+    headers, rows = setting_rows(rep.settings)
+    assert rows[0][:7] == ["tiny", "400 steps: mixup off / mixup on", "cosnet r8", "3", "-0.2333 / +0.0000",
+                           "-0.2333 [-0.6128, +0.1461]", "0.118"]
+    assert "n/a (not every seed reached)" in rows[0] and not any("top-1" in h for h in headers)
+    (title, lines), = setting_headlines(rep)
+    assert title == "tiny · 400 steps · mixup off vs mixup on: does the setting change the branch's effect?"
+    assert lines == ["cosnet r8: final eval loss Δ -0.2333 with mixup off, +0.0000 with mixup on; the difference "
+                     "-0.2333 [-0.6128, +0.1461] (p = 0.118: the 95% CI contains 0)"]
+    written = write_csv(rep, tmp_path / "out")
+    assert (tmp_path / "out" / "settings.csv") in written
+    assert pd.read_csv(tmp_path / "out" / "settings.csv")["loss_diff"].iloc[0] == pytest.approx(-0.7 / 3)
+    assert label_without_setting("cosnet r8 | muon, branch muon", "muon") == "cosnet r8, branch muon"
+    assert label_without_setting("cosnet r8 | mixup on", "mixup off") == "cosnet r8 | mixup on"
+    # one setting only: no such table, and no stale settings.csv
+    one = tmp_path / "one"
+    write_run(one, "b", variant="baseline", baseline=True, evals=[4.0, 3.5, 3.2, 3.1])
+    write_run(one, "c", variant="cosnet r8", evals=[3.9, 3.3, 3.0, 2.9])
+    (tmp_path / "out" / "report.csv").unlink()
+    assert load_report(one).settings.empty
+    write_csv(load_report(one), tmp_path / "out")
+    assert not (tmp_path / "out" / "settings.csv").exists()

@@ -10,6 +10,7 @@ import pandas as pd
 from noble_cli.errors import NobleError
 from noble_cli.report.figures import control_runs, pair_runs, summarize
 from noble_cli.report.runs import Run, find_run_dirs, load_runs
+from noble_cli.report.settings import setting_effects
 
 
 @dataclass
@@ -23,6 +24,8 @@ class Report:
     # control, variant), the same columns, `reference` naming the control
     controls: pd.DataFrame = field(default_factory=lambda: summarize(pd.DataFrame()))
     control_runs_table: pd.DataFrame = field(default_factory=pd.DataFrame)
+    # a recipe under several settings: how each setting changes a variant's effect (settings.SETTING_COLUMNS)
+    settings: pd.DataFrame = field(default_factory=lambda: setting_effects(pd.DataFrame()))
 
 
 def sweep_run_dirs(results_dir: Path, sweeps: list[str]) -> set[Path]:
@@ -64,7 +67,7 @@ def load_report(results_dir: Path, exclude: Path | None = None, sweeps: list[str
     runs = [r for r in runs if r.path not in unpaired_paths]
     vs_controls = control_runs(runs)
     return Report(results_dir, runs, runs_table, summarize(runs_table), skipped,
-                  summarize(vs_controls, by_reference=True), vs_controls)
+                  summarize(vs_controls, by_reference=True), vs_controls, setting_effects(runs_table))
 
 
 def build_report(results_dir: Path, exclude: Path | None = None, sweeps: list[str] | None = None

@@ -1,4 +1,5 @@
-"""Rendering the report: headlines, a rich table for the terminal, report.md, report.csv, controls.csv, runs.csv.
+"""Rendering the report: headlines, a rich table for the terminal, report.md, report.csv, controls.csv, settings.csv,
+runs.csv.
 
 What a cell says is decided once, here, for the terminal and report.md alike:
 - a speedup is a mean with its 95% CI only when every seed reached the target; otherwise it is an upper bound
@@ -21,6 +22,7 @@ from rich.table import Table
 from noble_cli.console import make_console
 from noble_cli.report.build import Report
 from noble_cli.report.figures import CONTROL_ROLES, RUN_COLUMNS, SUMMARY_COLUMNS
+from noble_cli.report.settings import SETTING_COLUMNS, setting_names
 
 NOT_REACHED = "not reached"
 MISSING = "-"
@@ -143,22 +145,6 @@ def delta_cell(r: pd.Series, col: str, fmt: str = "+.4f", scale: float = 1.0, su
     return _ci(scale * r[col], scale * r[f"{col}_ci_low"], scale * r[f"{col}_ci_high"], fmt, suffix)
 
 
-def setting_names(frame: pd.DataFrame, label: str = "variant") -> dict[tuple, str]:
-    """Per (recipe, pair_key): the name of what its rows share, for the "setting" column and the headline titles.
-
-    A sweep labels each setting's runs after a bar ("baseline | muon", "dense-matched(cosnet r8) | mixup+cutmix
-    off"), so the setting is named by the part after the bar of its baseline's label (`label="variant"`) or of its
-    control's (`label="reference"`); a pair without one is named by its pair key (the hash of what it shares).
-    """
-    rows = frame[frame["is_baseline"].astype(bool)] if label == "variant" else frame
-    names = {}
-    for _, r in rows.iterrows():
-        text = str(r[label])
-        if " | " in text:
-            names.setdefault((r["recipe"], r["pair_key"]), text.split(" | ", 1)[1])
-    return names
-
-
 def _setting(r: pd.Series, names: dict[tuple, str]) -> str:
     budget = "" if _nan(r["max_steps"]) else f"{int(r['max_steps'])} steps, "
     return budget + names.get((r["recipe"], r["pair_key"]), f"pair {str(r['pair_key'])[:8]}")
@@ -228,6 +214,84 @@ def control_rows(controls: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
             cells.append(delta_cell(r, "best_top1_delta", "+.2f", 100.0, " pp"))
         rows.append(cells)
     return headers, rows
+
+
+def _diff_cell(r: pd.Series, name: str, fmt: str = "+.4f", scale: float = 1.0, suffix: str = "") -> str:
+    if _nan(r[f"{name}_diff"]):
+        return "n/a"
+    return _ci(scale * r[f"{name}_diff"], scale * r[f"{name}_diff_ci_low"], scale * r[f"{name}_diff_ci_high"], fmt,
+               suffix)
+
+
+def _tidy(v: float) -> float:
+    """A mean that is 0 up to rounding error prints as +0.0000, not -0.0000."""
+    return 0.0 if abs(v) < 1e-12 else v
+
+
+def _effect_pair(r: pd.Series, name: str, fmt: str = "+.4f", scale: float = 1.0, suffix: str = "") -> str:
+    a, b = r[f"{name}_a"], r[f"{name}_b"]
+    return "n/a" if _nan(a) or _nan(b) else f"{_tidy(scale * a):{fmt}}{suffix} / {_tidy(scale * b):{fmt}}{suffix}"
+
+
+def setting_rows(settings: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    """(headers, rows) of how each setting changes a variant's effect (report/settings.py)."""
+    bpb, top1 = settings["bpb_a"].notna().any(), settings["top1_a"].notna().any()
+    headers = ["recipe", "settings a / b", "variant", "n", "Δ final loss a / b", "a - b [95% CI]", "p (a - b)"]
+    if bpb:
+        headers += ["Δ bpb a / b", "a - b (bpb) [95% CI]"]
+    if top1:
+        headers += ["Δ top-1 a / b", "a - b (top-1) [95% CI]", "p (top-1)"]
+    headers += ["step speedup a / b", "a - b (speedup) [95% CI]"]
+    rows = []
+    for _, r in settings.iterrows():
+        budget = "" if _nan(r["max_steps"]) else f"{int(r['max_steps'])} steps: "
+        cells = [str(r["recipe"]), f"{budget}{r['setting_a']} / {r['setting_b']}", str(r["variant"]), str(r["n"]),
+                 _effect_pair(r, "loss"), _diff_cell(r, "loss"), _p(r["loss_p"])]
+        if bpb:
+            cells += [_effect_pair(r, "bpb"), _diff_cell(r, "bpb")]
+        if top1:
+            cells += [_effect_pair(r, "top1", "+.2f", 100.0, " pp"), _diff_cell(r, "top1", "+.2f", 100.0, " pp"),
+                      _p(r["top1_p"])]
+        speedups = "n/a (not every seed reached)" if _nan(r["speedup_a"]) else \
+            f"{r['speedup_a']:.2f}x / {r['speedup_b']:.2f}x"
+        cells += [speedups, _diff_cell(r, "speedup", "+.2f", 1.0, "x")]
+        rows.append(cells)
+    return headers, rows
+
+
+def _setting_line(r: pd.Series) -> str:
+    """'cosnet r8: final eval loss Δ -0.0630 with adamw, +0.0053 with muon; a - b -0.0683 [...] (p = 0.02)'."""
+    a, b = r["setting_a"], r["setting_b"]
+    text = (f"{r['variant']}: final eval loss Δ {_tidy(r['loss_a']):+.4f} with {a}, "
+            f"{_tidy(r['loss_b']):+.4f} with {b}; the difference {_diff_cell(r, 'loss')}")
+    if not _nan(r["loss_p"]):
+        lo, hi = r["loss_diff_ci_low"], r["loss_diff_ci_high"]
+        text += f" (p = {_p(r['loss_p'])}" + (": the 95% CI contains 0)" if lo <= 0.0 <= hi else ")")
+    if not _nan(r["top1_diff"]):
+        text += (f"; top-1 Δ {_tidy(100 * r['top1_a']):+.2f} pp with {a}, {_tidy(100 * r['top1_b']):+.2f} pp with {b}, "
+                 f"difference {_diff_cell(r, 'top1', '+.2f', 100.0, ' pp')} (p = {_p(r['top1_p'])})")
+    if not _nan(r["speedup_diff"]):
+        text += (f"; step speedup {r['speedup_a']:.2f}x with {a}, {r['speedup_b']:.2f}x with {b}, difference "
+                 f"{_diff_cell(r, 'speedup', '+.2f', 1.0, 'x')}")
+    return text
+
+
+def setting_headlines(rep: Report) -> list[tuple[str, list[str]]]:
+    """Per recipe, budget and pair of settings: one line per NOBLE variant found under both, saying whether the
+    setting changes its effect (the table has the controls too)."""
+    out = []
+    st = rep.settings
+    if st.empty:
+        return out
+    for (recipe, max_steps, a, b), g in st.groupby(["recipe", "max_steps", "setting_a", "setting_b"], sort=False,
+                                                   dropna=False):
+        nobles = g[g["role"] == "noble"]
+        if nobles.empty:
+            continue
+        budget = "" if _nan(max_steps) else f" · {int(max_steps)} steps"
+        title = f"{recipe}{budget} · {a} vs {b}: does the setting change the branch's effect?"
+        out.append((title, [_setting_line(r) for _, r in nobles.iterrows()]))
+    return out
 
 
 # --- headlines -----------------------------------------------------------------------------------------------------
@@ -391,7 +455,7 @@ def print_report(rep: Report, console: Console | None = None, written: list[Path
     if rep.summary.empty:
         console.print(f"[bold]No usable runs under {escape(str(rep.results_dir))}.[/bold]")
     else:
-        for title, lines in headlines(rep):
+        for title, lines in headlines(rep) + setting_headlines(rep):
             console.print(f"[bold]{escape(title)}[/bold]")
             for line in lines:
                 console.print(f"  • {escape(line)}")
@@ -402,6 +466,12 @@ def print_report(rep: Report, console: Console | None = None, written: list[Path
             console.print(_table(h, rows, keys, None, "NOBLE vs the controls of its pair (target: the control's "
                                  "best eval loss)", "dense-matched: no branch, the same parameter count; init-only: "
                                  "no branch, NOBLE's main-weight re-init"))
+        if not rep.settings.empty:
+            h, rows = setting_rows(rep.settings)
+            keys = list(zip(rep.settings["recipe"], rep.settings["setting_a"], rep.settings["setting_b"]))
+            console.print(_table(h, rows, keys, None, "How the setting changes each variant's effect (a - b)",
+                                 "each variant's Δ vs its own setting's baseline, seed by seed; a - b paired over "
+                                 "seeds"))
         diverged = rep.runs_table[rep.runs_table["status"] == "diverged"]
         for _, r in diverged.iterrows():
             console.print(f"[yellow]note:[/yellow] {escape(str(r['run_id']))} ({escape(str(r['variant']))}, "
@@ -486,6 +556,11 @@ DEFINITIONS = """\
   t-test; negative is better. **bpb** (language models that log eval_bpb): the same in bits per byte.
 - **n** is the number of seeds, runs paired by seed; report.csv also gives every figure's sample std (`*_std`,
   ddof 1) beside its mean and CI.
+- **a - b** (a recipe under several settings, e.g. Mixup/CutMix on and off, AdamW and Muon): a variant's Δ vs its
+  own setting's baseline under setting a minus that under setting b, seed by seed, over the seeds both have: mean
+  [95% CI] and the paired t-test's p. It tests whether the setting changes the variant's effect (a CI that contains
+  0: not shown to); two separate verdicts, one significant and one not, do not show that. The step-speedup
+  difference only where every seed reached the target under both.
 - **Controls**: *dense-matched*: no branch, MLP widened to NOBLE's parameter count; *init-only*: no branch, the
   targeted layers' main weights re-initialised as NOBLE does (N(0, (s/sqrt(in))^2)); *own-init*: NOBLE keeping the
   model's own init (`noble.main_init_scale=null`). The paper's NOBLE changes the main weights' init too, so a
@@ -504,7 +579,7 @@ def to_markdown(rep: Report, plots: list[Path] | None = None, out_dir: Path | No
         parts.append("No usable runs.\n")
     else:
         heads = []
-        for title, lines in headlines(rep):
+        for title, lines in headlines(rep) + setting_headlines(rep):
             heads.append(f"### {_md_escape(title)}\n\n" + "\n".join(f"- {_md_escape(x)}" for x in lines) + "\n")
         parts.append("## Headline\n\n" + "\n".join(heads))
         headers, rows, best = display_rows(rep.summary)
@@ -519,6 +594,11 @@ def to_markdown(rep: Report, plots: list[Path] | None = None, out_dir: Path | No
                 h, rr = control_rows(sub)
                 parts.append(f"## NOBLE vs {name}\n\nTarget: the control's best eval loss, seed by seed.\n\n"
                              + markdown_table(h, rr) + "\n")
+        if not rep.settings.empty:
+            h, rr = setting_rows(rep.settings)
+            parts.append("## How the setting changes each variant's effect\n\nEach variant's Δ against its own "
+                         "setting's baseline, seed by seed, under setting a and b, and a - b paired over the seeds "
+                         "(a difference in differences; see Definitions).\n\n" + markdown_table(h, rr) + "\n")
         parts.append("## Definitions\n\n" + DEFINITIONS)
         diverged = rep.runs_table[rep.runs_table["status"] == "diverged"]
         if not diverged.empty:
@@ -536,19 +616,21 @@ def to_markdown(rep: Report, plots: list[Path] | None = None, out_dir: Path | No
 
 
 def write_csv(rep: Report, out_dir: Path) -> list[Path]:
-    """report.csv (summary, one row per variant vs its baseline), controls.csv (NOBLE rows vs the controls, when
-    there are any) and runs.csv (one row per run)."""
+    """report.csv (summary, one row per variant vs its baseline), controls.csv (NOBLE rows vs the controls),
+    settings.csv (how a recipe's settings change each variant's effect), the two when there are any, and runs.csv
+    (one row per run)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     summary_path, runs_path = out_dir / "report.csv", out_dir / "runs.csv"
     rep.summary.reindex(columns=CSV_COLUMNS).to_csv(summary_path, index=False, na_rep="")
     rep.runs_table.reindex(columns=RUN_COLUMNS).to_csv(runs_path, index=False, na_rep="")
     written = [summary_path, runs_path]
-    controls_path = out_dir / "controls.csv"
-    if not rep.controls.empty:
-        rep.controls.reindex(columns=CSV_COLUMNS).to_csv(controls_path, index=False, na_rep="")
-        written.insert(1, controls_path)
-    else:
-        controls_path.unlink(missing_ok=True)  # a stale one from an earlier report would mislead
+    for path, table, columns in ((out_dir / "controls.csv", rep.controls, CSV_COLUMNS),
+                                 (out_dir / "settings.csv", rep.settings, SETTING_COLUMNS)):
+        if not table.empty:
+            table.reindex(columns=columns).to_csv(path, index=False, na_rep="")
+            written.insert(-1, path)
+        else:
+            path.unlink(missing_ok=True)  # a stale one from an earlier report would mislead
     return written
 
 
