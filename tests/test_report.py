@@ -14,10 +14,11 @@ from typer.testing import CliRunner
 
 from noble_cli.errors import NobleError
 from noble_cli.report import build_report, load_report
+from noble_cli.report.cells import display_rows
 from noble_cli.report.cli import parse_formats, report
 from noble_cli.report.figures import steps_to_target
+from noble_cli.report.headlines import headlines
 from noble_cli.report.plots import make_plots
-from noble_cli.report.render import display_rows, headlines
 from noble_cli.report.stats import estimate, paired
 
 STEPS = [100, 200, 300, 400]
@@ -652,7 +653,9 @@ def test_whether_a_setting_changes_a_variant_s_effect_is_one_paired_test(tmp_pat
     Δ off = [-0.2, -0.2, -0.3], Δ on = [0.0, -0.1, +0.1]; a - b = [-0.2, -0.1, -0.4]: mean -0.2333, sd 0.15275,
     95% CI -0.2333 ± 4.3027 · 0.15275 / sqrt(3) = [-0.6128, +0.1461]; t = -2.6458 with 2 degrees of freedom, whose
     two-sided p is 1 - |t| / sqrt(t^2 + 2) = 1 - 2.6458 / 3 = 0.1181."""
-    from noble_cli.report.render import setting_headlines, setting_rows, write_csv
+    from noble_cli.report.cells import setting_rows
+    from noble_cli.report.headlines import setting_headlines
+    from noble_cli.report.render import write_csv
     from noble_cli.report.settings import label_without_setting
 
     r = tmp_path / "res"
