@@ -200,6 +200,19 @@ def test_summary_across_seeds(results: Path):
     assert tanh["steps_to_target_bound"] == pytest.approx((266.6667 + 400) / 2, abs=1e-3)
     assert not tanh["best"] and math.isnan(tanh["p_value_speedup"])
 
+    # Several variants against one baseline: q adjusts the Δ p-values for it (Benjamini-Hochberg). gelu's deltas
+    # (+0.2, +0.2) have no spread, so no p. tanh: deltas -0.2, +0.1: t = -0.05 / (0.212132 / sqrt 2) = -0.333333,
+    # df = 1: p = 1 - (2 / pi) atan(1/3) = 0.795167. Sorted p: 0.094175, 0.795167 -> q = min(p_i * 2 / i, later q):
+    # cosnet 0.18835, tanh 0.795167. Speedups: only cosnet has a p, so its q is its p.
+    assert tanh["p_value"] == pytest.approx(0.795167, abs=1e-5) and math.isnan(gelu["p_value"])
+    assert cos["n_compared"] == tanh["n_compared"] == 2
+    assert cos["q_value"] == pytest.approx(0.18835, abs=1e-4) and tanh["q_value"] == pytest.approx(0.795167, abs=1e-5)
+    assert math.isnan(gelu["q_value"]) and cos["n_compared_speedup"] == 1
+    assert cos["q_value_speedup"] == pytest.approx(cos["p_value_speedup"])
+    _, rows, _ = display_rows(summary)
+    cells = {r[1]: r for r in rows}
+    assert cells["cosnet r32"][13] == "0.094 (q 0.188)" and cells["cosnet r32"][6] == "0.181"  # one speedup p: no q
+
     base = row(summary, "baseline")
     assert base["is_baseline"] and base["n"] == 3 and base["step_speedup"] == 1.0
     assert base["target"] == pytest.approx(3.1)  # (3.1 + 3.2 + 3.0) / 3

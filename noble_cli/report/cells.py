@@ -63,6 +63,16 @@ def per_item(flops_item: str) -> str:
     return item[:-1] if item.endswith("s") else item
 
 
+def p_cell(r: pd.Series, p_col: str = "p_value", q_col: str = "q_value", n_col: str = "n_compared") -> str:
+    """'0.042' alone, or '0.042 (q 0.13)' where the comparison tested several variants (see `fdr_adjusted`)."""
+    if bool(r["is_baseline"]) or is_nan(r[p_col]):
+        return ""
+    text = fmt_p(r[p_col])
+    if r.get(n_col, 0) >= 2 and not is_nan(r.get(q_col, math.nan)):
+        text += f" (q {fmt_p(r[q_col])})"
+    return text
+
+
 def has_column(summary: pd.DataFrame, col: str) -> bool:
     return col in summary.columns and summary[col].notna().any()
 
@@ -158,10 +168,10 @@ def display_rows(summary: pd.DataFrame) -> tuple[list[str], list[list[str]], lis
         base = bool(r["is_baseline"])
         cells = [
             str(r["recipe"]), str(r["variant"]), str(r["n"]), str(r["reached"]), steps_cell(r), speedup_cell(r),
-            "" if base else fmt_p(r["p_value_speedup"]), wallclock_cell(r),
+            p_cell(r, "p_value_speedup", "q_value_speedup", "n_compared_speedup"), wallclock_cell(r),
             "—" if base else ("n/a" if is_nan(r["param_overhead"]) else f"{100 * r['param_overhead']:+.1f}%"),
             flops_cell(r), step_time_cell(r), fmt_pm(r["final_eval_loss"], r["final_eval_loss_std"], ".4f"),
-            delta_cell(r, "final_eval_loss_delta"), "" if base else fmt_p(r["p_value"]),
+            delta_cell(r, "final_eval_loss_delta"), p_cell(r),
         ]
         if multi:
             cells.insert(1, setting_cell(r, names))
@@ -192,8 +202,8 @@ def control_rows(controls: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     rows = []
     for _, r in controls.iterrows():
         cells = [str(r["recipe"]), str(r["variant"]), str(r["reference"]), str(r["n"]), str(r["reached"]),
-                 speedup_cell(r), fmt_p(r["p_value_speedup"]), delta_cell(r, "final_eval_loss_delta"),
-                 fmt_p(r["p_value"])]
+                 speedup_cell(r), p_cell(r, "p_value_speedup", "q_value_speedup", "n_compared_speedup"),
+                 delta_cell(r, "final_eval_loss_delta"), p_cell(r)]
         if multi:
             cells.insert(1, setting_cell(r, names))
         if bpb:

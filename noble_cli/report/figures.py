@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from noble_cli.report.runs import Run
-from noble_cli.report.stats import Estimate, estimate, paired
+from noble_cli.report.stats import Estimate, estimate, fdr_adjusted, paired
 
 # The controls a NOBLE row is also compared with, and how headlines name them.
 CONTROL_ROLES = {"dense": "the dense-matched control", "init": "the init-only control"}
@@ -220,6 +220,7 @@ SUMMARY_COLUMNS = [
     "steps_to_target", "steps_to_target_std", "steps_to_target_ci_low", "steps_to_target_ci_high",
     "steps_to_target_bound",
     "step_speedup", "step_speedup_std", "step_speedup_ci_low", "step_speedup_ci_high", "p_value_speedup",
+    "q_value_speedup", "n_compared_speedup",
     "step_speedup_bound",
     "param_overhead", "params_total",
     "flops_per_step", "flops_overhead", "extra_flops_per_step", "extra_flops_per_item", "flops_item",
@@ -228,7 +229,7 @@ SUMMARY_COLUMNS = [
     "wallclock_speedup", "wallclock_speedup_std", "wallclock_speedup_ci_low", "wallclock_speedup_ci_high",
     "wallclock_speedup_bound",
     "final_eval_loss", "final_eval_loss_std", "final_eval_loss_delta", "final_eval_loss_delta_std",
-    "final_eval_loss_delta_ci_low", "final_eval_loss_delta_ci_high", "p_value",
+    "final_eval_loss_delta_ci_low", "final_eval_loss_delta_ci_high", "p_value", "q_value", "n_compared",
     "best_eval_bpb", "final_eval_bpb", "final_eval_bpb_std", "final_eval_bpb_delta", "final_eval_bpb_delta_std",
     "final_eval_bpb_delta_ci_low", "final_eval_bpb_delta_ci_high", "p_value_bpb",
     "best_top1", "best_top1_std", "best_top1_delta", "best_top1_delta_std", "best_top1_delta_ci_low",
@@ -269,6 +270,18 @@ def timing_noise(g: pd.DataFrame) -> float:
     return max(both) if both else math.nan
 
 
+def _adjust_for_multiple_variants(out: pd.DataFrame, family: list[str]) -> None:
+    """q_value (q_value_speedup): the Benjamini-Hochberg adjustment of p_value (p_value_speedup) over the variants of
+    one comparison (`family`: the same recipe, pair key and reference), and n_compared (_speedup), how many p-values
+    the family has. Baselines: NaN."""
+    for p_col, q_col, n_col in (("p_value", "q_value", "n_compared"),
+                                ("p_value_speedup", "q_value_speedup", "n_compared_speedup")):
+        out[q_col], out[n_col] = math.nan, 0
+        for _, g in out[~out["is_baseline"].astype(bool)].groupby(family, sort=False):
+            out.loc[g.index, q_col] = fdr_adjusted(g[p_col])
+            out.loc[g.index, n_col] = int(g[p_col].notna().sum())
+
+
 def summarize(runs_table: pd.DataFrame, by_reference: bool = False) -> pd.DataFrame:
     """One row per (recipe, pair_key, variant_key) — per reference too with `by_reference` — over seeds:
 
@@ -278,6 +291,7 @@ def summarize(runs_table: pd.DataFrame, by_reference: bool = False) -> pd.DataFr
       Instead `*_bound`: the mean over all seeds with each missing speedup replaced by its upper bound (reference's
       best step / budget; for steps to target the budget, a lower bound): the true mean is below (above) it;
     - final eval loss (and eval_bpb, top-1) delta: mean, std, 95% CI and the paired t-test's p (p_value), all seeds;
+    - q_value, q_value_speedup: p adjusted for the number of variants compared (`_adjust_for_multiple_variants`);
     - step-time overhead: mean, std, 95% CI; `timing_noise` (see `timing_noise`) and `timing_noisy`: the noise is
       larger than the overhead, or its CI contains 0, or there is one seed (no CI): a wall-clock figure would be
       noise, not a speedup.
@@ -355,6 +369,7 @@ def summarize(runs_table: pd.DataFrame, by_reference: bool = False) -> pd.DataFr
                 row[col] = math.nan
         rows.append(row)
     out = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+    _adjust_for_multiple_variants(out, ["recipe", "pair_key"] + (["reference_key"] if by_reference else []))
 
     if not by_reference:  # the best variant per (recipe, pair_key): every seed reached, highest mean speedup
         for _, g in out[~out["is_baseline"].astype(bool)].groupby(["recipe", "pair_key"], sort=False):

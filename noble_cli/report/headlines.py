@@ -58,17 +58,22 @@ def setting_headlines(rep: Report) -> list[tuple[str, list[str]]]:
     return out
 
 
+def _q(r: pd.Series, q_col: str, n_col: str) -> str:
+    n = r.get(n_col, 0)
+    return f", q = {fmt_p(r[q_col])} over {int(n)} variants" if n >= 2 and not is_nan(r.get(q_col, math.nan)) else ""
+
+
 def _figures(r: pd.Series) -> str:
     """'step speedup 1.32x [1.10, 1.54] (5/5 seeds, p = 0.012), final eval loss Δ -0.0410 [...] (p = 0.003)'."""
     sp = speedup_cell(r)
     seeds = f"{r['reached']} seeds reached"
     if r["reached_k"] == r["n"] and not is_nan(r["p_value_speedup"]):
-        seeds += f", p = {fmt_p(r['p_value_speedup'])}"
+        seeds += f", p = {fmt_p(r['p_value_speedup'])}" + _q(r, "q_value_speedup", "n_compared_speedup")
         if r["step_speedup_ci_low"] <= 1.0 <= r["step_speedup_ci_high"]:
             seeds += ": the 95% CI contains 1.00x"
     text = f"step speedup {sp} ({seeds}); final eval loss Δ {delta_cell(r, 'final_eval_loss_delta')}"
     if not is_nan(r["p_value"]):
-        text += f" (p = {fmt_p(r['p_value'])}"
+        text += f" (p = {fmt_p(r['p_value'])}" + _q(r, "q_value", "n_compared")
         lo, hi = r["final_eval_loss_delta_ci_low"], r["final_eval_loss_delta_ci_high"]
         text += ": the 95% CI contains 0)" if not is_nan(lo) and lo <= 0.0 <= hi else ")"
     if not is_nan(r.get("final_eval_bpb_delta", math.nan)):

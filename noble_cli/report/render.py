@@ -193,6 +193,10 @@ DEFINITIONS = """\
   floor) / the baseline's - 1, and the extra FLOPs per token (image); "-" for runs that did not record them.
 - **Δ final loss**: the final eval loss minus the baseline's, seed by seed: mean [95% CI] and p (Δ), the paired
   t-test; negative is better. **bpb** (language models that log eval_bpb): the same in bits per byte.
+- **q**: where one comparison tests several variants (several activations, ranks or layer sets against one
+  baseline or control), a p-value below 0.05 is likely for one of them by chance alone; q is the p-value adjusted
+  for that (Benjamini-Hochberg over the variants of the comparison, scipy.stats.false_discovery_control), shown as
+  "p (q ...)" and in the headline as "q = ... over k variants". A finding a reader should rely on has q < 0.05 too.
 - **n** is the number of seeds, runs paired by seed; report.csv also gives every figure's sample std (`*_std`,
   ddof 1) beside its mean and CI.
 - **a - b** (a recipe under several settings, e.g. Mixup/CutMix on and off, AdamW and Muon): a variant's Δ vs its

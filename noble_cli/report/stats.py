@@ -83,3 +83,15 @@ def paired(values: Sequence[float], references: Sequence[float]) -> Estimate:
         res = stats.ttest_rel(a, b)
         ci = res.confidence_interval(CONFIDENCE)
     return Estimate(n, float(d.mean()), float(d.std(ddof=1)), float(ci.low), float(ci.high), float(res.pvalue))
+
+
+def fdr_adjusted(p_values: Sequence[float]) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values (q-values, scipy.stats.false_discovery_control) of a family of tests: the
+    finite p-values among `p_values` are adjusted together, NaN stays NaN. A report's family is the variants of one
+    comparison: with seven activations tested, one p below 0.05 by chance alone is likely; q says what survives."""
+    p = np.asarray(p_values, dtype=float)
+    q = np.full_like(p, math.nan)
+    ok = np.isfinite(p)
+    if ok.any():
+        q[ok] = stats.false_discovery_control(p[ok])
+    return q
