@@ -709,6 +709,8 @@ def test_whether_a_setting_changes_a_variant_s_effect_is_one_paired_test(tmp_pat
     written = write_csv(rep, tmp_path / "out")
     assert (tmp_path / "out" / "settings.csv") in written
     assert pd.read_csv(tmp_path / "out" / "settings.csv")["loss_diff"].iloc[0] == pytest.approx(-0.7 / 3)
+    plots = {p.name for p in make_plots(rep, tmp_path / "plots")}
+    assert "tiny_settings_mixup-off_vs_mixup-on.png" in plots, plots
     assert label_without_setting("cosnet r8 | muon, branch muon", "muon") == "cosnet r8, branch muon"
     assert label_without_setting("cosnet r8 | mixup on", "mixup off") == "cosnet r8 | mixup on"
     # one setting only: no such table, and no stale settings.csv

@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 
 from noble_cli.report.build import Report
 from noble_cli.report.runs import Run
-from noble_cli.report.settings import setting_names
+from noble_cli.report.settings import label_without_setting, setting_names
 
 _COLORS = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink",
            "tab:olive", "tab:cyan", "tab:gray"]
@@ -126,6 +126,73 @@ def _speedup_bars(ax, summary: pd.DataFrame) -> None:
     ax.legend(fontsize=7)
 
 
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", str(text)).strip("-") or "x"
+
+
+def _setting_delta(rep: Report, recipe: str, max_steps, setting: str, variant: str) -> pd.Series | None:
+    """The summary row of `variant` (its label without the setting) under `setting`."""
+    names = setting_names(rep.summary)
+    s = rep.summary
+    for _, r in s[(s["recipe"] == recipe) & ~s["is_baseline"].astype(bool)].iterrows():
+        name = names.get((r["recipe"], r["pair_key"]))
+        same_budget = r["max_steps"] == max_steps or (_nan(r["max_steps"]) and _nan(max_steps))
+        if name == setting and same_budget and label_without_setting(r["variant"], name) == variant:
+            return r
+    return None
+
+
+def _setting_panel(ax, rep: Report, group: pd.DataFrame, col: str, name: str, scale: float) -> None:
+    """Grouped bars: per variant, its Δ vs its own setting's baseline under setting a and b (mean, 95% CI), and
+    above each group a - b with its CI and p."""
+    first = group.iloc[0]
+    recipe, steps, settings = first["recipe"], first["max_steps"], (first["setting_a"], first["setting_b"])
+    xs, w = np.arange(len(group)), 0.38
+    for k, (setting, color) in enumerate(zip(settings, ("tab:blue", "tab:orange"))):
+        means, errs = [], []
+        for _, g in group.iterrows():
+            r = _setting_delta(rep, recipe, steps, setting, g["variant"])
+            m = math.nan if r is None else scale * r[col]
+            lo = math.nan if r is None else scale * r[f"{col}_ci_low"]
+            hi = math.nan if r is None else scale * r[f"{col}_ci_high"]
+            means.append(m)
+            errs.append((0.0 if _nan(lo) else m - lo, 0.0 if _nan(hi) else hi - m))
+        ax.bar(xs + (k - 0.5) * w, means, w, yerr=np.array(errs).T, capsize=4, color=color, alpha=0.85,
+               label=f"with {setting}")
+    low, high = ax.get_ylim()
+    ax.set_ylim(low, high + 0.4 * (high - low))  # room above the bars for the a - b labels
+    short = {"final_eval_loss_delta": "loss", "best_top1_delta": "top1"}[col]
+    for i, (_, g) in enumerate(group.iterrows()):
+        if not _nan(g[f"{short}_diff"]):
+            ax.annotate(f"a-b {scale * g[f'{short}_diff']:+.3g}\n[{scale * g[f'{short}_diff_ci_low']:+.3g}, "
+                        f"{scale * g[f'{short}_diff_ci_high']:+.3g}]\np {g[f'{short}_p']:.2g}", (i, 1.0),
+                        xycoords=("data", "axes fraction"), xytext=(0, -3), textcoords="offset points",
+                        ha="center", va="top", fontsize=7)
+    ax.axhline(0.0, color="black", linewidth=1)
+    ax.set_xticks(xs)
+    ax.set_xticklabels(group["variant"], rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel(name)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+
+
+def _settings_plots(rep: Report, out_dir: Path) -> list[Path]:
+    """Per recipe, budget and pair of settings: each variant's effect under both (report/settings.py)."""
+    written = []
+    for (recipe, steps, a, b), group in rep.settings.groupby(["recipe", "max_steps", "setting_a", "setting_b"],
+                                                             sort=False, dropna=False):
+        panels = [("final_eval_loss_delta", "Δ final eval loss vs its baseline", 1.0)]
+        if group["top1_a"].notna().any():
+            panels.append(("best_top1_delta", "Δ best top-1 vs its baseline (pp)", 100.0))
+        fig = Figure(figsize=(max(5.0, 1.3 * len(group) + 3), 4.5 * len(panels)))
+        for k, (col, name, scale) in enumerate(panels):
+            _setting_panel(fig.add_subplot(len(panels), 1, k + 1), rep, group, col, name, scale)
+        budget = "" if _nan(steps) else f", {int(steps)} steps"
+        fig.suptitle(f"{recipe}{budget}: each variant's effect with {a} (a) and {b} (b); mean, 95% CI", fontsize=10)
+        written.append(_save(fig, out_dir / f"{_stem(recipe, '', False)}_settings_{_slug(a)}_vs_{_slug(b)}.png"))
+    return written
+
+
 def make_plots(rep: Report, out_dir: Path) -> list[Path]:
     """Write the PNGs for every (recipe, pair_key) into `out_dir`; returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -173,4 +240,4 @@ def make_plots(rep: Report, out_dir: Path) -> list[Path]:
             _speedup_bars(ax, summ)
             ax.set_title(f"{title}: speedup vs the baseline (mean, 95% CI; '<' upper bound)")
             written.append(_save(fig, out_dir / f"{stem}_speedup.png"))
-    return written
+    return written + _settings_plots(rep, out_dir)
