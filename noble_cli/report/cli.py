@@ -62,9 +62,12 @@ def report(
     recipe, budget and seed, and reports per variant: steps to reach the baseline's best eval loss, step and
     wall-clock speedup (mean and 95% CI over seeds, or an upper bound where some seed did not reach it), parameter
     and FLOPs overhead, step-time overhead (or "noise" where timing noise exceeds it), final eval loss (and bits
-    per byte) and its change with a paired t-test. NOBLE rows are also compared with the dense-matched and
-    init-only controls of their pair. Broken, running or unpaired run folders are listed as skipped.
-    Prints headlines and tables and writes report.md, report.csv, controls.csv, runs.csv and PNG plots into --out.
+    per byte) and its change with a paired t-test; where one comparison tests several variants, p-values come with
+    q-values adjusted for it (Benjamini-Hochberg). NOBLE rows are also compared with the dense-matched and
+    init-only controls of their pair. A recipe run under several settings (Mixup/CutMix on and off, AdamW and
+    Muon) also gets one paired test per variant of whether the setting changes its effect. Broken, running or
+    unpaired run folders are listed as skipped. Prints headlines and tables and writes report.md, report.csv,
+    controls.csv, settings.csv, runs.csv and PNG plots into --out.
     """
     formats = parse_formats(format)
     out_dir = out if out is not None else results / "report"
