@@ -101,3 +101,36 @@ def test_a_second_task_under_a_taken_name_is_refused():
     with pytest.raises(ValueError, match="'causal_lm' is already registered"):
         register("causal_lm", "somewhere.else", "a copy")
     assert TASKS["causal_lm"].module_path == "noble_cli.tasks.causal_lm"
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_activation_checkpointing_recomputes_blocks_and_changes_no_gradient(name, monkeypatch):
+    """trainer.activation_checkpointing in every task: the model's blocks run under torch's checkpoint (or, for a
+    transformers model, its own gradient checkpointing), and loss and gradients equal the run without it."""
+    import noble_cli.models.transformer as transformer
+    from noble_cli.tasks.hf_causal_lm import hf_checkpointing
+
+    calls = []
+    real = transformer.checkpoint
+    monkeypatch.setattr(transformer, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    task = get_task(name)
+    results = []
+    for on in (False, True):
+        cfg = recipes.resolve(smallest_recipe(name), {"noble.branch": "cosnet", "noble.rank": 2,
+                                                      "trainer.activation_checkpointing": on})
+        torch.manual_seed(0)
+        module = task.build_module(cfg)
+        module.configure_model()
+        module.train()
+        batch, _ = task.synthetic_batch(module, 2, torch.Generator().manual_seed(0))
+        torch.manual_seed(1)
+        loss, _ = module.loss(batch)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in module.model.named_parameters() if p.grad is not None}))
+        checkpointed = bool(calls) or (name == "hf_causal_lm" and hf_checkpointing(module.model))
+        assert checkpointed == on, f"{name}: activation_checkpointing={on} but checkpointed={checkpointed}"
+    (loss0, g0), (loss1, g1) = results
+    torch.testing.assert_close(loss1, loss0)
+    assert g0.keys() == g1.keys() and g0
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-7, msg=n)

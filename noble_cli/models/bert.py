@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from noble_cli.config import Float, Int
 from noble_cli.errors import NobleError
@@ -36,6 +35,7 @@ from noble_cli.models.transformer import (
     SelfAttention,
     TransformerConfig,
     padded_vocab,
+    run_blocks,
 )
 
 
@@ -133,11 +133,7 @@ class BERT(nn.Module):
             raise NobleError(f"sequence of {idx.shape[1]} tokens exceeds model.max_position {self.cfg.max_position}")
         attn_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
         x = self.embed(idx)
-        for block in self.layers:
-            if self.activation_checkpointing and self.training:
-                x = checkpoint(block, x, attn_mask, use_reentrant=False)
-            else:
-                x = block(x, attn_mask)
+        x = run_blocks(self.layers, x, attn_mask, checkpointing=self.activation_checkpointing and self.training)
         return self.ln_f(x)
 
     def forward(self, idx: torch.Tensor, labels: torch.Tensor | None = None,

@@ -13,7 +13,6 @@ import math
 import torch
 from pydantic import Field
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from noble_cli.config import Float, Int
 from noble_cli.models.transformer import (
@@ -22,6 +21,7 @@ from noble_cli.models.transformer import (
     TransformerConfig,
     lm_flops_per_token,
     padded_vocab,
+    run_blocks,
 )
 
 
@@ -89,11 +89,7 @@ class GPT(nn.Module):
         T = idx.shape[1]
         pos = torch.arange(T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))
-        for block in self.blocks:
-            if self.activation_checkpointing and self.training:
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
+        x = run_blocks(self.blocks, x, checkpointing=self.activation_checkpointing and self.training)
         logits = self.lm_head(self.ln_f(x))
         return logits[..., : self.cfg.vocab_size]
 

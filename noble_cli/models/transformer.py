@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import model_validator
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from noble_cli.config import ConfigModel
 from noble_cli.layers.targets import linear_kind
@@ -47,6 +48,14 @@ def padded_vocab(vocab_size: int, multiple: int) -> int:
     """The embedding's row count: the vocabulary rounded up to `multiple` (tensor-core friendly; 1 disables)."""
     m = max(1, multiple)
     return (vocab_size + m - 1) // m * m
+
+
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, *args, checkpointing: bool = False) -> torch.Tensor:
+    """x through each block in turn (block(x, *args)); with `checkpointing`, each block's activations are recomputed
+    in the backward pass instead of kept (the models' `activation_checkpointing`, set from the trainer config)."""
+    for block in blocks:
+        x = checkpoint(block, x, *args, use_reentrant=False) if checkpointing else block(x, *args)
+    return x
 
 
 class SelfAttention(nn.Module):

@@ -14,11 +14,10 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from pydantic import Field, model_validator
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from torchvision.ops import StochasticDepth
 
 from noble_cli.config import Float, Int
-from noble_cli.models.transformer import MLP, SelfAttention, TransformerConfig
+from noble_cli.models.transformer import MLP, SelfAttention, TransformerConfig, run_blocks
 
 
 class PatchTransformerConfig(TransformerConfig):
@@ -132,11 +131,7 @@ class ViT(nn.Module):
         if self.cfg.pool == "cls":
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         x = self.pos_drop(x + self.pos_embed)
-        for block in self.blocks:
-            if self.activation_checkpointing and self.training:
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
+        x = run_blocks(self.blocks, x, checkpointing=self.activation_checkpointing and self.training)
         x = self.norm(x)
         return x[:, 0] if self.cfg.pool == "cls" else x.mean(dim=1)
 

@@ -27,6 +27,7 @@ from pydantic import Field
 from torch import nn
 
 from noble_cli.config import Float, Int
+from noble_cli.models.transformer import run_blocks
 from noble_cli.models.vit import (
     Block,
     PatchTransformerConfig,
@@ -194,11 +195,11 @@ class Encoder(nn.Module):
         )
         self.norm = nn.LayerNorm(d, eps=1e-6)
         self.to_code = nn.Linear(d, cfg.codebook_dim)
+        self.activation_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed
-        for block in self.blocks:
-            h = block(h)
+        h = run_blocks(self.blocks, h, checkpointing=self.activation_checkpointing and self.training)
         return self.to_code(self.norm(h))
 
 
@@ -214,11 +215,11 @@ class Decoder(nn.Module):
         )
         self.norm = nn.LayerNorm(d, eps=1e-6)
         self.to_pixels = nn.Linear(d, cfg.patch_size**2 * cfg.in_channels)
+        self.activation_checkpointing = False
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.from_code(z) + self.pos_embed
-        for block in self.blocks:
-            h = block(h)
+        h = run_blocks(self.blocks, h, checkpointing=self.activation_checkpointing and self.training)
         c = self.cfg
         return unpatchify(self.to_pixels(self.norm(h)), c.patch_size, c.in_channels, c.grid)
 
@@ -236,6 +237,14 @@ class VQGAN(nn.Module):
         self.decoder.apply(init_transformer_weights)
         for pos in (self.encoder.pos_embed, self.decoder.pos_embed):
             nn.init.trunc_normal_(pos, std=0.02)
+
+    @property
+    def activation_checkpointing(self) -> bool:
+        return self.encoder.activation_checkpointing
+
+    @activation_checkpointing.setter
+    def activation_checkpointing(self, on: bool) -> None:
+        self.encoder.activation_checkpointing = self.decoder.activation_checkpointing = on
 
     def no_weight_decay(self) -> list[nn.Parameter]:
         return [self.encoder.pos_embed, self.decoder.pos_embed, self.quantizer.codebook.weight]

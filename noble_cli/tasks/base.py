@@ -126,10 +126,19 @@ class NobleTask(L.LightningModule):
         return 0
 
     def configure_model(self) -> None:
+        """Activation checkpointing: a model that supports it has a bool `activation_checkpointing` (the built-in
+        ones, through models/transformer.py `run_blocks`); a task whose model checkpoints another way overrides
+        this (hf_causal_lm). Asked of a model without it, the run stops here rather than silently keep every
+        activation."""
         t = self.cfg.trainer
         # Under FSDP, Lightning checkpoints each block itself (train/run.py): the model must not do it a second time.
+        wanted = t.activation_checkpointing and t.strategy != "fsdp"
         if hasattr(self.model, "activation_checkpointing"):
-            self.model.activation_checkpointing = t.activation_checkpointing and t.strategy != "fsdp"
+            self.model.activation_checkpointing = wanted
+        elif wanted:
+            raise NobleError(f"trainer.activation_checkpointing: the {self.cfg.task} task's model "
+                             f"({type(self.model).__name__}) does not support it; valid: false, or "
+                             "trainer.strategy=fsdp (Lightning checkpoints the blocks)")
 
     def block_types(self) -> set[type]:
         """The transformer block classes (those holding a SelfAttention): what FSDP wraps and shards one by one,

@@ -93,6 +93,12 @@ class HFCausalLMConfig(ConfigModel):
         return self.model_copy(update={"intermediate_size": int(width)})
 
 
+def hf_checkpointing(model: nn.Module) -> bool:
+    """Whether a transformers model checkpoints its layers (the property's name changed within transformers 5)."""
+    flag = getattr(model, "is_activation_checkpointing", None)
+    return bool(flag if flag is not None else getattr(model, "is_gradient_checkpointing", False))
+
+
 class HFCausalLM(CausalLM):
     """The causal-LM module with a transformers model: only building it and reading its logits differ."""
 
@@ -107,8 +113,11 @@ class HFCausalLM(CausalLM):
     def configure_model(self) -> None:
         t = self.cfg.trainer
         # transformers checkpoints its own decoder layers; under FSDP Lightning does it (train/run.py)
-        if t.activation_checkpointing and t.strategy != "fsdp" and not self.model.is_gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if t.activation_checkpointing and t.strategy != "fsdp" and not hf_checkpointing(self.model):
+            if hasattr(self.model, "activation_checkpointing_enable"):  # its name since transformers 5.x
+                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def block_types(self) -> set[type]:
         return {type(block) for _, block, _ in find_blocks(self.model)}
