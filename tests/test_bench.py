@@ -128,3 +128,21 @@ def test_bench_layer_writes_its_json_after_every_row(tmp_path, monkeypatch):
           "--warmup", "0", "--iters", "1", "--device", "cpu", "--out", str(out)])
     data = json.loads(out.read_text())
     assert data["complete"] is True and len(data["rows"]) == 2
+
+
+@pytest.mark.parametrize("recipe, sets", [
+    ("vqgan-tiny", ["model.n_layer=1", "model.n_layer_decoder=1", "model.d_model=32"]),  # a GAN: two optimizers
+    ("llm-tiny", ["model.n_layer=1", "model.d_model=32", "model.vocab_size=256", "optim.name=muon"]),
+])
+def test_bench_step_times_every_task_with_its_own_optimizer(tmp_path, recipe, sets):
+    """`noble bench step` builds each variant's optimizer as training does: a VQGAN (whose configure_optimizers
+    returns the discriminator's too) and a Muon run both time, with the optimizer named in the header."""
+    out = tmp_path / "step.json"
+    args = ["step", "--recipe", recipe, "--batch-size", "2", "--warmup", "0", "--iters", "1",
+            "--variants", "baseline,noble-torch", "--device", "cpu", "--out", str(out), "--no-compile"]
+    for s in sets:
+        args += ["--set", s]
+    _run(args)
+    data = json.loads(out.read_text())
+    assert all(r["ms"] is not None and not r.get("skipped") for r in data["rows"]), data["rows"]
+    assert data["optimizer"] == ("muon" if "optim.name=muon" in sets else "adamw")

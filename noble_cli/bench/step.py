@@ -20,7 +20,7 @@ from noble_cli.bench.common import (
     fresh_compile, interpret_note, kernel_options, peak_mb, prec_label, precision_of, reset_memory, sync, time_ms,
     triton_skip_reason, use_fused,
 )
-from noble_cli.config import NobleConfig, validated
+from noble_cli.config import NobleConfig, optimizer_label, validated
 from noble_cli.errors import NobleError
 from noble_cli.layers.activations import resolve_activation
 from noble_cli.recipes import resolve
@@ -75,11 +75,11 @@ def step_rows(base_cfg, branch: str, wanted: list[str], modes: list[str], dev: t
             try:
                 with kernel_options(**FUSED_VARIANTS.get(variant, {})):
                     module = get_task(cfg.task).build_module(cfg).to(dev)
-                    if hasattr(module, "configure_model"):
-                        module.configure_model()
+                    module.configure_model()
                     if variant in FUSED_VARIANTS:
                         use_fused([m for _, m in noble_layers(module.model)])
-                    opt = module.configure_optimizers()["optimizer"]
+                    # the model's own optimizer (a GAN's discriminator, which has its own, is not timed)
+                    opt, _ = module.optimizer_and_schedule()
                     if mode == "compiled":
                         module.model = fresh_compile(module.model)
                     gen = torch.Generator().manual_seed(cfg.seed)
@@ -137,7 +137,7 @@ def step_header(base_cfg, branch: str, dev: torch.device, prec: str, warmup: int
         "batch_size": t.batch_size, "seq_len": getattr(base_cfg.data, "seq_len", None), "model": base_cfg.model.model_dump(),
         "branch": branch, "rank": base_cfg.noble.rank, "targets": base_cfg.noble.targets,
         "activation_checkpointing": t.activation_checkpointing, "warmup": warmup, "iters": iters,
-        "optimizer": "AdamW" + (" (fused)" if dev.type == "cuda" else ""),
+        "optimizer": (optimizer_label(base_cfg) or "adamw") + (" (fused AdamW)" if dev.type == "cuda" else ""),
     }
 
 
