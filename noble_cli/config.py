@@ -34,6 +34,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from noble_cli.errors import NobleError
+from noble_cli.layers.implementation import has_fused_kernel
 from noble_cli.parsing import split_list
 
 
@@ -496,7 +497,7 @@ def variant_label(n: NobleConfig, in_run_id: bool = False) -> str:
             label += f" {fmt(value)}"
     # An explicit kernel is part of the label: `--kernel torch` vs `--kernel triton` is a wall-clock comparison,
     # and the two must not show up in a report as two rows of the same name.
-    return label if n.kernel == "auto" or n.branch != "cosnet" else f"{label} [{n.kernel}]"
+    return label if n.kernel == "auto" or not has_fused_kernel(n.branch) else f"{label} [{n.kernel}]"
 
 
 def optimizer_label(cfg: RunConfig) -> str:
@@ -522,7 +523,7 @@ def _noble_identity(n: NobleConfig) -> dict:
     re-init (scale and layers)."""
     if n.enabled:
         d = _hashed_fields(n)
-        if n.branch != "cosnet":  # the fused kernels are CosNet's only: any other branch runs the torch path
+        if not has_fused_kernel(n.branch):  # a branch without fused kernels runs the torch path whatever is asked
             d["kernel"] = "auto"
         return d
     if n.dense_match:

@@ -21,6 +21,7 @@ from noble_cli.atomic import atomic_write_json
 from noble_cli.errors import NobleError
 from noble_cli.layers.implementation import (
     fused_unavailable_reason,
+    has_fused_kernel,
     import_noble_kernels,
 )
 from noble_cli.parsing import split_list
@@ -174,7 +175,7 @@ def kernel_options(**overrides):
 def use_fused(layers) -> None:
     """Point NobleLinear `layers` at the fused kernels (their own dispatch, exactly what training runs)."""
     for layer in layers:
-        if layer.activation != "cosnet":
+        if not has_fused_kernel(layer.activation):
             raise NobleError(f"the fused kernels implement the cosnet branch only, not {layer.activation}")
         layer.kernel = "triton"
 

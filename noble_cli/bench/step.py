@@ -23,6 +23,7 @@ from noble_cli.bench.common import (
 from noble_cli.config import NobleConfig, optimizer_label, validated
 from noble_cli.errors import NobleError
 from noble_cli.layers.activations import resolve_activation
+from noble_cli.layers.implementation import has_fused_kernel
 from noble_cli.recipes import resolve
 from noble_cli.train.run_folder import library_versions
 
@@ -43,7 +44,7 @@ def step_config(recipe: str, branch: str, overrides: dict, sets: list[str], want
         raise NobleError("--branch none would time the baseline against itself; give a branch such as cosnet")
     branch = resolve_activation(branch)
     fused_wanted = [v for v in wanted if v in FUSED_VARIANTS]
-    if fused_wanted and branch != "cosnet":
+    if fused_wanted and not has_fused_kernel(branch):
         raise NobleError(f"variants {', '.join(fused_wanted)} need --branch cosnet (the fused kernels' only "
                          f"branch), not {branch}; for other branches use --variants baseline,noble-torch")
     return base_cfg, branch

@@ -30,6 +30,12 @@ KERNELS = ("torch", "triton")  # what runs
 REQUESTS = ("auto",) + KERNELS  # what `noble.kernel` / `--kernel` may ask for
 FUSED_ACTIVATION = "cosnet"  # the only branch the fused kernels implement
 
+
+def has_fused_kernel(branch: str) -> bool:
+    """Whether the fused kernels implement this branch (activation name): the one question the config (whether
+    `noble.kernel` is part of a run's identity and label), bench and the dispatch below ask."""
+    return branch == FUSED_ACTIVATION
+
 _SOURCE_KERNELS = Path(__file__).resolve().parents[2] / "kernels"
 _LOADED = None  # the noble_kernels module, once imported
 
@@ -91,7 +97,7 @@ def fused_unavailable_reason(device: torch.device | str) -> str | None:
 def runs_fused(kernel: str, activation: str, x: torch.Tensor) -> bool:
     """NobleLinear's per-call dispatch: its `kernel` asks for triton, its branch is CosNet, and the kernels can
     take `x` (any CUDA tensor; a CPU tensor only in Triton's interpreter). Anything else runs the torch path."""
-    if kernel != "triton" or activation != FUSED_ACTIVATION:
+    if kernel != "triton" or not has_fused_kernel(activation):
         return False
     if x.is_cuda:
         return True
@@ -122,7 +128,7 @@ def plan(branch: str, requested: str, device_type: str) -> Choice:
         raise ValueError(f"unknown kernel {requested!r}; valid: {', '.join(REQUESTS)}")
     if branch == "none":
         return Choice(requested, "torch", "no NOBLE branch")
-    if branch != FUSED_ACTIVATION:
+    if not has_fused_kernel(branch):
         return Choice(requested, "torch", f"the fused kernels implement the {FUSED_ACTIVATION} branch only, not "
                                           f"{branch}")
     if requested == "torch":
