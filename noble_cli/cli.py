@@ -17,6 +17,7 @@ from noble_cli.console import make_console
 from noble_cli.entry import run_app
 from noble_cli.errors import NobleError
 from noble_cli.tasks import train_flags
+from noble_cli.tasks.spec import Metric
 
 app = typer.Typer(
     name="noble",
@@ -95,10 +96,10 @@ def train(
     s = result.summary
     if result.already_done:
         console.print(f"[bold]already completed[/] {escape(str(result.run_dir))}; nothing to resume")
-    metric = s.get("metric") or "eval_loss"
+    metric = Metric.from_summary(s)
     console.print(
-        f"[bold green]done[/] {escape(str(result.run_dir))}  best {metric.replace('_', ' ')} "
-        f"{s.get('best_' + metric)} at step {s.get('best_step')}, median step "
+        f"[bold green]done[/] {escape(str(result.run_dir))}  best {metric.name.replace('_', ' ')} "
+        f"{metric.best_in(s)} at step {s.get('best_step')}, median step "
         f"{1000 * (s.get('median_step_time_s') or 0):.1f} ms"
     )
 

@@ -134,3 +134,20 @@ def test_activation_checkpointing_recomputes_blocks_and_changes_no_gradient(name
     assert g0.keys() == g1.keys() and g0
     for n in g0:
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_a_summary_names_its_metric_and_its_best_value_is_read_back_through_it():
+    """summary.json's best value is keyed by the task's metric; the CLI and sweep tables read it back through
+    Metric.from_summary, and a summary from before the metric was recorded is eval_loss's."""
+    import pandas as pd
+
+    from noble_cli.tasks.spec import Metric
+    from noble_cli.train.recorder import run_summary
+
+    metrics = pd.DataFrame({"step": [1, 2, 3], "wallclock_s": [0.1, 0.2, 0.3], "step_time_s": [0.1] * 3,
+                            "eval_top1": [0.5, 0.7, 0.6]})
+    summary = run_summary(metrics, 0, "completed", Metric("eval_top1", "max"))
+    back = Metric.from_summary(summary)
+    assert back == Metric("eval_top1", "max") and back.best_in(summary) == pytest.approx(0.7)
+    assert summary["best_step"] == 2
+    assert Metric.from_summary({"best_eval_loss": 2.5}).best_in({"best_eval_loss": 2.5}) == 2.5

@@ -12,6 +12,7 @@ from rich.text import Text
 
 from noble_cli.console import format_duration
 from noble_cli.sweep.manifest import counts, observe, read_summary, run_dir_of
+from noble_cli.tasks.spec import Metric
 
 STATE_STYLE = {"done": "green", "running": "cyan", "failed": "red", "interrupted": "yellow", "pending": "dim"}
 
@@ -89,7 +90,7 @@ def runs_table(manifest: Path, m: dict, title: str = "runs", plan: bool = False,
             row += [_params(e, base_total), e["run_id"]]
         else:
             s = read_summary(run_dir_of(manifest, e))
-            best = s.get(f"best_{s.get('metric') or 'eval_loss'}")
+            best = Metric.from_summary(s).best_in(s)
             row += [f"{best:.4f}" if isinstance(best, (int, float)) else "-", str(s.get("steps") or "-"),
                     format_duration(e.get("duration_s") or s.get("train_time_s"))]
         table.add_row(*row, escape(str(detail)) if detail else detail)

@@ -53,8 +53,28 @@ class Metric:
         """The value on a scale where lower is better (what the report's arithmetic works on)."""
         return value if self.mode == "min" else -value
 
+    @property
+    def best_key(self) -> str:
+        """summary.json's key of the run's best value of this metric."""
+        return f"best_{self.name}"
+
+    @property
+    def final_key(self) -> str:
+        return f"final_{self.name}"
+
     def to_meta(self) -> dict:
         return {"name": self.name, "mode": self.mode}
+
+    @classmethod
+    def from_summary(cls, summary: dict | None) -> Metric:
+        """The metric a summary.json was written for (summaries from before it was recorded: eval_loss)."""
+        s = summary if isinstance(summary, dict) else {}
+        name, mode = s.get("metric"), s.get("metric_mode")
+        return cls(str(name), mode if mode in ("min", "max") else "min") if name else cls()
+
+    def best_in(self, summary: dict | None):
+        """The best value a summary.json records for this metric (None if none)."""
+        return (summary or {}).get(self.best_key)
 
     @classmethod
     def from_meta(cls, meta: dict | None) -> Metric:

@@ -113,7 +113,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def run_summary(metrics: pd.DataFrame, untimed_steps: int, status: str, metric: Metric = Metric()) -> dict:
     """summary.json from the metrics table (definitions in docs/run-folder.md): the best and final value of the
     task's metric, the step of the best, the median step time, the training time."""
-    best_key, final_key = f"best_{metric.name}", f"final_{metric.name}"
+    best_key, final_key = metric.best_key, metric.final_key
     out: dict = {"status": status, "steps": 0, "metric": metric.name, "metric_mode": metric.mode, best_key: None,
                  "best_step": None, final_key: None, "median_step_time_s": None, "train_time_s": 0.0}
     if metrics.empty:
