@@ -2,7 +2,7 @@
 
 The generation loop needs only a module that maps token ids (1, T) to logits (1, T, vocab) (or an output with
 `.logits`, as transformers' causal LMs return) and the run's tokenizer; nothing in it is specific to our GPT.
-The tokenizer is looked up from the run's `data:` section by `run_tokenizer` (one registry line per tokenizer).
+The tokenizer is the run's task's (`Task.text_tokenizer`: a causal LM's `data.tokenizer`).
 """
 
 from __future__ import annotations
@@ -14,18 +14,9 @@ import torch
 import typer
 from torch import nn
 
-from noble_cli.data.text_tokenizers import DEFAULT, TextTokenizer, get_tokenizer
 from noble_cli.errors import NobleError
 
-TEXT_TASKS = ("causal_lm", "hf_causal_lm")  # tasks whose tokens are text (image_lm's are VQGAN codes)
 CHECKPOINTS = ("best", "last")
-
-
-def run_tokenizer(data_cfg) -> TextTokenizer:
-    """The tokenizer a run's data was tokenized with, from its resolved `data:` section (the config or a dict); a run
-    without the field was tokenized with GPT-2 BPE."""
-    name = (data_cfg.get("tokenizer") if isinstance(data_cfg, dict) else getattr(data_cfg, "tokenizer", None))
-    return get_tokenizer(name or DEFAULT)
 
 
 # --- the run --------------------------------------------------------------------------------------------------------
@@ -44,7 +35,8 @@ def checkpoint_path(run: Path, which: str) -> Path:
 
 
 def load_run(run: Path, which: str = "best", device: str = "cpu"):
-    """(the run's model in eval mode, its resolved config) from a checkpoint of a text causal-LM run."""
+    """(the run's model in eval mode, its resolved config, its tokenizer) from a checkpoint of a text causal-LM
+    run."""
     from noble_cli.data.image_tokens import read_checkpoint
     from noble_cli.recipes import from_dict
     from noble_cli.tasks import get_task
@@ -52,13 +44,22 @@ def load_run(run: Path, which: str = "best", device: str = "cpu"):
     path = checkpoint_path(run, which)
     ckpt = read_checkpoint(path)
     cfg = from_dict(ckpt["hyper_parameters"]["config"])
-    if cfg.task not in TEXT_TASKS:
+    tokenizer = get_task(cfg.task).text_tokenizer(cfg)
+    if tokenizer is None:
         raise NobleError(f"{run} is a {cfg.task!r} run; noble sample needs a text language model "
-                         f"(task {', '.join(TEXT_TASKS)})")
+                         f"(task {', '.join(text_tasks())})")
     cfg.noble.kernel = "torch"  # the branch's plain PyTorch form: any device, same parameters
     module = get_task(cfg.task).build_module(cfg)
     module.load_state_dict(ckpt["state_dict"])
-    return module.model.to(device).eval(), cfg
+    return module.model.to(device).eval(), cfg, tokenizer
+
+
+def text_tasks() -> list[str]:
+    """The registered tasks whose tokens are text (those that name a text tokenizer)."""
+    from noble_cli.tasks import TASKS, get_task
+    from noble_cli.tasks.spec import Task
+
+    return sorted(name for name in TASKS if type(get_task(name)).text_tokenizer is not Task.text_tokenizer)
 
 
 def context_length(model: nn.Module) -> int | None:
@@ -102,8 +103,7 @@ def sample_text(run: Path, prompt: str = "", tokens: int = 100, temperature: flo
     if temperature < 0:
         raise NobleError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, cfg = load_run(run, checkpoint, device)
-    tok = run_tokenizer(cfg.data)
+    model, _, tok = load_run(run, checkpoint, device)
     ids = tok.encode(prompt) if prompt else [tok.eot_id]  # the separator the data puts between documents
     new = generate(model, ids, tokens, temperature, seed, context_length(model))
     return prompt + tok.decode(new)

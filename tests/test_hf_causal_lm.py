@@ -101,9 +101,9 @@ def test_a_short_run_fills_its_folder_and_noble_sample_reads_it(tmp_path):
     assert result.meta["task"] == "hf_causal_lm" and result.meta["params_branch"] > 0
     metrics = (result.run_dir / "metrics.csv").read_text()
     assert "eval_bpb" in metrics.splitlines()[0]
-    model, loaded = load_run(result.run_dir, "last")
+    model, loaded, tok = load_run(result.run_dir, "last")
     assert type(model).__name__ == "LlamaForCausalLM" and context_length(model) == 32
-    assert loaded.task == "hf_causal_lm" and noble_layers(model)
+    assert loaded.task == "hf_causal_lm" and noble_layers(model) and tok.name == "bytes"
     text = sample_text(result.run_dir, prompt="The ", tokens=12, temperature=0.8, seed=1)
     assert text.startswith("The ") and len(text.encode()) > 4
     assert text == sample_text(result.run_dir, prompt="The ", tokens=12, temperature=0.8, seed=1)

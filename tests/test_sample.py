@@ -9,8 +9,10 @@ from torch import nn
 from conftest import run_noble as cli
 from noble_cli import recipes as C
 from noble_cli.errors import NobleError
+from noble_cli.data.text_tokenizers import get_tokenizer
 from noble_cli.layers import noble_layers
-from noble_cli.sample import context_length, generate, load_run, run_tokenizer, sample_text
+from noble_cli.sample import context_length, generate, load_run, sample_text, text_tasks
+from noble_cli.tasks import get_task
 from noble_cli.train.run import train
 
 TINY = ["model.d_model=32", "model.n_head=2", "model.n_layer=2", "model.block_size=32", "data.seq_len=32",
@@ -31,16 +33,16 @@ def run(tmp_path_factory, one_thread):
 
 
 def test_the_checkpoint_comes_back_with_its_branches(run):
-    model, cfg = load_run(run, "last")
-    assert cfg.task == "causal_lm" and not model.training
+    model, cfg, tok = load_run(run, "last")
+    assert cfg.task == "causal_lm" and not model.training and tok.name == "gpt2"
     assert len(noble_layers(model)) == 12 and context_length(model) == 32
     state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     torch.testing.assert_close(model.blocks[0].attn.q.up.weight, state["model.blocks.0.attn.q.up.weight"])
 
 
 def test_sampling_is_deterministic_for_a_seed_and_honours_tokens(run):
-    model, _ = load_run(run, "best")
-    ids = run_tokenizer({}).encode("The king said")
+    model, _, tok = load_run(run, "best")
+    ids = tok.encode("The king said")
     first = generate(model, ids, 12, temperature=1.0, seed=3, context=32)
     assert first == generate(model, ids, 12, temperature=1.0, seed=3, context=32)
     assert len(first) == 12 and len(generate(model, ids, 5, seed=3, context=32)) == 5
@@ -50,8 +52,8 @@ def test_sampling_is_deterministic_for_a_seed_and_honours_tokens(run):
 
 
 def test_temperature_zero_is_argmax(run):
-    model, _ = load_run(run, "best")
-    ids = run_tokenizer({}).encode("Once upon a time")
+    model, _, tok = load_run(run, "best")
+    ids = tok.encode("Once upon a time")
     greedy = generate(model, ids, 6, temperature=0.0, seed=1, context=32)
     assert greedy == generate(model, ids, 6, temperature=0.0, seed=99, context=32), "no randomness at T=0"
     by_hand = list(ids)
@@ -82,12 +84,19 @@ def test_the_loop_takes_any_module_returning_logits_and_keeps_the_context_window
     assert m.widths == [1, 2, 3, 3]
 
 
-def test_the_tokenizer_comes_from_the_run_data_config():
-    tok = run_tokenizer({"dataset": "embedded"})  # runs before data.tokenizer existed: GPT-2 BPE
+def test_the_tokenizer_comes_from_the_run_s_task_and_data_config():
+    task = get_task("causal_lm")
+    old = C.resolve("llm-tiny").to_dict()
+    del old["data"]["tokenizer"]  # runs before data.tokenizer existed: GPT-2 BPE
+    tok = task.text_tokenizer(C.from_dict(old))
     assert tok.encode("Hello world") == [15496, 995] and tok.eot_id == 50256
-    assert run_tokenizer({"tokenizer": "bytes"}).encode("Hé") == [72, 195, 169]
+    assert task.text_tokenizer(C.resolve("llm-bytes")).encode("Hé") == [72, 195, 169]
     with pytest.raises(NobleError, match="tokenizer 'klingon'; valid: gpt2, bytes"):
-        run_tokenizer({"tokenizer": "klingon"})
+        C.resolve("llm-tiny", sets=["data.tokenizer=klingon"])
+    # image codes are not text: the image-token task has no text tokenizer, and noble sample names the ones that do
+    assert get_task("image_lm").text_tokenizer(C.resolve("image-lm-tiny")) is None
+    assert text_tasks() == ["causal_lm", "hf_causal_lm"]
+    assert get_tokenizer("gpt2").eot_id == 50256
 
 
 def test_cli_prints_text_and_refuses_bad_runs_in_one_line(run, tmp_path, monkeypatch, capsys):

@@ -165,6 +165,9 @@ class CausalLMTask(Task):
             tokenizer=tok.name,
         )
 
+    def text_tokenizer(self, cfg: RunConfig):
+        return get_tokenizer(cfg.data.tokenizer)
+
     def check_vocabulary(self, cfg: RunConfig, tok) -> None:
         """The model's vocabulary holds the tokenizer's ids. Checked with the data, not in `check`: `noble bench`
         runs small vocabularies on random ids."""

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     import lightning as L
     import torch
 
+    from noble_cli.data.text_tokenizers import TextTokenizer
     from noble_cli.tasks.base import NobleTask
 
 
@@ -119,3 +120,8 @@ class Task(ABC):
     @abstractmethod
     def data_summary(self, cfg: RunConfig) -> str:
         """One line on the data, for `noble recipes`."""
+
+    def text_tokenizer(self, cfg: RunConfig) -> TextTokenizer | None:
+        """The tokenizer of a task whose tokens are text, which `noble sample` encodes prompts and decodes samples
+        with; None for a task whose tokens are not text (image codes) or that has none."""
+        return None
