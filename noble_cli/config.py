@@ -337,6 +337,11 @@ class TrainerConfig(ConfigModel):
     """Experiment trackers that mirror the run folder: tensorboard, wandb, mlflow (a list, or comma-separated).
     Where a run is watched, not what it computes: not hashed."""
 
+    @property
+    def micro_batches(self) -> int:
+        """The budget in micro-batches, what a training loader must yield: max_steps x accumulate."""
+        return self.max_steps * self.accumulate
+
 
 class RunConfig(ConfigModel):
     """One run: the task, its model and data, and the common sections."""

@@ -28,6 +28,7 @@ from torch.utils.data import (
     get_worker_info,
 )
 
+from noble_cli.data.position import micro_batches_done, rank_and_world
 from noble_cli.data.shards import (
     describe,
     load_tokens,
@@ -211,9 +212,7 @@ class LMDataModule(L.LightningDataModule):
         time an iterator starts, because Lightning may start the train iterator more than once around a restore.
         """
         trainer = getattr(self, "trainer", None)
-        if trainer is None:
-            return self._start_step
-        return int(trainer.global_step) * int(trainer.accumulate_grad_batches)
+        return self._start_step if trainer is None else micro_batches_done(trainer)
 
     def state_dict(self) -> dict:
         return {"next_batch": self._batches_done(), "seed": self.seed}
@@ -225,12 +224,7 @@ class LMDataModule(L.LightningDataModule):
         self.set_start_step(int(state.get("next_batch", 0)))
 
     def _rank_world(self) -> tuple[int, int]:
-        trainer = getattr(self, "trainer", None)
-        if trainer is not None:
-            return int(trainer.global_rank), int(trainer.world_size)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_rank(), torch.distributed.get_world_size()
-        return 0, 1
+        return rank_and_world(getattr(self, "trainer", None))
 
     # -- loaders ----------------------------------------------------------------------------------------------------
     def train_batches(self, start: int | None = None) -> TrainBatches:

@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from noble_cli.data.position import micro_batches_done, rank_and_world
 from noble_cli.errors import NobleError
 from noble_cli.seeding import BATCH_AUGMENT, DATA_ORDER, SAMPLE_AUGMENT, derive_seed
 
@@ -119,15 +120,10 @@ def resumable_train_loader(dataset: Dataset, *, batch_size: int, seed: int, rank
     )
 
 
-def _world_rank(datamodule) -> tuple[int, int]:
-    trainer = getattr(datamodule, "trainer", None)
-    return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-
-
 def datamodule_train_loader(datamodule, dataset: Dataset, collate: Callable) -> ResumingLoader:
     """The training loader of an image or image-token data module (its batch_size, seed, num_workers and
     max_batches): the run's budget of micro-batches (default: one pass), resuming at the trainer's position."""
-    world, rank = _world_rank(datamodule)
+    rank, world = rank_and_world(getattr(datamodule, "trainer", None))
     total = datamodule.max_batches or len(dataset) // world // datamodule.batch_size
     return resumable_train_loader(dataset, batch_size=datamodule.batch_size, seed=datamodule.seed, rank=rank,
                                   world=world, total_batches=total, position=lambda: trainer_position(datamodule),
@@ -138,7 +134,7 @@ def datamodule_train_loader(datamodule, dataset: Dataset, collate: Callable) -> 
 def datamodule_eval_loader(datamodule, dataset: Dataset, collate: Callable) -> DataLoader:
     """The evaluation loader of the same data modules: the fixed eval set in order, each rank its share
     (DistributedSampler pads the last share with repeats so that the ranks' means average to the set's)."""
-    world, rank = _world_rank(datamodule)
+    rank, world = rank_and_world(getattr(datamodule, "trainer", None))
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
     return DataLoader(dataset, batch_size=datamodule.batch_size, sampler=sampler, collate_fn=collate,
                       num_workers=datamodule.num_workers, persistent_workers=datamodule.num_workers > 0,
@@ -146,9 +142,5 @@ def datamodule_eval_loader(datamodule, dataset: Dataset, collate: Callable) -> D
 
 
 def trainer_position(datamodule) -> int:
-    """Micro-batches consumed so far by the datamodule's trainer (0 without one): optimizer steps x accumulation.
-    Exact because the whole budget is one Lightning epoch: every accumulation window is complete."""
-    trainer = getattr(datamodule, "trainer", None)
-    if trainer is None:
-        return 0
-    return int(trainer.global_step) * int(trainer.accumulate_grad_batches)
+    """Micro-batches consumed so far by the datamodule's trainer (0 without one)."""
+    return micro_batches_done(getattr(datamodule, "trainer", None))

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from noble_cli.config import NobleConfig, RunConfig
+from noble_cli.data.position import micro_batches_done
 from noble_cli.errors import NobleError
 from noble_cli.layers import LRMultipliers, apply_noble, count_parameters, param_groups
 from noble_cli.layers.apply import reinit_main_weights
@@ -162,7 +163,7 @@ class NobleTask(L.LightningModule):
         # micro-batch and the rank: Lightning's checkpoints carry no RNG state, and seed_everything at start-up would
         # make a resumed run replay step 1's draws instead of drawing what the uninterrupted run drew.
         t = self.trainer
-        micro = t.global_step * t.accumulate_grad_batches + batch_idx % t.accumulate_grad_batches
+        micro = micro_batches_done(t) + batch_idx % t.accumulate_grad_batches
         torch.manual_seed(derive_seed(self.cfg.seed, STEP, micro, t.global_rank))
 
     def training_step(self, batch, batch_idx):

@@ -161,7 +161,7 @@ class CausalLMTask(Task):
         self.check_vocabulary(cfg, tok)
         return LMDataModule(
             data=d.dataset, seq_len=d.seq_len, batch_size=t.batch_size, seed=cfg.seed, eval_batches=t.eval_batches,
-            num_workers=t.num_workers, cache_dir=d.cache_dir, max_steps=t.max_steps * t.accumulate,
+            num_workers=t.num_workers, cache_dir=d.cache_dir, max_steps=t.micro_batches,
             tokenizer=tok.name,
         )
 

@@ -93,7 +93,7 @@ class ImageLMTask(Task):
         return ImageTokenDataModule(
             d.vqgan_checkpoint, batch_size=t.batch_size, eval_batches=t.eval_batches, seed=cfg.seed,
             dataset=d.dataset, root=d.root, limit=d.limit, cache_dir=d.cache_dir,
-            encode_batch_size=d.encode_batch_size, num_workers=t.num_workers, max_batches=t.max_steps * t.accumulate,
+            encode_batch_size=d.encode_batch_size, num_workers=t.num_workers, max_batches=t.micro_batches,
         )
 
     def synthetic_batch(self, module: ImageLM, batch_size: int, generator: torch.Generator):

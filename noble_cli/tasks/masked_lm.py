@@ -122,7 +122,7 @@ class MaskedLMTask(Task):
             num_workers=t.num_workers, vocab_size=m.vocab_size, vocab=d.vocab, lowercase=d.lowercase,
             tokenizer_every=d.tokenizer_every, limit=d.limit, mlm_probability=d.mlm_probability,
             mask_ratio=d.mask_ratio, random_ratio=d.random_ratio, eval_seed=d.eval_seed, cache_dir=d.cache_dir,
-            max_steps=t.max_steps * t.accumulate,
+            max_steps=t.micro_batches,
         )
 
     def synthetic_batch(self, module: MaskedLM, batch_size: int, generator: torch.Generator):

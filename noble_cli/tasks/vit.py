@@ -108,7 +108,7 @@ class ViTTask(Task):
                                                      d.random_erasing, d.randaugment_ops, d.randaugment_magnitude),
             eval_transform=classification_transform(source, m.image_size, m.in_channels, False),
             num_workers=cfg.trainer.num_workers, train_collate=collate, download=d.download,
-            expect_classes=m.num_classes, max_batches=cfg.trainer.max_steps * cfg.trainer.accumulate,
+            expect_classes=m.num_classes, max_batches=cfg.trainer.micro_batches,
         )
 
     def synthetic_batch(self, module: ViTClassifier, batch_size: int, generator: torch.Generator):

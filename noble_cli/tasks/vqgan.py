@@ -188,7 +188,7 @@ class VQGANTask(Task):
             train_transform=reconstruction_transform(source, m.image_size, m.in_channels, True, d.flip),
             eval_transform=reconstruction_transform(source, m.image_size, m.in_channels, False),
             num_workers=cfg.trainer.num_workers, download=d.download,
-            max_batches=cfg.trainer.max_steps * cfg.trainer.accumulate,
+            max_batches=cfg.trainer.micro_batches,
         )
 
     def synthetic_batch(self, module: VQGANModule, batch_size: int, generator: torch.Generator):
