@@ -254,3 +254,18 @@ def test_explicit_triton_fails_with_one_line_and_exit_2(tmp_path, monkeypatch, c
     assert "Traceback" not in err and len(errors) == 1, err
     assert "noble.kernel is triton, but the fused kernels failed their self-check at 16->64 r4" in errors[0]
     assert "injected kernel failure" in errors[0] and "--kernel torch" in errors[0]
+
+
+def test_an_older_noble_kernels_without_today_s_api_fails_at_import_naming_what_it_lacks(monkeypatch):
+    """An older noble_kernels (installed elsewhere, before the design switches) is refused where it is imported,
+    naming what it lacks, instead of bench silently testing less with it."""
+    import types
+
+    from noble_cli.layers import implementation
+
+    old = types.ModuleType("noble_kernels")
+    old.cosnet_linear, old.available = object(), lambda: True
+    monkeypatch.setattr(implementation, "_LOADED", None)
+    monkeypatch.setitem(sys.modules, "noble_kernels", old)
+    with pytest.raises(ImportError, match="lacks KernelOptions, options, .*an older copy"):
+        implementation.import_noble_kernels()

@@ -148,28 +148,12 @@ def triton_skip_reason(dev: torch.device) -> str | None:
 
 @contextlib.contextmanager
 def kernel_options(**overrides):
-    """noble_kernels' design switches for the calls inside the block (`noble_kernels.options`). Kernels that
-    predate the switches know only `gemm`, read from NOBLE_KERNELS_GEMM at every call."""
+    """noble_kernels' design switches for the calls inside the block (`noble_kernels.options`)."""
     if not overrides:
         yield
         return
-    nk = import_noble_kernels()
-    if hasattr(nk, "options"):
-        with nk.options(**overrides):
-            yield
-        return
-    unknown = set(overrides) - {"gemm"}
-    if unknown:
-        raise NobleError(f"these noble_kernels have no option(s) {', '.join(sorted(unknown))}")
-    old = os.environ.get("NOBLE_KERNELS_GEMM")
-    os.environ["NOBLE_KERNELS_GEMM"] = overrides["gemm"]
-    try:
+    with import_noble_kernels().options(**overrides):
         yield
-    finally:
-        if old is None:
-            os.environ.pop("NOBLE_KERNELS_GEMM", None)
-        else:
-            os.environ["NOBLE_KERNELS_GEMM"] = old
 
 
 def use_fused(layers) -> None:

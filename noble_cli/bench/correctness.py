@@ -94,11 +94,11 @@ def option_sets(nk) -> list[dict]:
     first (what training runs), then, greedily, sets of the other kernels' requirements that agree with each
     other. Which kernels really ran is read off the launches afterwards (`coverage`), not assumed from this."""
     requirements = kernel_requirements(nk)
-    choices = nk.KernelOptions.choices() if hasattr(nk, "KernelOptions") else {}
+    choices = nk.KernelOptions.choices()
     if requirements is None:
         alt = {k: v for k, v in FALLBACK_ALTERNATIVES.items() if v in choices.get(k, ())}
         return [{}] + ([alt] if alt else [])
-    defaults = dataclasses.asdict(nk.KernelOptions()) if hasattr(nk, "KernelOptions") else {}
+    defaults = dataclasses.asdict(nk.KernelOptions())
     remaining = [n for n, req in requirements.items() if any(defaults.get(f) != v for f, v in req.items())]
     sets: list[dict] = [{}]
     while remaining:
@@ -122,7 +122,7 @@ def reached_by(nk, opts: dict) -> list[str]:
     requirements = kernel_requirements(nk)
     if requirements is None:
         return list(space)
-    defaults = dataclasses.asdict(nk.KernelOptions()) if hasattr(nk, "KernelOptions") else {}
+    defaults = dataclasses.asdict(nk.KernelOptions())
     full = {**defaults, **opts}
     return [n for n in space if all(full.get(f) == v for f, v in requirements.get(n, {}).items())]
 
@@ -229,9 +229,7 @@ def _selfcheck(item: dict, device: str) -> dict:
 
 def _check(item: dict, device: str) -> dict:
     nk = import_noble_kernels()
-    testing = getattr(nk, "testing", None)
-    if testing is None or not hasattr(nk, "forced_config"):
-        raise RuntimeError("these noble_kernels have no testing.check / forced_config (issue #10 part 3's API)")
+    testing = nk.testing
     s = item["shape"]
     with contextlib.ExitStack() as stack:
         for kernel, index in (item["forced"] or {}).items():

@@ -148,8 +148,7 @@ def layer_items(s: Shape, dev: torch.device, switches: int | None = None) -> Ite
     fused = NobleLinear(s.k, s.n, bias=s.bias, rank=s.r, kernel="triton", device=dev)
     fused.load_state_dict(noble.state_dict())
     options_list = [{}]
-    choices = nk.KernelOptions.choices() if hasattr(nk, "KernelOptions") else {"gemm": ("triton", "torch")}
-    defaults = dataclasses.asdict(nk.KernelOptions()) if hasattr(nk, "KernelOptions") else {"gemm": "triton"}
+    choices, defaults = nk.KernelOptions.choices(), dataclasses.asdict(nk.KernelOptions())
     for field, values in choices.items():
         options_list += [{field: v} for v in values if v != defaults.get(field)]
     for opts in options_list[: None if switches is None else 1 + switches]:

@@ -37,6 +37,10 @@ def has_fused_kernel(branch: str) -> bool:
     return branch == FUSED_ACTIVATION
 
 _SOURCE_KERNELS = Path(__file__).resolve().parents[2] / "kernels"
+# What noble uses of noble_kernels (kernels/__init__.py exports it): checked once at import, so that an older copy
+# installed elsewhere fails loudly there instead of silently shrinking what bench tests or how layers dispatch.
+KERNELS_API = ("available", "cosnet_linear", "KernelOptions", "options", "current_options", "autotune_space",
+               "forced_config", "testing", "tuning")
 _LOADED = None  # the noble_kernels module, once imported
 
 
@@ -53,9 +57,18 @@ def import_noble_kernels():
     global _LOADED
     if _LOADED is not None:  # the per-call path of NobleLinear: a global read, which torch.compile traces
         return _LOADED
-    if sys.modules.get("noble_kernels") is not None:
-        _LOADED = sys.modules["noble_kernels"]
-        return _LOADED
+    noble_kernels = sys.modules.get("noble_kernels")
+    if noble_kernels is None:
+        noble_kernels = _load_noble_kernels()
+    missing = [name for name in KERNELS_API if not hasattr(noble_kernels, name)]
+    if missing:
+        raise ImportError(f"noble_kernels at {getattr(noble_kernels, '__file__', '?')} lacks {', '.join(missing)}: "
+                          "an older copy; reinstall from this checkout (pip install -e .)")
+    _LOADED = noble_kernels
+    return noble_kernels
+
+
+def _load_noble_kernels():
     try:
         import noble_kernels
     except ImportError:
@@ -71,7 +84,6 @@ def import_noble_kernels():
         except BaseException:
             sys.modules.pop("noble_kernels", None)
             raise
-    _LOADED = noble_kernels
     return noble_kernels
 
 
