@@ -337,6 +337,13 @@ class TrainerConfig(ConfigModel):
     """Experiment trackers that mirror the run folder: tensorboard, wandb, mlflow (a list, or comma-separated).
     Where a run is watched, not what it computes: not hashed."""
 
+    def uses_cuda(self) -> bool:
+        """Whether the run trains on a CUDA GPU: accelerator gpu or cuda, or auto with one visible. What the
+        precision, the kernels' plan and the trainer all follow."""
+        import torch
+
+        return self.accelerator in ("gpu", "cuda") or (self.accelerator == "auto" and torch.cuda.is_available())
+
     @property
     def micro_batches(self) -> int:
         """The budget in micro-batches, what a training loader must yield: max_steps x accumulate."""

@@ -106,8 +106,7 @@ class NobleTask(L.LightningModule):
         self.save_hyperparameters({"config": cfg.to_dict()})
         self.cfg, self.model_cfg, self.data_cfg = cfg, cfg.model, cfg.data
         # what the layers run; noble_cli/train/kernel_check.py replaces it with the self-check's verdict
-        self.implementation = planned_implementation(
-            cfg.noble, on_cuda=torch.cuda.is_available() and cfg.trainer.accelerator != "cpu")
+        self.implementation = planned_implementation(cfg.noble, on_cuda=cfg.trainer.uses_cuda())
         self.model = build_model(self.make_model, self.model_cfg, cfg.noble, self.implementation.kernel)
         self.params = count_parameters(self.model)
 

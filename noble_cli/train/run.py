@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from rich.console import Console
@@ -273,7 +272,7 @@ def trainer_or_error(**kwargs) -> L.Trainer:
 def check_trainer_options(cfg: RunConfig) -> None:
     """Lightning's checks of accelerator/devices/strategy/precision, before anything touches the run folder."""
     t = cfg.trainer
-    on_gpu = t.accelerator in ("gpu", "cuda") or (t.accelerator == "auto" and torch.cuda.is_available())
+    on_gpu = t.uses_cuda()
     trainer_or_error(accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
                      precision=precision_for(cfg, on_gpu), logger=False, enable_checkpointing=False,
                      enable_progress_bar=False, enable_model_summary=False)
@@ -282,7 +281,7 @@ def check_trainer_options(cfg: RunConfig) -> None:
 def build_trainer(cfg: RunConfig, module, folder: RunFolder, recorder: RunRecorder, progress: bool,
                   extra_callbacks=()) -> L.Trainer:
     t = cfg.trainer
-    on_gpu = t.accelerator in ("gpu", "cuda") or (t.accelerator == "auto" and torch.cuda.is_available())
+    on_gpu = t.uses_cuda()
     callbacks = [
         KernelSelfCheck(folder),  # first: the fused kernels are checked (and maybe replaced) before anything runs
         recorder,
