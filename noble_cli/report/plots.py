@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 
 from noble_cli.report.build import Report
 from noble_cli.report.runs import Run
-from noble_cli.report.settings import label_without_setting, setting_names
+from noble_cli.report.settings import EFFECTS, label_without_setting, setting_names
 
 _COLORS = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink",
            "tab:olive", "tab:cyan", "tab:gray"]
@@ -161,7 +161,7 @@ def _setting_panel(ax, rep: Report, group: pd.DataFrame, col: str, name: str, sc
                label=f"with {setting}")
     low, high = ax.get_ylim()
     ax.set_ylim(low, high + 0.4 * (high - low))  # room above the bars for the a - b labels
-    short = {"final_eval_loss_delta": "loss", "best_top1_delta": "top1"}[col]
+    short = dict(EFFECTS)[col]
     for i, (_, g) in enumerate(group.iterrows()):
         if not _nan(g[f"{short}_diff"]):
             ax.annotate(f"a-b {scale * g[f'{short}_diff']:+.3g}\n[{scale * g[f'{short}_diff_ci_low']:+.3g}, "
