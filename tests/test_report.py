@@ -704,8 +704,8 @@ def test_whether_a_setting_changes_a_variant_s_effect_is_one_paired_test(tmp_pat
     assert "n/a (not every seed reached)" in rows[0] and not any("top-1" in h for h in headers)
     (title, lines), = setting_headlines(rep)
     assert title == "tiny · 400 steps · mixup off vs mixup on: does the setting change the branch's effect?"
-    assert lines == ["cosnet r8: final eval loss Δ -0.2333 with mixup off, +0.0000 with mixup on; the difference "
-                     "-0.2333 [-0.6128, +0.1461] (p = 0.118: the 95% CI contains 0)"]
+    assert lines == ["cosnet r8 (3 seeds under both): final eval loss Δ -0.2333 with mixup off, +0.0000 with mixup "
+                     "on; the difference -0.2333 [-0.6128, +0.1461] (p = 0.118: the 95% CI contains 0)"]
     written = write_csv(rep, tmp_path / "out")
     assert (tmp_path / "out" / "settings.csv") in written
     assert pd.read_csv(tmp_path / "out" / "settings.csv")["loss_diff"].iloc[0] == pytest.approx(-0.7 / 3)

@@ -25,15 +25,18 @@ from noble_cli.report.settings import setting_names
 
 def _setting_line(r: pd.Series) -> str:
     """'cosnet r8: final eval loss Δ -0.0630 with adamw, +0.0053 with muon; a - b -0.0683 [...] (p = 0.02)'."""
-    a, b = r["setting_a"], r["setting_b"]
-    text = (f"{r['variant']}: final eval loss Δ {tidy(r['loss_a']):+.4f} with {a}, "
+    a, b, n = r["setting_a"], r["setting_b"], int(r["n"])
+    seeds = f"{n} seed{'s' if n != 1 else ''} under both" + (": no CI or p from one pair" if n == 1 else "")
+    text = (f"{r['variant']} ({seeds}): final eval loss Δ {tidy(r['loss_a']):+.4f} with {a}, "
             f"{tidy(r['loss_b']):+.4f} with {b}; the difference {diff_cell(r, 'loss')}")
     if not is_nan(r["loss_p"]):
         lo, hi = r["loss_diff_ci_low"], r["loss_diff_ci_high"]
         text += f" (p = {fmt_p(r['loss_p'])}" + (": the 95% CI contains 0)" if lo <= 0.0 <= hi else ")")
     if not is_nan(r["top1_diff"]):
         text += (f"; top-1 Δ {tidy(100 * r['top1_a']):+.2f} pp with {a}, {tidy(100 * r['top1_b']):+.2f} pp with {b}, "
-                 f"difference {diff_cell(r, 'top1', '+.2f', 100.0, ' pp')} (p = {fmt_p(r['top1_p'])})")
+                 f"difference {diff_cell(r, 'top1', '+.2f', 100.0, ' pp')}")
+        if not is_nan(r["top1_p"]):
+            text += f" (p = {fmt_p(r['top1_p'])})"
     if not is_nan(r["speedup_diff"]):
         text += (f"; step speedup {r['speedup_a']:.2f}x with {a}, {r['speedup_b']:.2f}x with {b}, difference "
                  f"{diff_cell(r, 'speedup', '+.2f', 1.0, 'x')}")
