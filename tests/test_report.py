@@ -709,8 +709,14 @@ def test_whether_a_setting_changes_a_variant_s_effect_is_one_paired_test(tmp_pat
     written = write_csv(rep, tmp_path / "out")
     assert (tmp_path / "out" / "settings.csv") in written
     assert pd.read_csv(tmp_path / "out" / "settings.csv")["loss_diff"].iloc[0] == pytest.approx(-0.7 / 3)
+    stale = tmp_path / "plots" / "tiny-pairX_speedup.png"  # an earlier report's, of a setting no longer here
+    stale.parent.mkdir()
+    stale.write_bytes(b"old")
+    (tmp_path / "plots" / "notes.png").write_bytes(b"a user's")
     plots = {p.name for p in make_plots(rep, tmp_path / "plots")}
     assert "tiny_settings_mixup-off_vs_mixup-on.png" in plots, plots
+    assert not stale.exists() and (tmp_path / "plots" / "notes.png").exists()
+    assert {p.name for p in (tmp_path / "plots").glob("*.png")} == plots | {"notes.png"}
     assert label_without_setting("cosnet r8 | muon, branch muon", "muon") == "cosnet r8, branch muon"
     assert label_without_setting("cosnet r8 | mixup on", "mixup off") == "cosnet r8 | mixup on"
     # one setting only: no such table, and no stale settings.csv

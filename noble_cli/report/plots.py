@@ -193,9 +193,25 @@ def _settings_plots(rep: Report, out_dir: Path) -> list[Path]:
     return written
 
 
+# The names of the PNGs a report writes: what an earlier report into the same folder may have left.
+PLOT_PATTERNS = ("*_eval_loss_vs_step.png", "*_eval_loss_vs_wallclock.png", "*_speedup.png", "*_settings_*_vs_*.png")
+
+
 def make_plots(rep: Report, out_dir: Path) -> list[Path]:
-    """Write the PNGs for every (recipe, pair_key) into `out_dir`; returns their paths."""
+    """Write the PNGs for every (recipe, pair_key) into `out_dir` and remove the report PNGs there that this report
+    did not write (an earlier report's, of settings or recipes no longer in it: report.md would not show them, but
+    the folder would); returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    written = _write_plots(rep, out_dir)
+    keep = {p.resolve() for p in written}
+    for pattern in PLOT_PATTERNS:
+        for stale in out_dir.glob(pattern):
+            if stale.resolve() not in keep:
+                stale.unlink(missing_ok=True)
+    return written
+
+
+def _write_plots(rep: Report, out_dir: Path) -> list[Path]:
     written: list[Path] = []
     if rep.summary.empty:
         return written
