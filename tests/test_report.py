@@ -727,3 +727,23 @@ def test_whether_a_setting_changes_a_variant_s_effect_is_one_paired_test(tmp_pat
     assert load_report(one).settings.empty
     write_csv(load_report(one), tmp_path / "out")
     assert not (tmp_path / "out" / "settings.csv").exists()
+
+
+def test_report_md_says_where_and_with_what_the_runs_were_trained(tmp_path: Path):
+    from noble_cli.report.cells import provenance_rows
+    from noble_cli.report.render import to_markdown
+
+    r = tmp_path / "res"
+    versions = {"python": "3.11.7", "torch": "2.14.1+cu130", "lightning": "2.6.6", "triton": "3.8.0"}
+    write_run(r, "b", variant="baseline", baseline=True, evals=[4.0, 3.5, 3.2, 3.1], step_time=1.0,
+              meta_extra={"versions": versions, "device": "cpu (x86_64, 2 cores)"})  # 400 s of training
+    write_run(r, "c", variant="cosnet r8", evals=[3.9, 3.3, 3.0, 2.9], step_time=0.5, created_at="2026-01-03",
+              meta_extra={"versions": versions, "device": "1x NVIDIA H200", "git_dirty": True})  # 200 s
+    rep = load_report(r)
+    headers, rows = provenance_rows(rep.runs)
+    assert headers == ["code", "runs", "device", "versions", "created", "training time"]
+    assert sorted(rows) == [
+        ["abc", "1", "cpu (x86_64, 2 cores)", "python 3.11.7, torch 2.14.1, lightning 2.6.6", "2026-01-01", "6.7 min"],
+        ["abc + uncommitted changes", "1", "1x NVIDIA H200", "python 3.11.7, torch 2.14.1, lightning 2.6.6",
+         "2026-01-03", "3.3 min"]]
+    assert "## Provenance" in to_markdown(rep)

@@ -255,3 +255,25 @@ def setting_rows(settings: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
         cells += [speedups, diff_cell(r, "speedup", "+.2f", 1.0, "x")]
         rows.append(cells)
     return headers, rows
+
+
+def provenance_rows(runs) -> tuple[list[str], list[list[str]]]:
+    """(headers, rows): per version of the code (meta.json's git commit and dirty flag), how many runs, on which
+    devices, with which library versions, when, and their training time (summary.json's, evaluation excluded)."""
+    groups: dict[str, list] = {}
+    for r in runs:
+        commit = str(r.meta.get("git_commit") or "unknown")
+        key = (commit[:10] if commit != "unknown" else "unknown commit") + (" + uncommitted changes"
+                                                                          if r.meta.get("git_dirty") else "")
+        groups.setdefault(key, []).append(r)
+    rows = []
+    for version, rs in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        versions = sorted({", ".join(f"{k} {str(v).split('+')[0]}" for k, v in (r.meta.get("versions") or {}).items()
+                                     if k in ("python", "torch", "lightning")) for r in rs} - {""})
+        devices = sorted({str(r.meta.get("device") or "?") for r in rs})
+        dates = sorted(str(r.created_at)[:10] for r in rs if r.created_at)
+        seconds = sum(float(r.summary.get("train_time_s") or 0.0) for r in rs)
+        rows.append([version, str(len(rs)), "; ".join(devices), "; ".join(versions) or "?",
+                     f"{dates[0]} to {dates[-1]}" if dates and dates[0] != dates[-1] else (dates[0] if dates else "?"),
+                     f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"])
+    return ["code", "runs", "device", "versions", "created", "training time"], rows

@@ -18,6 +18,7 @@ from noble_cli.report.cells import (
     control_rows,
     display_rows,
     is_nan,
+    provenance_rows,
     setting_rows,
 )
 from noble_cli.report.figures import CONTROL_ROLES, RUN_COLUMNS, SUMMARY_COLUMNS
@@ -250,6 +251,9 @@ def to_markdown(rep: Report, plots: list[Path] | None = None, out_dir: Path | No
                 f"before divergence" for _, r in diverged.iterrows()) + "\n")
         h, rr = _run_rows(rep.runs_table)
         parts.append("## Runs\n\n" + markdown_table(h, rr) + "\n")
+        h, rr = provenance_rows(rep.runs)
+        parts.append("## Provenance\n\nWhere and with what the runs above were trained (each run folder's meta.json "
+                     "and summary.json; training time excludes evaluation).\n\n" + markdown_table(h, rr) + "\n")
     if plots:
         base = out_dir or Path(".")
         parts.append("## Plots\n\n" + "\n\n".join(f"![{p.stem}]({_rel(p, base)})" for p in plots) + "\n")
