@@ -30,7 +30,8 @@ def write_run(root: Path, run_id: str, *, variant: str, evals: list[float], seed
               median: float | None = "same", params_total: int = 1000, status: str = "completed",
               eval_rows_separate: bool = False, top1: list[float] | None = None, created_at: str = "2026-01-01",
               summary: bool = True, step_times: list[float] | None = None, bpb: list[float] | None = None,
-              meta_extra: dict | None = None, noble: dict | None = None) -> Path:
+              meta_extra: dict | None = None, noble: dict | None = None,
+              extra_evals: dict[str, list[float]] | None = None) -> Path:
     """A run folder per the contract. Training rows every 50 steps with step_time_s = `step_time` (the first row is
     a slow warm-up step of 5 s; `step_times` gives the other seven instead) and wallclock_s = step_time * step; eval
     points at STEPS (with eval_bpb = `bpb`). Eval rows are either in the same rows as training (merged) or separate
@@ -70,6 +71,10 @@ def write_run(root: Path, run_id: str, *, variant: str, evals: list[float], seed
                     row["eval_top1"] = ev[row["step"]][1]
                 if bpb:
                     row["eval_bpb"] = ev[row["step"]][2]
+    for col, values in (extra_evals or {}).items():  # more eval columns, at the eval points
+        for row in rows:
+            if row["step"] in ev:
+                row[col] = values[STEPS.index(row["step"])]
     pd.DataFrame(rows).to_csv(d / "metrics.csv", index=False)
     if summary:
         summ = {"best_eval_loss": min(evals), "best_step": STEPS[evals.index(min(evals))],
@@ -747,3 +752,30 @@ def test_report_md_says_where_and_with_what_the_runs_were_trained(tmp_path: Path
         ["abc + uncommitted changes", "1", "1x NVIDIA H200", "python 3.11.7, torch 2.14.1, lightning 2.6.6",
          "2026-01-03", "3.3 min"]]
     assert "## Provenance" in to_markdown(rep)
+
+
+def test_a_masked_lm_s_accuracy_is_reported_like_top_1(tmp_path: Path):
+    """The extras registry (report/extras.py): a masked LM's eval_acc gets its best value, paired Δ with CI and p,
+    table columns and a headline phrase, as top-1 does, with no code of its own. Best acc by hand: baselines 0.40,
+    0.42; CosNet 0.45, 0.46: Δ +0.05, +0.04, mean +0.045 (4.50 pp), sd 0.0070711; df = 1: CI half-width
+    12.7062 * 0.0070711 / sqrt 2 = 0.063531; t = 0.045 / 0.005 = 9, p = 1 - (2 / pi) atan 9 = 0.070447."""
+    from noble_cli.report.cells import display_rows as rows_of
+
+    r = tmp_path / "res"
+    accs = {0: ([0.30, 0.35, 0.40, 0.38], [0.33, 0.40, 0.45, 0.44]),
+            1: ([0.31, 0.36, 0.42, 0.41], [0.35, 0.41, 0.46, 0.46])}
+    for seed, (b_acc, c_acc) in accs.items():
+        write_run(r, f"b{seed}", variant="baseline", baseline=True, seed=seed, evals=[4.0, 3.5, 3.2, 3.1],
+                  extra_evals={"eval_acc": b_acc})
+        write_run(r, f"c{seed}", variant="cosnet r8", seed=seed, evals=[3.9, 3.3, 3.0, 2.9],
+                  extra_evals={"eval_acc": c_acc})
+    rep = load_report(r)
+    cos = row(rep.summary, "cosnet r8")
+    assert cos["best_acc"] == pytest.approx(0.455) and cos["best_acc_delta"] == pytest.approx(0.045)
+    assert cos["best_acc_delta_ci_low"] == pytest.approx(0.045 - 0.063531, abs=1e-5)
+    assert cos["p_value_acc"] == pytest.approx(0.070447, abs=1e-5)
+    headers, rows, _ = rows_of(rep.summary)
+    assert headers[-2:] == ["best masked-token acc.", "Δ masked-token acc. [95% CI]"]
+    assert {r_[1]: r_[-1] for r_ in rows}["cosnet r8"] == "+4.50 pp [-1.85, +10.85]"
+    (_, lines), = headlines(rep)
+    assert "masked-token acc. Δ +4.50 pp [-1.85, +10.85]" in lines[0]

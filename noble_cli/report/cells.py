@@ -12,6 +12,7 @@ import math
 
 import pandas as pd
 
+from noble_cli.report.extras import EXTRAS, Extra
 from noble_cli.report.settings import setting_names
 
 NOT_REACHED = "not reached"
@@ -71,6 +72,15 @@ def p_cell(r: pd.Series, p_col: str = "p_value", q_col: str = "q_value", n_col: 
     if r.get(n_col, 0) >= 2 and not is_nan(r.get(q_col, math.nan)):
         text += f" (q {fmt_p(r[q_col])})"
     return text
+
+
+def present_extras(frame: pd.DataFrame) -> list[Extra]:
+    """The extras (report/extras.py) some row of `frame` has a value of."""
+    return [e for e in EXTRAS if has_column(frame, e.value)]
+
+
+def extra_delta_cell(r: pd.Series, e: Extra) -> str:
+    return delta_cell(r, e.delta, "+" + e.fmt, e.scale, e.delta_unit)
 
 
 def has_column(summary: pd.DataFrame, col: str) -> bool:
@@ -152,17 +162,15 @@ def multi_setting(summary: pd.DataFrame) -> bool:
 
 def display_rows(summary: pd.DataFrame) -> tuple[list[str], list[list[str]], list[bool]]:
     """(headers, rows of strings, is_best per row) of the main table (every row vs its baseline)."""
-    bpb, top1, multi = has_column(summary, "final_eval_bpb"), has_column(summary, "best_top1"), multi_setting(summary)
+    extras, multi = present_extras(summary), multi_setting(summary)
     headers = ["recipe", "variant", "n", "reached", "steps to target", "step speedup [95% CI]", "p (speedup)",
                "wall-clock speedup", "params", "FLOPs/step", "step time", "final eval loss",
                "Δ final loss [95% CI]", "p (Δ)"]
     if multi:  # a recipe run under several settings (budget, lr, ...): say which rows belong together
         headers.insert(1, "setting")
         names = setting_names(summary)
-    if bpb:
-        headers += ["final bpb", "Δ bpb [95% CI]"]
-    if top1:
-        headers += ["best top-1", "Δ top-1 [95% CI]"]
+    for e in extras:
+        headers += [e.label, f"Δ {e.name} [95% CI]"]
     rows, best = [], []
     for _, r in summary.iterrows():
         base = bool(r["is_baseline"])
@@ -175,12 +183,9 @@ def display_rows(summary: pd.DataFrame) -> tuple[list[str], list[list[str]], lis
         ]
         if multi:
             cells.insert(1, setting_cell(r, names))
-        if bpb:
-            cells += [fmt_pm(r["final_eval_bpb"], r["final_eval_bpb_std"], ".4f"),
-                      delta_cell(r, "final_eval_bpb_delta")]
-        if top1:
-            cells += [fmt_pm(100 * r["best_top1"], 100 * r["best_top1_std"], ".2f", "%"),
-                      delta_cell(r, "best_top1_delta", "+.2f", 100.0, " pp")]
+        for e in extras:
+            cells += [fmt_pm(e.scale * r[e.value], e.scale * r[f"{e.value}_std"], e.fmt, e.unit),
+                      extra_delta_cell(r, e)]
         rows.append(cells)
         best.append(bool(r["best"]))
     return headers, rows, best
@@ -188,17 +193,13 @@ def display_rows(summary: pd.DataFrame) -> tuple[list[str], list[list[str]], lis
 
 def control_rows(controls: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     """(headers, rows) of the NOBLE rows against the controls of their pair."""
-    bpb, top1 = has_column(controls, "final_eval_bpb"), has_column(controls, "best_top1")
-    multi = multi_setting(controls)
+    extras, multi = present_extras(controls), multi_setting(controls)
     headers = ["recipe", "variant", "vs control", "n", "reached", "step speedup [95% CI]", "p (speedup)",
                "Δ final loss [95% CI]", "p (Δ)"]
     if multi:
         headers.insert(1, "setting")
         names = setting_names(controls, label="reference")
-    if bpb:
-        headers += ["Δ bpb [95% CI]"]
-    if top1:
-        headers += ["Δ top-1 [95% CI]"]
+    headers += [f"Δ {e.name} [95% CI]" for e in extras]
     rows = []
     for _, r in controls.iterrows():
         cells = [str(r["recipe"]), str(r["variant"]), str(r["reference"]), str(r["n"]), str(r["reached"]),
@@ -206,10 +207,7 @@ def control_rows(controls: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
                  delta_cell(r, "final_eval_loss_delta"), p_cell(r)]
         if multi:
             cells.insert(1, setting_cell(r, names))
-        if bpb:
-            cells.append(delta_cell(r, "final_eval_bpb_delta"))
-        if top1:
-            cells.append(delta_cell(r, "best_top1_delta", "+.2f", 100.0, " pp"))
+        cells += [extra_delta_cell(r, e) for e in extras]
         rows.append(cells)
     return headers, rows
 
@@ -233,23 +231,19 @@ def effect_pair(r: pd.Series, name: str, fmt: str = "+.4f", scale: float = 1.0, 
 
 def setting_rows(settings: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     """(headers, rows) of how each setting changes a variant's effect (report/settings.py)."""
-    bpb, top1 = settings["bpb_a"].notna().any(), settings["top1_a"].notna().any()
+    extras = [e for e in EXTRAS if settings[f"{e.key}_a"].notna().any()]
     headers = ["recipe", "settings a / b", "variant", "n", "Δ final loss a / b", "a - b [95% CI]", "p (a - b)"]
-    if bpb:
-        headers += ["Δ bpb a / b", "a - b (bpb) [95% CI]"]
-    if top1:
-        headers += ["Δ top-1 a / b", "a - b (top-1) [95% CI]", "p (top-1)"]
+    for e in extras:
+        headers += [f"Δ {e.name} a / b", f"a - b ({e.name}) [95% CI]", f"p ({e.name})"]
     headers += ["step speedup a / b", "a - b (speedup) [95% CI]"]
     rows = []
     for _, r in settings.iterrows():
         budget = "" if is_nan(r["max_steps"]) else f"{int(r['max_steps'])} steps: "
         cells = [str(r["recipe"]), f"{budget}{r['setting_a']} / {r['setting_b']}", str(r["variant"]), str(r["n"]),
                  effect_pair(r, "loss"), diff_cell(r, "loss"), fmt_p(r["loss_p"])]
-        if bpb:
-            cells += [effect_pair(r, "bpb"), diff_cell(r, "bpb")]
-        if top1:
-            cells += [effect_pair(r, "top1", "+.2f", 100.0, " pp"), diff_cell(r, "top1", "+.2f", 100.0, " pp"),
-                      fmt_p(r["top1_p"])]
+        for e in extras:
+            cells += [effect_pair(r, e.key, "+" + e.fmt, e.scale, e.delta_unit),
+                      diff_cell(r, e.key, "+" + e.fmt, e.scale, e.delta_unit), fmt_p(r[f"{e.key}_p"])]
         speedups = "n/a (not every seed reached)" if is_nan(r["speedup_a"]) else \
             f"{r['speedup_a']:.2f}x / {r['speedup_b']:.2f}x"
         cells += [speedups, diff_cell(r, "speedup", "+.2f", 1.0, "x")]

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+
 from noble_cli.console import make_console
 from noble_cli.errors import NobleError
 from noble_cli.parsing import split_list

@@ -20,8 +20,9 @@ the controls, the dense-matched or init-only control of that seed):
                       relative std of step time (IQR / 1.349 / median)
 - wallclock_speedup = reference wallclock_s at its best step / run's wallclock_s at steps_to_target (interpolated);
                       not reached: wallclock_speedup_bound = reference wallclock at its best / the run's total
-- final_eval_loss   = last eval point; final_eval_loss_delta = run - reference (negative = better); eval_bpb alike
-- best_top1         = max eval_top1 (classification); best_top1_delta = run - reference
+- final_eval_loss   = last eval point; final_eval_loss_delta = run - reference (negative = better)
+- the extras (report/extras.py: final_eval_bpb, best_top1, best_acc, best_psnr where a run logs them): the value,
+  the reference's, and the delta run - reference
 
 Across seeds (one row per (recipe, pair_key, [reference,] variant_key)), see `summarize`.
 """
@@ -33,6 +34,7 @@ import math
 import numpy as np
 import pandas as pd
 
+from noble_cli.report.extras import EXTRAS, Extra
 from noble_cli.report.runs import Run
 from noble_cli.report.stats import Estimate, estimate, fdr_adjusted, paired
 
@@ -82,8 +84,8 @@ RUN_COLUMNS = [
     "extra_flops_per_step", "extra_flops_per_item", "median_step_time_s", "baseline_median_step_time_s",
     "step_time_overhead", "step_time_spread", "baseline_step_time_spread", "baseline_wallclock_to_best_s",
     "wallclock_to_target_s", "wallclock_speedup", "wallclock_speedup_bound", "best_eval_loss", "final_eval_loss",
-    "baseline_final_eval_loss", "final_eval_loss_delta", "best_eval_bpb", "final_eval_bpb",
-    "baseline_final_eval_bpb", "final_eval_bpb_delta", "best_top1", "baseline_best_top1", "best_top1_delta",
+    "baseline_final_eval_loss", "final_eval_loss_delta", "best_eval_bpb",
+    *[c for e in EXTRAS for c in (e.value, f"baseline_{e.value}", e.delta)],
     "baseline_run_id", "reference", "reference_role", "reference_key", "variant_key", "pair_key", "main_init_scale",
     "path",
 ]
@@ -101,20 +103,9 @@ def run_figures(run: Run, base: Run) -> dict:
     final = float(run.evals["metric"].iloc[-1])
     base_final = float(base.evals["metric"].iloc[-1])
 
-    def top1(r: Run) -> float:
-        if r.has_top1:
-            return float(r.evals["eval_top1"].max())
-        v = r.summary.get("best_eval_top1")
-        try:
-            return float(v) if v is not None else math.nan
-        except (TypeError, ValueError):
-            return math.nan
-
     speedup = _ratio(base_best_step, stt) if reached else math.nan
     wc_speedup = _ratio(base_wc_best, wc_to_target) if reached else math.nan
     extra_flops = run.flops_per_step - base.flops_per_step
-    best_top1, base_top1 = top1(run), top1(base)
-    final_bpb, base_final_bpb = _metric(run, "eval_bpb", "last"), _metric(base, "eval_bpb", "last")
     return {
         "recipe": run.recipe,
         "task": run.task,
@@ -157,12 +148,7 @@ def run_figures(run: Run, base: Run) -> dict:
         "baseline_final_eval_loss": base_final,
         "final_eval_loss_delta": final - base_final,
         "best_eval_bpb": _metric(run, "eval_bpb", "min"),
-        "final_eval_bpb": final_bpb,
-        "baseline_final_eval_bpb": base_final_bpb,
-        "final_eval_bpb_delta": final_bpb - base_final_bpb,
-        "best_top1": best_top1,
-        "baseline_best_top1": base_top1,
-        "best_top1_delta": best_top1 - base_top1,
+        **extra_figures(run, base),
         "baseline_run_id": base.run_id,
         "reference": base.variant,
         "reference_role": base.role,
@@ -172,6 +158,25 @@ def run_figures(run: Run, base: Run) -> dict:
         "main_init_scale": main_init_scale(run),
         "path": str(run.path),
     }
+
+
+def _extra_value(run: Run, e: Extra) -> float:
+    v = _metric(run, e.column, e.how)
+    if math.isnan(v) and e.summary_key:
+        try:
+            v = float(run.summary.get(e.summary_key))
+        except (TypeError, ValueError):
+            v = math.nan
+    return v
+
+
+def extra_figures(run: Run, base: Run) -> dict:
+    """Each extra's value for the run and its reference, and their difference (NaN where not logged)."""
+    out = {}
+    for e in EXTRAS:
+        v, b = _extra_value(run, e), _extra_value(base, e)
+        out.update({e.value: v, f"baseline_{e.value}": b, e.delta: v - b})
+    return out
 
 
 def main_init_scale(run: Run) -> float | None:
@@ -230,10 +235,9 @@ SUMMARY_COLUMNS = [
     "wallclock_speedup_bound",
     "final_eval_loss", "final_eval_loss_std", "final_eval_loss_delta", "final_eval_loss_delta_std",
     "final_eval_loss_delta_ci_low", "final_eval_loss_delta_ci_high", "p_value", "q_value", "n_compared",
-    "best_eval_bpb", "final_eval_bpb", "final_eval_bpb_std", "final_eval_bpb_delta", "final_eval_bpb_delta_std",
-    "final_eval_bpb_delta_ci_low", "final_eval_bpb_delta_ci_high", "p_value_bpb",
-    "best_top1", "best_top1_std", "best_top1_delta", "best_top1_delta_std", "best_top1_delta_ci_low",
-    "best_top1_delta_ci_high", "p_value_top1",
+    "best_eval_bpb",
+    *[c for e in EXTRAS for c in (e.value, f"{e.value}_std", e.delta, f"{e.delta}_std", f"{e.delta}_ci_low",
+                                   f"{e.delta}_ci_high", f"p_value_{e.key}")],
     "statuses", "reference", "reference_role", "reference_key", "variant_key", "pair_key", "main_init_scale",
 ]
 
@@ -290,7 +294,7 @@ def summarize(runs_table: pd.DataFrame, by_reference: bool = False) -> pd.DataFr
     - some seed did not reach it (`censored`): no mean over the seeds that did (that mean would favour the variant).
       Instead `*_bound`: the mean over all seeds with each missing speedup replaced by its upper bound (reference's
       best step / budget; for steps to target the budget, a lower bound): the true mean is below (above) it;
-    - final eval loss (and eval_bpb, top-1) delta: mean, std, 95% CI and the paired t-test's p (p_value), all seeds;
+    - final eval loss (and each extra's) delta: mean, std, 95% CI and the paired t-test's p (p_value), all seeds;
     - q_value, q_value_speedup: p adjusted for the number of variants compared (`_adjust_for_multiple_variants`);
     - step-time overhead: mean, std, 95% CI; `timing_noise` (see `timing_noise`) and `timing_noisy`: the noise is
       larger than the overhead, or its CI contains 0, or there is one seed (no CI): a wall-clock figure would be
@@ -354,18 +358,14 @@ def summarize(runs_table: pd.DataFrame, by_reference: bool = False) -> pd.DataFr
         _put(row, "final_eval_loss_delta", d)
         row["p_value"] = d.p
         row["best_eval_bpb"] = _nanmean(g["best_eval_bpb"])
-        fb = estimate(g["final_eval_bpb"])
-        row["final_eval_bpb"], row["final_eval_bpb_std"] = fb.mean, fb.std
-        db = paired(g["final_eval_bpb"], g["baseline_final_eval_bpb"])
-        _put(row, "final_eval_bpb_delta", db)
-        row["p_value_bpb"] = db.p
-        tp = estimate(g["best_top1"])
-        row["best_top1"], row["best_top1_std"] = tp.mean, tp.std
-        dt = paired(g["best_top1"], g["baseline_best_top1"])
-        _put(row, "best_top1_delta", dt)
-        row["p_value_top1"] = dt.p
+        for e in EXTRAS:
+            v = estimate(g[e.value])
+            row[e.value], row[f"{e.value}_std"] = v.mean, v.std
+            d = paired(g[e.value], g[f"baseline_{e.value}"])
+            _put(row, e.delta, d)
+            row[f"p_value_{e.key}"] = d.p
         if row["is_baseline"]:
-            for col in ("p_value", "p_value_speedup", "p_value_bpb", "p_value_top1"):
+            for col in ("p_value", "p_value_speedup", *(f"p_value_{e.key}" for e in EXTRAS)):
                 row[col] = math.nan
         rows.append(row)
     out = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)

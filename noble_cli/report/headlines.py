@@ -12,6 +12,7 @@ from noble_cli.report.build import Report
 from noble_cli.report.cells import (
     delta_cell,
     diff_cell,
+    extra_delta_cell,
     fmt_p,
     is_nan,
     multi_setting,
@@ -19,6 +20,7 @@ from noble_cli.report.cells import (
     tidy,
     wallclock_cell,
 )
+from noble_cli.report.extras import EXTRAS
 from noble_cli.report.figures import CONTROL_ROLES
 from noble_cli.report.settings import setting_names
 
@@ -32,11 +34,15 @@ def _setting_line(r: pd.Series) -> str:
     if not is_nan(r["loss_p"]):
         lo, hi = r["loss_diff_ci_low"], r["loss_diff_ci_high"]
         text += f" (p = {fmt_p(r['loss_p'])}" + (": the 95% CI contains 0)" if lo <= 0.0 <= hi else ")")
-    if not is_nan(r["top1_diff"]):
-        text += (f"; top-1 Δ {tidy(100 * r['top1_a']):+.2f} pp with {a}, {tidy(100 * r['top1_b']):+.2f} pp with {b}, "
-                 f"difference {diff_cell(r, 'top1', '+.2f', 100.0, ' pp')}")
-        if not is_nan(r["top1_p"]):
-            text += f" (p = {fmt_p(r['top1_p'])})"
+    for e in EXTRAS:
+        if e.key == "bpb" or is_nan(r[f"{e.key}_diff"]):  # bpb is the loss in other units: said once is enough
+            continue
+        fmt = "+" + e.fmt
+        text += (f"; {e.name} Δ {tidy(e.scale * r[f'{e.key}_a']):{fmt}}{e.delta_unit} with {a}, "
+                 f"{tidy(e.scale * r[f'{e.key}_b']):{fmt}}{e.delta_unit} with {b}, "
+                 f"difference {diff_cell(r, e.key, fmt, e.scale, e.delta_unit)}")
+        if not is_nan(r[f"{e.key}_p"]):
+            text += f" (p = {fmt_p(r[f'{e.key}_p'])})"
     if not is_nan(r["speedup_diff"]):
         text += (f"; step speedup {r['speedup_a']:.2f}x with {a}, {r['speedup_b']:.2f}x with {b}, difference "
                  f"{diff_cell(r, 'speedup', '+.2f', 1.0, 'x')}")
@@ -79,8 +85,9 @@ def _figures(r: pd.Series) -> str:
         text += f" (p = {fmt_p(r['p_value'])}" + _q(r, "q_value", "n_compared")
         lo, hi = r["final_eval_loss_delta_ci_low"], r["final_eval_loss_delta_ci_high"]
         text += ": the 95% CI contains 0)" if not is_nan(lo) and lo <= 0.0 <= hi else ")"
-    if not is_nan(r.get("final_eval_bpb_delta", math.nan)):
-        text += f"; bpb Δ {delta_cell(r, 'final_eval_bpb_delta')}"
+    for e in EXTRAS:
+        if not is_nan(r.get(e.delta, math.nan)):
+            text += f"; {e.name} Δ {extra_delta_cell(r, e)}"
     if r["reference_role"] == "baseline":
         text += f"; wall-clock speedup {wallclock_cell(r)}"
     return text

@@ -15,6 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from noble_cli.report.build import Report
+from noble_cli.report.extras import EXTRAS
 from noble_cli.report.runs import Run
 from noble_cli.report.settings import EFFECTS, label_without_setting, setting_names
 
@@ -182,8 +183,8 @@ def _settings_plots(rep: Report, out_dir: Path) -> list[Path]:
     for (recipe, steps, a, b), group in rep.settings.groupby(["recipe", "max_steps", "setting_a", "setting_b"],
                                                              sort=False, dropna=False):
         panels = [("final_eval_loss_delta", "Δ final eval loss vs its baseline", 1.0)]
-        if group["top1_a"].notna().any():
-            panels.append(("best_top1_delta", "Δ best top-1 vs its baseline (pp)", 100.0))
+        panels += [(e.delta, f"Δ {e.label} vs its baseline{f' ({e.delta_unit.strip()})' if e.delta_unit else ''}",
+                    e.scale) for e in EXTRAS if e.key != "bpb" and group[f"{e.key}_a"].notna().any()]
         fig = Figure(figsize=(max(5.0, 1.3 * len(group) + 3), 4.5 * len(panels)))
         for k, (col, name, scale) in enumerate(panels):
             _setting_panel(fig.add_subplot(len(panels), 1, k + 1), rep, group, col, name, scale)

@@ -21,6 +21,7 @@ from noble_cli.report.cells import (
     provenance_rows,
     setting_rows,
 )
+from noble_cli.report.extras import EXTRAS
 from noble_cli.report.figures import CONTROL_ROLES, RUN_COLUMNS, SUMMARY_COLUMNS
 from noble_cli.report.headlines import headlines, setting_headlines
 from noble_cli.report.settings import SETTING_COLUMNS
@@ -31,8 +32,8 @@ CSV_COLUMNS = list(SUMMARY_COLUMNS)
 
 # --- terminal ------------------------------------------------------------------------------------------------------
 _RIGHT = {"n", "reached", "steps to target", "step speedup [95% CI]", "p (speedup)", "wall-clock speedup", "params",
-          "FLOPs/step", "step time", "final eval loss", "Δ final loss [95% CI]", "p (Δ)", "final bpb",
-          "Δ bpb [95% CI]", "best top-1", "Δ top-1 [95% CI]"}
+          "FLOPs/step", "step time", "final eval loss", "Δ final loss [95% CI]", "p (Δ)",
+          *(h for e in EXTRAS for h in (e.label, f"Δ {e.name} [95% CI]"))}
 
 
 def _table(headers: list[str], rows: list[list[str]], keys: list, best: list[bool] | None, title: str,
@@ -193,7 +194,9 @@ DEFINITIONS = """\
   counted once per run by Lightning's measure_flops on the meta device: matmuls, convolutions and attention, so the
   floor) / the baseline's - 1, and the extra FLOPs per token (image); "-" for runs that did not record them.
 - **Δ final loss**: the final eval loss minus the baseline's, seed by seed: mean [95% CI] and p (Δ), the paired
-  t-test; negative is better. **bpb** (language models that log eval_bpb): the same in bits per byte.
+  t-test; negative is better. The extras, where a run logs them, the same way: **bpb** (language models'
+  eval_bpb, final: the loss in bits per byte), best **top-1** (classifiers), best **masked-token acc.** (masked
+  LMs), best **PSNR** (the VQGAN); for these three higher is better.
 - **q**: where one comparison tests several variants (several activations, ranks or layer sets against one
   baseline or control), a p-value below 0.05 is likely for one of them by chance alone; q is the p-value adjusted
   for that (Benjamini-Hochberg over the variants of the comparison, scipy.stats.false_discovery_control), shown as

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from noble_cli.report.extras import EXTRAS
 from noble_cli.tasks.spec import Metric
 from noble_cli.train.run_folder import FINISHED, STATUSES
 
@@ -53,7 +54,7 @@ class Run:
     created_at: str
     median_step_time_s: float
     # step, metric (the task's, meta.json: eval_loss for every task today), score (the metric with lower = better),
-    # wallclock_s (interpolated where missing), eval_top1/eval_bpb (if any)
+    # wallclock_s (interpolated where missing), the extras' columns (report/extras.py) where logged
     evals: pd.DataFrame
     wallclock: pd.DataFrame  # step, wallclock_s over every row that has both; sorted, for interpolation
     meta: dict = field(default_factory=dict)
@@ -66,9 +67,6 @@ class Run:
     flops_per_item: float = math.nan
     flops_item: str = ""  # what an item is: tokens, images
 
-    @property
-    def has_top1(self) -> bool:
-        return "eval_top1" in self.evals.columns and self.evals["eval_top1"].notna().any()
 
     @property
     def budget(self) -> float:
@@ -245,7 +243,7 @@ def load_run(path: Path) -> Run:
         wallclock = metrics.loc[metrics["wallclock_s"].notna(), ["step", "wallclock_s"]].reset_index(drop=True)
     else:
         wallclock = pd.DataFrame({"step": pd.Series(dtype=float), "wallclock_s": pd.Series(dtype=float)})
-    extra = [c for c in ("eval_top1", "eval_top5", "eval_bpb") if c in metrics.columns and c != metric.name]
+    extra = [c for c in ("eval_top5", *(e.column for e in EXTRAS)) if c in metrics.columns and c != metric.name]
     evals = evals[["step", metric.name, *extra]].reset_index(drop=True).astype(float)
     evals = evals.rename(columns={metric.name: "metric"})
     evals["score"] = evals["metric"].map(metric.as_lower_is_better)  # what targets compare: lower is better

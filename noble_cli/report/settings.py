@@ -15,10 +15,11 @@ import math
 
 import pandas as pd
 
+from noble_cli.report.extras import EXTRAS
 from noble_cli.report.stats import paired
 
 # (runs-table column of a per-seed Δ vs the baseline, short name in the columns below)
-EFFECTS = (("final_eval_loss_delta", "loss"), ("final_eval_bpb_delta", "bpb"), ("best_top1_delta", "top1"))
+EFFECTS = (("final_eval_loss_delta", "loss"), *((e.delta, e.key) for e in EXTRAS))
 
 SETTING_COLUMNS = ["recipe", "max_steps", "variant", "role", "setting_a", "setting_b", "n", "seeds"] + [
     f"{name}_{part}" for _, name in EFFECTS + (("step_speedup", "speedup"),)
