@@ -131,19 +131,22 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", str(text)).strip("-") or "x"
 
 
-def _setting_delta(rep: Report, recipe: str, max_steps, setting: str, variant: str) -> pd.Series | None:
-    """The summary row of `variant` (its label without the setting) under `setting`."""
-    names = setting_names(rep.summary)
-    s = rep.summary
-    for _, r in s[(s["recipe"] == recipe) & ~s["is_baseline"].astype(bool)].iterrows():
+def _budget_key(max_steps) -> int | None:
+    return None if _nan(max_steps) else int(max_steps)
+
+
+def _rows_by_setting(rep: Report) -> dict[tuple, pd.Series]:
+    """Each variant's summary row, found by (recipe, budget, setting name, its label without the setting)."""
+    names, s = setting_names(rep.summary), rep.summary
+    rows = {}
+    for _, r in s[~s["is_baseline"].astype(bool)].iterrows():
         name = names.get((r["recipe"], r["pair_key"]))
-        same_budget = r["max_steps"] == max_steps or (_nan(r["max_steps"]) and _nan(max_steps))
-        if name == setting and same_budget and label_without_setting(r["variant"], name) == variant:
-            return r
-    return None
+        if name is not None:
+            rows[(r["recipe"], _budget_key(r["max_steps"]), name, label_without_setting(r["variant"], name))] = r
+    return rows
 
 
-def _setting_panel(ax, rep: Report, group: pd.DataFrame, col: str, name: str, scale: float) -> None:
+def _setting_panel(ax, rows: dict[tuple, pd.Series], group: pd.DataFrame, col: str, name: str, scale: float) -> None:
     """Grouped bars: per variant, its Δ vs its own setting's baseline under setting a and b (mean, 95% CI), and
     above each group a - b with its CI and p."""
     first = group.iloc[0]
@@ -152,7 +155,7 @@ def _setting_panel(ax, rep: Report, group: pd.DataFrame, col: str, name: str, sc
     for k, (setting, color) in enumerate(zip(settings, ("tab:blue", "tab:orange"))):
         means, errs = [], []
         for _, g in group.iterrows():
-            r = _setting_delta(rep, recipe, steps, setting, g["variant"])
+            r = rows.get((recipe, _budget_key(steps), setting, g["variant"]))
             m = math.nan if r is None else scale * r[col]
             lo = math.nan if r is None else scale * r[f"{col}_ci_low"]
             hi = math.nan if r is None else scale * r[f"{col}_ci_high"]
@@ -179,7 +182,7 @@ def _setting_panel(ax, rep: Report, group: pd.DataFrame, col: str, name: str, sc
 
 def _settings_plots(rep: Report, out_dir: Path) -> list[Path]:
     """Per recipe, budget and pair of settings: each variant's effect under both (report/settings.py)."""
-    written = []
+    written, rows = [], _rows_by_setting(rep)
     for (recipe, steps, a, b), group in rep.settings.groupby(["recipe", "max_steps", "setting_a", "setting_b"],
                                                              sort=False, dropna=False):
         panels = [("final_eval_loss_delta", "Δ final eval loss vs its baseline", 1.0)]
@@ -187,7 +190,7 @@ def _settings_plots(rep: Report, out_dir: Path) -> list[Path]:
                     e.scale) for e in EXTRAS if e.key != "bpb" and group[f"{e.key}_a"].notna().any()]
         fig = Figure(figsize=(max(5.0, 1.3 * len(group) + 3), 4.5 * len(panels)))
         for k, (col, name, scale) in enumerate(panels):
-            _setting_panel(fig.add_subplot(len(panels), 1, k + 1), rep, group, col, name, scale)
+            _setting_panel(fig.add_subplot(len(panels), 1, k + 1), rows, group, col, name, scale)
         budget = "" if _nan(steps) else f", {int(steps)} steps"
         fig.suptitle(f"{recipe}{budget}: each variant's effect with {a} (a) and {b} (b); mean, 95% CI", fontsize=10)
         written.append(_save(fig, out_dir / f"{_stem(recipe, '', False)}_settings_{_slug(a)}_vs_{_slug(b)}.png"))
