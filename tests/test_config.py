@@ -208,9 +208,9 @@ def test_init_only_control_config_identity_and_label():
     ctl = recipes.resolve("llm-tiny", {"noble.init_only": True})
     assert ctl.variant == "init-only(main-init 0.5)" and C.pair_key(ctl) == C.pair_key(base)
     assert C.run_id(ctl) != C.run_id(base) and C.variant_key(ctl) != C.variant_key(base)
-    from noble_cli.train.run_folder import run_role
+    from noble_cli.roles import role_of_config
 
-    assert (run_role(base), run_role(ctl)) == ("baseline", "init")
+    assert (role_of_config(base), role_of_config(ctl)) == ("baseline", "init")
     # its identity is what it reads (the scale and the layers), nothing a branch alone would see
     same = recipes.resolve("llm-tiny", {"noble.init_only": True}, ["noble.rank=4", "noble.mix_lr_power=0",
                                                               "noble.up_init_scale=0.1", "noble.kernel=torch"])

@@ -37,9 +37,7 @@ import pandas as pd
 from noble_cli.report.extras import EXTRAS, Extra
 from noble_cli.report.runs import Run
 from noble_cli.report.stats import Estimate, estimate, fdr_adjusted, paired
-
-# The controls a NOBLE row is also compared with, and how headlines name them.
-CONTROL_ROLES = {"dense": "the dense-matched control", "init": "the init-only control"}
+from noble_cli.roles import CONTROL_ROLES
 
 
 def best_point(evals: pd.DataFrame) -> tuple[float, float]:

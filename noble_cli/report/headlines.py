@@ -21,8 +21,8 @@ from noble_cli.report.cells import (
     wallclock_cell,
 )
 from noble_cli.report.extras import EXTRAS
-from noble_cli.report.figures import CONTROL_ROLES
 from noble_cli.report.settings import setting_names
+from noble_cli.roles import CONTROL_ROLES
 
 
 def _setting_line(r: pd.Series) -> str:

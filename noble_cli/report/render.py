@@ -22,9 +22,10 @@ from noble_cli.report.cells import (
     setting_rows,
 )
 from noble_cli.report.extras import EXTRAS
-from noble_cli.report.figures import CONTROL_ROLES, RUN_COLUMNS, SUMMARY_COLUMNS
+from noble_cli.report.figures import RUN_COLUMNS, SUMMARY_COLUMNS
 from noble_cli.report.headlines import headlines, setting_headlines
 from noble_cli.report.settings import SETTING_COLUMNS
+from noble_cli.roles import CONTROL_ROLES
 
 # report.csv: the summary table; overheads are fractions (0.05 = +5%), speedups ratios, NaN cells empty.
 CSV_COLUMNS = list(SUMMARY_COLUMNS)

@@ -20,6 +20,7 @@ import pandas as pd
 import yaml
 
 from noble_cli.report.extras import EXTRAS
+from noble_cli.roles import role_of_saved
 from noble_cli.tasks.spec import Metric
 from noble_cli.train.run_folder import FINISHED, STATUSES
 
@@ -200,22 +201,6 @@ def _step_time_spread(metrics: pd.DataFrame) -> float:
     return float((q75 - q25) / IQR_PER_SIGMA / q50) if q50 > 0 else math.nan
 
 
-def _role(meta: dict, config: dict | None, is_baseline: bool) -> str:
-    """meta's role; for folders from before it was recorded, the config's noble section, else the label."""
-    role = str(meta.get("role") or "")
-    if role in ("baseline", "noble", "dense", "init"):
-        return role
-    if is_baseline:
-        return "baseline"
-    noble = (config or {}).get("noble") if isinstance((config or {}).get("noble"), dict) else {}
-    label = str(meta.get("variant") or "")
-    if noble.get("dense_match") or label.startswith("dense-matched("):
-        return "dense"
-    if noble.get("init_only") or label.startswith("init-only("):
-        return "init"
-    return "noble"
-
-
 def load_run(path: Path) -> Run:
     """Load one run folder, or raise `SkipRun(reason)`."""
     path = Path(path)
@@ -280,7 +265,7 @@ def load_run(path: Path) -> Run:
         summary=summary,
         metric=metric,
         config=config,
-        role=_role(meta, config, is_baseline),
+        role=role_of_saved(meta, config, is_baseline),
         step_time_spread=_step_time_spread(metrics),
         flops_per_step=_as_float(meta.get("flops_per_step")),
         flops_per_item=_as_float(meta.get("flops_per_item")),

@@ -32,6 +32,15 @@ from noble_cli import config as C
 from noble_cli.errors import NobleError, choices_error
 from noble_cli.parsing import parse_choices, split_list
 from noble_cli.recipes import list_recipes, load_recipe, parse_set, recipe_task, resolve
+from noble_cli.roles import (
+    BASELINE,
+    DENSE,
+    INIT,
+    NOBLE,
+    OWN_INIT,
+    role_of_config,
+    sweep_role_matches,
+)
 from noble_cli.tasks import TASKS
 
 # The paper's list (reference code's activations; cosnet first).
@@ -50,7 +59,7 @@ _AUGMENT_ALIASES = {"mixup_cutmix": "both", "mixup+cutmix": "both", "drop_path":
                     "erasing": "random_erasing", "off": "none"}
 
 # Controls a sweep can add beside its main NOBLE setting (see `control_variants`).
-CONTROLS = ("dense", "init", "own-init")
+CONTROLS = (DENSE, INIT, OWN_INIT)  # named as the roles of the runs they add
 _CONTROL_ALIASES = {"dense-match": "dense", "dense-matched": "dense", "init-only": "init", "own": "own-init"}
 
 SWEEP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -60,7 +69,7 @@ SWEEP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 class Variant:
     """One column of the grid: overrides on top of the recipe (dotted keys), before the seed is set."""
 
-    role: str  # baseline | noble | dense | init | own-init
+    role: str  # one of roles.SWEEP_ROLES: baseline | noble | dense | init | own-init
     overrides: dict
     group: str = ""  # the setting this variant shares with its baseline (vision sweeps: the augmentation)
 
@@ -263,7 +272,7 @@ def expand(ablation: str, recipe: str, variants: list[Variant], seeds: list[int]
             overrides = {**common, **v.overrides, "seed": seed}
             # resolve() skips None overrides (an unset option): a null the sweep means goes in as a --set
             nulls = [f"{k}=null" for k, value in overrides.items() if value is None]
-            if v.role == "init" and resolve(recipe, {**overrides, "noble.init_only": False},
+            if v.role == INIT and resolve(recipe, {**overrides, "noble.init_only": False},
                                               nulls + sets).noble.main_init_scale is None:
                 # NOBLE keeps the model's init here (noble.main_init_scale: null): nothing to control for
                 if seed == seeds[0]:
@@ -275,11 +284,14 @@ def expand(ablation: str, recipe: str, variants: list[Variant], seeds: list[int]
                 cfg.name = f"{cfg.variant} | {v.group}"
             rid = C.run_id(cfg)
             if rid in seen:  # e.g. two spellings of one activation
-                if v.role in ("dense", "init", "own-init") and seed == seeds[0]:
+                if v.role in (DENSE, INIT, OWN_INIT) and seed == seeds[0]:
                     notes.append(f"the {v.role} control is the same run as another of the sweep ({cfg.variant}): "
                                  "left out")
                 continue
             seen.add(rid)
+            if not sweep_role_matches(v.role, cfg):  # a variant's overrides and its role disagree: a bug here
+                raise AssertionError(f"sweep variant {cfg.variant!r} was built as {v.role!r} but resolves to a "
+                                     f"{role_of_config(cfg)!r} run")
             run = PlannedRun(rid, cfg, v.role, v.group)
             if check_models:
                 key = C.digest([C.pair_key(cfg), C.variant_key(cfg)])
@@ -314,11 +326,11 @@ def model_params(cfg: C.RunConfig) -> tuple[int | None, int | None]:
 
 
 def _baseline() -> Variant:
-    return Variant("baseline", {"noble.branch": "none", "noble.dense_match": False, "noble.init_only": False})
+    return Variant(BASELINE, {"noble.branch": "none", "noble.dense_match": False, "noble.init_only": False})
 
 
 def _noble(branch: str, rank: int | None, targets: str | None = None, group: str = "", extra: dict | None = None,
-           role: str = "noble") -> Variant:
+           role: str = NOBLE) -> Variant:
     ov: dict[str, Any] = {"noble.branch": branch, "noble.dense_match": False, "noble.init_only": False}
     if rank is not None:
         ov["noble.rank"] = rank
@@ -332,7 +344,7 @@ def _dense(branch: str, rank: int | None, group: str = "", extra: dict | None = 
                           "noble.init_only": False}
     if rank is not None:
         ov["noble.rank"] = rank
-    return Variant("dense", {**ov, **(extra or {})}, group)
+    return Variant(DENSE, {**ov, **(extra or {})}, group)
 
 
 def control_variants(controls: list[str], branch: str, rank: int | None, group: str = "",
@@ -344,10 +356,10 @@ def control_variants(controls: list[str], branch: str, rank: int | None, group: 
     - own-init: the branch with the model's own init (noble.main_init_scale=null): the branch alone."""
     made = {
         "dense": lambda: _dense(branch, rank, group, extra),
-        "init": lambda: Variant("init", {"noble.branch": "none", "noble.dense_match": False, "noble.init_only": True,
+        "init": lambda: Variant(INIT, {"noble.branch": "none", "noble.dense_match": False, "noble.init_only": True,
                                          **(extra or {})}, group),
         "own-init": lambda: _noble(branch, rank, group=group, extra={**(extra or {}), "noble.main_init_scale": None},
-                                   role="own-init"),
+                                   role=OWN_INIT),
     }
     return [made[c]() for c in controls]
 
@@ -429,7 +441,7 @@ def mixup_sweep(recipe: str, seeds: list[int], branch: str = "cosnet", rank: int
     variants = []
     for group, on in (("mixup+cutmix on", True), ("mixup+cutmix off", False)):
         extra = {"data.mixup": on, "data.cutmix": on}
-        variants.append(Variant("baseline", {**_baseline().overrides, **extra}, group))
+        variants.append(Variant(BASELINE, {**_baseline().overrides, **extra}, group))
         variants.append(_noble(branch, rank, group=group, extra=extra))
         variants += control_variants(controls, branch, rank, group, extra)
     return expand("mixup", recipe, variants, seeds, max_steps, sets, name, {"branch": branch, "rank": rank},
@@ -461,7 +473,7 @@ def augment_sweep(recipe: str, augments: list[str], seeds: list[int], branch: st
     variants = []
     for aug in augments:
         extra = {**AUGMENT_OFF, **on[aug]}
-        variants.append(Variant("baseline", {**_baseline().overrides, **extra}, aug))
+        variants.append(Variant(BASELINE, {**_baseline().overrides, **extra}, aug))
         variants.append(_noble(branch, rank, group=aug, extra=extra))
         variants += control_variants(controls, branch, rank, aug, extra)
     return expand("augment", recipe, variants, seeds, max_steps, sets, name,
@@ -500,7 +512,7 @@ def optimizers_sweep(recipe: str, optimizers: list[str], seeds: list[int], branc
     variants = []
     for opt in optimizers:
         extra = {"optim.name": opt}
-        variants.append(Variant("baseline", {**_baseline().overrides, **extra}, opt))
+        variants.append(Variant(BASELINE, {**_baseline().overrides, **extra}, opt))
         for bo in branch_optimizers if opt == "muon" else ["adamw"]:
             variants.append(_noble(branch, rank, group=opt, extra={**extra, "optim.branch_optimizer": bo}))
         variants += control_variants(controls, branch, rank, opt, extra)

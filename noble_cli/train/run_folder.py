@@ -26,6 +26,7 @@ import pandas as pd
 from noble_cli.atomic import atomic_write_json, atomic_write_text
 from noble_cli.config import RunConfig, pair_key, to_yaml, variant_key
 from noble_cli.recipes import REPO_ROOT
+from noble_cli.roles import BASELINE, role_of_config
 
 
 def git_state(root: Path = REPO_ROOT) -> tuple[str, bool]:
@@ -67,15 +68,6 @@ def device_description() -> str:
         n = torch.cuda.device_count()
         return f"{n}x {torch.cuda.get_device_name(0)}"
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-
-
-def run_role(cfg: RunConfig) -> str:
-    """What a run is in a comparison: "baseline", "noble" (a branch), or a control without a branch: "dense" (the
-    dense-matched baseline, widened to NOBLE's parameter count) or "init" (the init-only control)."""
-    n = cfg.noble
-    if n.enabled:
-        return "noble"
-    return "dense" if n.dense_match else "init" if n.init_only else "baseline"
 
 
 STATUSES = ("running", "completed", "interrupted", "failed", "diverged")  # summary.json's `status`
@@ -123,7 +115,7 @@ class RunFolder:
             "run_id": run_id, "recipe": cfg.recipe, "task": cfg.task, "variant": cfg.variant,
             "variant_key": variant_key(cfg), "pair_key": pair_key(cfg, world_size, data_identity), "seed": cfg.seed,
             "world_size": world_size, "data_identity": data_identity or {},
-            "is_baseline": run_role(cfg) == "baseline", "role": run_role(cfg), "max_steps": cfg.trainer.max_steps,
+            "is_baseline": role_of_config(cfg) == BASELINE, "role": role_of_config(cfg), "max_steps": cfg.trainer.max_steps,
             "git_commit": commit, "git_dirty": dirty, "versions": library_versions(), "device": device_description(),
             "params_total": params_total, "params_branch": params_branch,
             "param_overhead": params_branch / max(1, params_total - params_branch),
