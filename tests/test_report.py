@@ -734,6 +734,45 @@ def test_whether_a_setting_changes_a_variant_s_effect_is_one_paired_test(tmp_pat
     assert not (tmp_path / "out" / "settings.csv").exists()
 
 
+def test_a_settings_test_of_several_variants_gets_q_values(tmp_path: Path):
+    """Two variants tested between the same two settings: each a - b p-value comes with its Benjamini-Hochberg q,
+    worked out by hand. cosnet: a - b = [-0.2, -0.1, -0.4], p = 0.1181 (the test above). identity: Δ off = [-0.1,
+    -0.2, -0.1], Δ on = [0, 0, 0]; a - b mean -0.1333, sd 0.05774, t = -4 with 2 degrees of freedom, p = 1 - 4 /
+    sqrt(18) = 0.0572. BH over the two: the larger keeps its p (0.118), the smaller min(2 · 0.0572, 0.118) = 0.114."""
+    from noble_cli.report.cells import setting_rows
+    from noble_cli.report.headlines import setting_headlines
+
+    r = tmp_path / "res"
+    bases = {"mixup off": [[4.0, 3.5, 3.2, 3.1], [4.0, 3.6, 3.3, 3.2], [4.0, 3.5, 3.2, 3.0]],
+             "mixup on": [[4.2, 3.7, 3.4, 3.3], [4.2, 3.8, 3.5, 3.4], [4.2, 3.7, 3.4, 3.2]]}
+    nobles = {("cosnet r8", "mixup off"): [[3.9, 3.3, 3.0, 2.9], [3.9, 3.4, 3.1, 3.0], [3.9, 3.2, 2.9, 2.7]],
+              ("cosnet r8", "mixup on"): [[4.1, 3.6, 3.4, 3.3]] * 3,
+              ("identity r8", "mixup off"): [[3.9, 3.4, 3.1, 3.0], [3.9, 3.4, 3.1, 3.0], [3.9, 3.3, 3.0, 2.9]],
+              ("identity r8", "mixup on"): [[4.1, 3.6, 3.4, 3.3], [4.1, 3.7, 3.5, 3.4], [4.1, 3.6, 3.3, 3.2]]}
+    for setting, curves in bases.items():
+        pair = setting.replace(" ", "-")
+        for seed, b in enumerate(curves):
+            write_run(r, f"b-{pair}-{seed}", variant=f"baseline | {setting}", baseline=True, seed=seed, evals=b,
+                      pair_key=pair)
+    for (variant, setting), curves in nobles.items():
+        pair = setting.replace(" ", "-")
+        for seed, n in enumerate(curves):
+            write_run(r, f"{variant[:3]}-{pair}-{seed}", variant=f"{variant} | {setting}", seed=seed, evals=n,
+                      pair_key=pair, variant_key=f"{variant[:3]}-{pair}")
+    rep = load_report(r)
+    st = rep.settings.set_index("variant")
+    assert st.loc["identity r8", "loss_diff"] == pytest.approx(-0.4 / 3)
+    assert st.loc["identity r8", "loss_p"] == pytest.approx(1 - 4 / math.sqrt(18), abs=1e-4)
+    assert st.loc["cosnet r8", "loss_q"] == pytest.approx(1 - math.sqrt(7) / 3, abs=1e-4)
+    assert st.loc["identity r8", "loss_q"] == pytest.approx(2 * (1 - 4 / math.sqrt(18)), abs=1e-4)
+    assert list(st["loss_n_compared"]) == [2, 2]
+    _, rows = setting_rows(rep.settings)
+    assert {row[2]: row[6] for row in rows} == {"cosnet r8": "0.118 (q 0.118)", "identity r8": "0.057 (q 0.114)"}
+    (_, lines), = setting_headlines(rep)
+    assert any(line.startswith("identity r8 (3 seeds under both)") and
+               "(p = 0.057, q = 0.114 over 2 variants: the 95% CI contains 0)" in line for line in lines), lines
+
+
 def test_report_md_says_where_and_with_what_the_runs_were_trained(tmp_path: Path):
     from noble_cli.report.cells import provenance_rows
     from noble_cli.report.render import to_markdown

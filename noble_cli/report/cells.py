@@ -74,6 +74,15 @@ def p_cell(r: pd.Series, p_col: str = "p_value", q_col: str = "q_value", n_col: 
     return text
 
 
+def setting_p_cell(r: pd.Series, name: str) -> str:
+    """A settings row's p of a - b for `name` (loss, an extra, speedup), with its q where several variants were
+    tested between the same two settings: '0.036 (q 0.072)'."""
+    p, q, n = r[f"{name}_p"], r.get(f"{name}_q", math.nan), r.get(f"{name}_n_compared", 0)
+    if is_nan(p):
+        return ""
+    return fmt_p(p) + (f" (q {fmt_p(q)})" if n >= 2 and not is_nan(q) else "")
+
+
 def present_extras(frame: pd.DataFrame) -> list[Extra]:
     """The extras (report/extras.py) some row of `frame` has a value of."""
     return [e for e in EXTRAS if has_column(frame, e.value)]
@@ -240,10 +249,10 @@ def setting_rows(settings: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     for _, r in settings.iterrows():
         budget = "" if is_nan(r["max_steps"]) else f"{int(r['max_steps'])} steps: "
         cells = [str(r["recipe"]), f"{budget}{r['setting_a']} / {r['setting_b']}", str(r["variant"]), str(r["n"]),
-                 effect_pair(r, "loss"), diff_cell(r, "loss"), fmt_p(r["loss_p"])]
+                 effect_pair(r, "loss"), diff_cell(r, "loss"), setting_p_cell(r, "loss")]
         for e in extras:
             cells += [effect_pair(r, e.key, "+" + e.fmt, e.scale, e.delta_unit),
-                      diff_cell(r, e.key, "+" + e.fmt, e.scale, e.delta_unit), fmt_p(r[f"{e.key}_p"])]
+                      diff_cell(r, e.key, "+" + e.fmt, e.scale, e.delta_unit), setting_p_cell(r, e.key)]
         speedups = "n/a (not every seed reached)" if is_nan(r["speedup_a"]) else \
             f"{r['speedup_a']:.2f}x / {r['speedup_b']:.2f}x"
         cells += [speedups, diff_cell(r, "speedup", "+.2f", 1.0, "x")]

@@ -33,7 +33,8 @@ def _setting_line(r: pd.Series) -> str:
             f"{tidy(r['loss_b']):+.4f} with {b}; the difference {diff_cell(r, 'loss')}")
     if not is_nan(r["loss_p"]):
         lo, hi = r["loss_diff_ci_low"], r["loss_diff_ci_high"]
-        text += f" (p = {fmt_p(r['loss_p'])}" + (": the 95% CI contains 0)" if lo <= 0.0 <= hi else ")")
+        text += f" (p = {fmt_p(r['loss_p'])}" + _q(r, "loss_q", "loss_n_compared") + \
+            (": the 95% CI contains 0)" if lo <= 0.0 <= hi else ")")
     for e in EXTRAS:
         if e.key == "bpb" or is_nan(r[f"{e.key}_diff"]):  # bpb is the loss in other units: said once is enough
             continue
@@ -42,7 +43,7 @@ def _setting_line(r: pd.Series) -> str:
                  f"{tidy(e.scale * r[f'{e.key}_b']):{fmt}}{e.delta_unit} with {b}, "
                  f"difference {diff_cell(r, e.key, fmt, e.scale, e.delta_unit)}")
         if not is_nan(r[f"{e.key}_p"]):
-            text += f" (p = {fmt_p(r[f'{e.key}_p'])})"
+            text += f" (p = {fmt_p(r[f'{e.key}_p'])}" + _q(r, f"{e.key}_q", f"{e.key}_n_compared") + ")"
     if not is_nan(r["speedup_diff"]):
         text += (f"; step speedup {r['speedup_a']:.2f}x with {a}, {r['speedup_b']:.2f}x with {b}, difference "
                  f"{diff_cell(r, 'speedup', '+.2f', 1.0, 'x')}")

@@ -206,9 +206,10 @@ DEFINITIONS = """\
   ddof 1) beside its mean and CI.
 - **a - b** (a recipe under several settings, e.g. Mixup/CutMix on and off, AdamW and Muon): a variant's Δ vs its
   own setting's baseline under setting a minus that under setting b, seed by seed, over the seeds both have: mean
-  [95% CI] and the paired t-test's p. It tests whether the setting changes the variant's effect (a CI that contains
-  0: not shown to); two separate verdicts, one significant and one not, do not show that. The step-speedup
-  difference only where every seed reached the target under both.
+  [95% CI] and the paired t-test's p, with its q over the variants tested between the same two settings. It tests
+  whether the setting changes the variant's effect (a CI that contains 0: not shown to); two separate verdicts,
+  one significant and one not, do not show that. The step-speedup difference only where every seed reached the
+  target under both.
 - **Controls**: *dense-matched*: no branch, MLP widened to NOBLE's parameter count; *init-only*: no branch, the
   targeted layers' main weights re-initialised as NOBLE does (N(0, (s/sqrt(in))^2)); *own-init*: NOBLE keeping the
   model's own init (`noble.main_init_scale=null`). The paper's NOBLE changes the main weights' init too, so a

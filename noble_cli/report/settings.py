@@ -5,7 +5,9 @@ The second is the question behind the paper's ViT caveat (NOBLE helps only with 
 "NOBLE helps under optimizer A but not B": not two separate verdicts, one per setting, but one test of their
 difference. Per seed, a variant's effect in a setting is its Δ against that setting's own baseline (the same seed);
 the setting's effect on it is that Δ in setting A minus the Δ in setting B, paired over the seeds both have (a
-difference in differences), with its 95% CI and the paired t-test's p.
+difference in differences), with its 95% CI and the paired t-test's p, and that p's q over the variants tested
+between the same two settings (a study asks it of the branch and each of its controls: one p below 0.05 among
+four is likely by chance alone).
 """
 
 from __future__ import annotations
@@ -16,14 +18,16 @@ import math
 import pandas as pd
 
 from noble_cli.report.extras import EXTRAS
-from noble_cli.report.stats import paired
+from noble_cli.report.stats import fdr_adjusted, paired
 
 # (runs-table column of a per-seed Δ vs the baseline, short name in the columns below)
 EFFECTS = (("final_eval_loss_delta", "loss"), *((e.delta, e.key) for e in EXTRAS))
 
+_NAMES = [name for _, name in EFFECTS + (("step_speedup", "speedup"),)]
 SETTING_COLUMNS = ["recipe", "max_steps", "variant", "role", "setting_a", "setting_b", "n", "seeds"] + [
-    f"{name}_{part}" for _, name in EFFECTS + (("step_speedup", "speedup"),)
-    for part in ("a", "b", "diff", "diff_std", "diff_ci_low", "diff_ci_high", "p")]
+    f"{name}_{part}" for name in _NAMES for part in ("a", "b", "diff", "diff_std", "diff_ci_low", "diff_ci_high", "p",
+                                                     "q", "n_compared")]
+_FAMILY = ["recipe", "max_steps", "setting_a", "setting_b"]  # one comparison: its variants are adjusted together
 
 
 def setting_names(frame: pd.DataFrame, label: str = "variant") -> dict[tuple, str]:
@@ -78,7 +82,8 @@ def _compare(a: pd.DataFrame, b: pd.DataFrame) -> dict:
 
 def setting_effects(runs_table: pd.DataFrame) -> pd.DataFrame:
     """One row per (recipe, budget, pair of settings, variant found in both): the variant's effect (Δ vs its own
-    baseline, seed by seed) in setting a and b, and a - b with its 95% CI and p; the step-speedup difference only
+    baseline, seed by seed) in setting a and b, and a - b with its 95% CI, p and q (BH over the variants of the same
+    recipe, budget and pair of settings; `*_n_compared` p-values); the step-speedup difference only
     where every seed reached the target in both settings. Settings are named as in `setting_names` and ordered
     alphabetically within a pair; runs of a pair without a name (no sweep label) take no part."""
     if runs_table.empty:
@@ -101,4 +106,10 @@ def setting_effects(runs_table: pd.DataFrame) -> pd.DataFrame:
                 row.update(_compare(_per_seed(va), _per_seed(vb)))
                 if row["n"]:
                     rows.append(row)
-    return pd.DataFrame(rows, columns=SETTING_COLUMNS)
+    out = pd.DataFrame(rows, columns=SETTING_COLUMNS)
+    for name in _NAMES:  # q: BH over the variants of one comparison, as in the main table (figures.py)
+        out[f"{name}_q"], out[f"{name}_n_compared"] = math.nan, 0
+        for _, g in out.groupby(_FAMILY, sort=False, dropna=False):
+            out.loc[g.index, f"{name}_q"] = fdr_adjusted(g[f"{name}_p"])
+            out.loc[g.index, f"{name}_n_compared"] = int(g[f"{name}_p"].notna().sum())
+    return out
