@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import re
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -68,7 +69,7 @@ def _curves(ax, runs: list[Run], colors: dict[str, str], x: str, target: float, 
         mean = _mean_curve(vruns, x)
         if mean is not None:
             xs, mu, sd = mean
-            ax.plot(xs, mu, label=f"{label} (mean of {len(vruns)} seeds)", **style)
+            ax.plot(xs, mu, label=f"{label} (mean ± sd of {len(vruns)} seeds)", **style)
             ax.fill_between(xs, mu - sd, mu + sd, color=colors[vkey], alpha=0.15, linewidth=0)
             continue
         for r in vruns:
@@ -101,7 +102,8 @@ def _speedup_bars(ax, summary: pd.DataFrame) -> None:
         lo, hi = variants[f"{col}_ci_low"].to_numpy(float), variants[f"{col}_ci_high"].to_numpy(float)
         ok = full & ~np.isnan(means) & ~noisy
         err = np.nan_to_num(np.vstack([means - lo, hi - means]), nan=0.0)[:, ok]
-        ax.bar(xs[ok] + off, means[ok], w, yerr=err, capsize=4, color=color, alpha=0.85, label=label)
+        ax.bar(xs[ok] + off, means[ok], w, yerr=err, capsize=4, color=color, alpha=0.85,
+               label=label if ok.any() else None)  # no legend entry for bars none of which is drawn
         bounds = variants[f"{col}_bound"].to_numpy(float)
         cens = ~full & ~np.isnan(bounds) & ~noisy
         ax.bar(xs[cens] + off, bounds[cens], w, fill=False, hatch="//", edgecolor=color,
@@ -119,12 +121,22 @@ def _speedup_bars(ax, summary: pd.DataFrame) -> None:
             ax.text(i, tops[i] + 0.04, f"{r['reached']} reached", ha="center", va="bottom", fontsize=8,
                     color="tab:red")
     ax.set_xlim(-0.6, len(variants) - 0.4)
+    ax.set_ylim(0.0, 1.45 * float(np.nanmax(tops)) + 0.1)  # room above the bars for the legend
     ax.axhline(1.0, color="black", linestyle="--", linewidth=1, label="baseline (1.00x)")
     ax.set_xticks(xs)
     ax.set_xticklabels(variants["variant"], rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("speedup to the baseline's best eval loss (x)")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper right")
+
+
+def _seeds_text(summary: pd.DataFrame) -> str:
+    """'n = 5 seeds' (or 'n = 3-5 seeds') over a plot's variants."""
+    n = summary.loc[~summary["is_baseline"].astype(bool), "n"]
+    if n.empty:
+        n = summary["n"]
+    lo, hi = int(n.min()), int(n.max())
+    return f"n = {lo} seed{'s' if hi != 1 else ''}" if lo == hi else f"n = {lo}-{hi} seeds"
 
 
 def _slug(text: str) -> str:
@@ -168,13 +180,15 @@ def _setting_panel(ax, rows: dict[tuple, pd.Series], group: pd.DataFrame, col: s
     short = dict(EFFECTS)[col]
     for i, (_, g) in enumerate(group.iterrows()):
         if not _nan(g[f"{short}_diff"]):
+            q = g.get(f"{short}_q", math.nan)
+            q_text = f" q {q:.2g}" if g.get(f"{short}_n_compared", 0) >= 2 and not _nan(q) else ""
             ax.annotate(f"a-b {scale * g[f'{short}_diff']:+.3g}\n[{scale * g[f'{short}_diff_ci_low']:+.3g}, "
-                        f"{scale * g[f'{short}_diff_ci_high']:+.3g}]\np {g[f'{short}_p']:.2g}", (i, 1.0),
+                        f"{scale * g[f'{short}_diff_ci_high']:+.3g}]\np {g[f'{short}_p']:.2g}{q_text}", (i, 1.0),
                         xycoords=("data", "axes fraction"), xytext=(0, -3), textcoords="offset points",
                         ha="center", va="top", fontsize=7)
     ax.axhline(0.0, color="black", linewidth=1)
     ax.set_xticks(xs)
-    ax.set_xticklabels(group["variant"], rotation=20, ha="right", fontsize=8)
+    ax.set_xticklabels([textwrap.fill(str(v), 18) for v in group["variant"]], fontsize=8)  # side by side, no overlap
     ax.set_ylabel(name)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7, loc="best")
@@ -192,7 +206,10 @@ def _settings_plots(rep: Report, out_dir: Path) -> list[Path]:
         for k, (col, name, scale) in enumerate(panels):
             _setting_panel(fig.add_subplot(len(panels), 1, k + 1), rows, group, col, name, scale)
         budget = "" if _nan(steps) else f", {int(steps)} steps"
-        fig.suptitle(f"{recipe}{budget}: each variant's effect with {a} (a) and {b} (b); mean, 95% CI", fontsize=10)
+        n_lo, n_hi = int(group["n"].min()), int(group["n"].max())
+        seeds = f"n = {n_lo} seeds" if n_lo == n_hi else f"n = {n_lo}-{n_hi} seeds"
+        fig.suptitle(f"{recipe}{budget}: each variant's effect with {a} (a) and {b} (b)\n"
+                     f"mean and 95% CI over seeds ({seeds}); a-b paired by seed, its p and q", fontsize=10)
         written.append(_save(fig, out_dir / f"{_stem(recipe, '', False)}_settings_{_slug(a)}_vs_{_slug(b)}.png"))
     return written
 
@@ -251,13 +268,15 @@ def _write_plots(rep: Report, out_dir: Path) -> list[Path]:
             ax = fig.add_subplot()
             _curves(ax, runs, colors, x, target, tlabel)
             ax.set_xlabel(xlabel)
-            ax.set_title(f"{title}: eval loss vs {xlabel.split(' (')[0]}")
+            ax.set_title(f"{title}: eval loss vs {xlabel.split(' (')[0]}\n({_seeds_text(summ)})",
+                         fontsize=10)
             written.append(_save(fig, out_dir / f"{stem}_{suffix}.png"))
 
         if (~summ["is_baseline"]).any():
             fig = Figure(figsize=(max(5.0, 1.1 * (~summ["is_baseline"]).sum() + 3), 4.5))
             ax = fig.add_subplot()
             _speedup_bars(ax, summ)
-            ax.set_title(f"{title}: speedup vs the baseline (mean, 95% CI; '<' upper bound)")
+            ax.set_title(f"{title}: speedup vs the baseline\n(mean, 95% CI over {_seeds_text(summ)}; '<' upper bound)",
+                         fontsize=10)
             written.append(_save(fig, out_dir / f"{stem}_speedup.png"))
     return written + _settings_plots(rep, out_dir)
