@@ -9,7 +9,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "noble_cli"
 
 # Lowest first. A module's layer is its longest matching prefix.
 LAYERS = [
-    ("errors", "atomic", "seeding", "parsing", "console"),
+    ("errors", "atomic", "seeding", "parsing", "console", "roles"),
     ("layers",),
     ("config",),
     ("models", "data"),
