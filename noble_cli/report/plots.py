@@ -130,11 +130,8 @@ def _speedup_bars(ax, summary: pd.DataFrame) -> None:
     ax.legend(fontsize=7, loc="upper right")
 
 
-def _seeds_text(summary: pd.DataFrame) -> str:
-    """'n = 5 seeds' (or 'n = 3-5 seeds') over a plot's variants."""
-    n = summary.loc[~summary["is_baseline"].astype(bool), "n"]
-    if n.empty:
-        n = summary["n"]
+def _seeds_text(n: pd.Series) -> str:
+    """'n = 5 seeds' (or 'n = 3-5 seeds') over a plot's rows' seed counts."""
     lo, hi = int(n.min()), int(n.max())
     return f"n = {lo} seed{'s' if hi != 1 else ''}" if lo == hi else f"n = {lo}-{hi} seeds"
 
@@ -206,10 +203,9 @@ def _settings_plots(rep: Report, out_dir: Path) -> list[Path]:
         for k, (col, name, scale) in enumerate(panels):
             _setting_panel(fig.add_subplot(len(panels), 1, k + 1), rows, group, col, name, scale)
         budget = "" if _nan(steps) else f", {int(steps)} steps"
-        n_lo, n_hi = int(group["n"].min()), int(group["n"].max())
-        seeds = f"n = {n_lo} seeds" if n_lo == n_hi else f"n = {n_lo}-{n_hi} seeds"
         fig.suptitle(f"{recipe}{budget}: each variant's effect with {a} (a) and {b} (b)\n"
-                     f"mean and 95% CI over seeds ({seeds}); a-b paired by seed, its p and q", fontsize=10)
+                     f"mean and 95% CI over seeds ({_seeds_text(group['n'])}); a-b paired by seed, its p and q",
+                     fontsize=10)
         written.append(_save(fig, out_dir / f"{_stem(recipe, '', False)}_settings_{_slug(a)}_vs_{_slug(b)}.png"))
     return written
 
@@ -268,7 +264,7 @@ def _write_plots(rep: Report, out_dir: Path) -> list[Path]:
             ax = fig.add_subplot()
             _curves(ax, runs, colors, x, target, tlabel)
             ax.set_xlabel(xlabel)
-            ax.set_title(f"{title}: eval loss vs {xlabel.split(' (')[0]}\n({_seeds_text(summ)})",
+            ax.set_title(f"{title}: eval loss vs {xlabel.split(' (')[0]}\n({_seeds_text(summ['n'])})",
                          fontsize=10)
             written.append(_save(fig, out_dir / f"{stem}_{suffix}.png"))
 
@@ -276,7 +272,7 @@ def _write_plots(rep: Report, out_dir: Path) -> list[Path]:
             fig = Figure(figsize=(max(5.0, 1.1 * (~summ["is_baseline"]).sum() + 3), 4.5))
             ax = fig.add_subplot()
             _speedup_bars(ax, summ)
-            ax.set_title(f"{title}: speedup vs the baseline\n(mean, 95% CI over {_seeds_text(summ)}; '<' upper bound)",
-                         fontsize=10)
+            ax.set_title(f"{title}: speedup vs the baseline\n"
+                         f"(mean, 95% CI over {_seeds_text(summ['n'])}; '<' upper bound)", fontsize=10)
             written.append(_save(fig, out_dir / f"{stem}_speedup.png"))
     return written + _settings_plots(rep, out_dir)
