@@ -26,7 +26,6 @@ CONTROL_ROLES = {DENSE: "the dense-matched control", INIT: "the init-only contro
 
 # A sweep's own name for a role: the branch with the model's own init is a "noble" run.
 OWN_INIT = "own-init"
-SWEEP_ROLES = (*RUN_ROLES, OWN_INIT)
 
 
 def role_of(branch: str, dense_match: bool, init_only: bool) -> str:

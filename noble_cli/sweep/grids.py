@@ -69,7 +69,7 @@ SWEEP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 class Variant:
     """One column of the grid: overrides on top of the recipe (dotted keys), before the seed is set."""
 
-    role: str  # one of roles.SWEEP_ROLES: baseline | noble | dense | init | own-init
+    role: str  # a run role of roles.py (baseline | noble | dense | init) or roles.OWN_INIT
     overrides: dict
     group: str = ""  # the setting this variant shares with its baseline (vision sweeps: the augmentation)
 
